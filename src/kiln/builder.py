@@ -1,0 +1,146 @@
+"""kiln.build: capture → passes → select → plan → Engine, with stage timings."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from kiln import __version__
+from kiln.capture import capture, check_example_inputs
+from kiln.errors import KilnWarning
+from kiln.passes import run_passes
+from kiln.plan import make_plan
+from kiln.runtime import Engine, EngineModule, default_device
+from kiln.selection import select_kernels
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STAGES = ("capture", "passes", "select", "plan")
+
+
+class Reporter(Protocol):
+    """Receives build progress; the CLI's rich display is one."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+class _Quiet:
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class BuildConfig:
+    precision: str = "fp32"
+    device: str | None = None  # None: CUDA when available, else CPU
+    passes: list[str] | None = None  # None: every registered pass
+    model_name: str | None = None
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return default_device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from kiln.errors import DeviceMismatchError
+
+            raise DeviceMismatchError("--device cuda was asked for, but this machine has no usable CUDA GPU")
+        if device.index is None:
+            device = default_device("cuda")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device.type == "cpu" and precision != "fp32":
+        warnings.warn(
+            f"{precision} engines are for CUDA GPUs; building for the CPU in fp32 instead",
+            KilnWarning,
+            stacklevel=3,
+        )
+        return "fp32"
+    return precision
+
+
+def build(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    *,
+    config: BuildConfig | None = None,
+    reporter: Reporter | None = None,
+) -> Engine:
+    """Build `model` into an Engine for the shapes of `example_inputs`."""
+    config = config or BuildConfig(precision=precision, device=None if device is None else str(device))
+    reporter = reporter or _Quiet()
+    target = resolve_device(config.device)
+    used = resolve_precision(config.precision, target)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with reporter.stage(name):
+            yield
+        times[name] = round(time.perf_counter() - t0, 4)
+
+    with stage("capture"):
+        graph = capture(model, example_inputs, device=target, compute_dtype=PRECISIONS[used])
+    with stage("passes"):
+        graph, pass_report = run_passes(graph, config.passes)
+    with stage("select"):
+        selections = select_kernels(graph)
+    with stage("plan"):
+        plan = make_plan(graph, selections)
+    weights = dict(graph.module.named_buffers())
+    info = _build_info(model, config, target, used, times, time.perf_counter() - start)
+    info["passes"] = pass_report
+    info["input_ranges"] = _int_ranges(check_example_inputs(example_inputs))
+    return Engine({"plan": plan, "build": info}, weights, target)
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, **options: Any) -> EngineModule:  # noqa: A001
+    """Build and wrap in an nn.Module: a drop-in replacement for `model`."""
+    return EngineModule(build(model, example_inputs, **options))
+
+
+def _int_ranges(inputs: tuple[torch.Tensor, ...]) -> list[list[int] | None]:
+    """The value range of each integer example input, so random test inputs stay valid."""
+    return [
+        None if x.is_floating_point() or x.dtype == torch.bool or not x.numel() else [int(x.min()), int(x.max())]
+        for x in inputs
+    ]
+
+
+def _build_info(
+    model: torch.nn.Module, config: BuildConfig, device: torch.device, precision: str, times: dict, total: float
+) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    return {
+        "model": config.model_name or type(model).__name__,
+        "kiln_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "compute_capability": list(torch.cuda.get_device_capability(device)) if cuda else None,
+        "precision": precision,
+        "precision_requested": config.precision,
+        "build_seconds": round(total, 3),
+        "stage_seconds": times,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **config.extra_info,
+    }

@@ -1,0 +1,42 @@
+"""kiln's exceptions: each names what went wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base class of every error kiln raises on purpose."""
+
+
+class CaptureError(KilnError):
+    """The model could not be captured with torch.export."""
+
+
+class UnsupportedOpError(KilnError):
+    """The graph holds ops that no kernel in the catalog implements."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]):
+        self.problems = problems  # (op name, node name, source line)
+        lines = [f"kiln has no kernel for {len(problems)} op(s) in this model:"]
+        for op, node, where in problems:
+            lines.append(f"  - {op} (node {node}) at {where}")
+        lines.append(
+            "Rewrite these calls with supported operations, or register a kernel for the op "
+            "(see kiln.kernels.register_kernel)."
+        )
+        super().__init__("\n".join(lines))
+
+
+class InputError(KilnError, ValueError):
+    """The inputs given to an engine do not match what it was built for."""
+
+
+class EngineFileError(KilnError):
+    """An engine file is damaged, truncated, tampered with, or of an unknown format."""
+
+
+class DeviceMismatchError(KilnError):
+    """The engine was built for a device this machine does not have."""
+
+
+class KilnWarning(UserWarning):
+    """Something kiln changed on the user's behalf (e.g. fp16 on a CPU build)."""

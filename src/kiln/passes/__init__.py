@@ -1,0 +1,53 @@
+"""Build-phase passes: each a pure CapturedGraph → CapturedGraph function.
+
+Register one with `@register_pass("name")` in its own module; `run_passes` applies
+them in registration order (or the order a BuildConfig names) and records how many
+op nodes each one left, for `kiln inspect`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiln.capture import CapturedGraph
+
+Pass = Callable[[CapturedGraph], CapturedGraph]
+
+
+@dataclass(frozen=True)
+class RegisteredPass:
+    name: str
+    fn: Pass
+    doc: str
+
+
+PASSES: dict[str, RegisteredPass] = {}
+
+
+def register_pass(name: str) -> Callable[[Pass], Pass]:
+    def deco(fn: Pass) -> Pass:
+        PASSES[name] = RegisteredPass(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return deco
+
+
+def count_ops(graph: CapturedGraph) -> int:
+    return sum(1 for n in graph.module.graph.nodes if n.op == "call_function")
+
+
+def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[CapturedGraph, list[dict]]:
+    """Apply the named passes (default: all, in registration order); report op counts."""
+    chosen = list(PASSES) if names is None else names
+    unknown = [n for n in chosen if n not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
+    report = [{"pass": "capture", "ops": count_ops(graph)}]
+    for name in chosen:
+        graph = PASSES[name].fn(graph)
+        report.append({"pass": name, "ops": count_ops(graph)})
+    return graph, report
+
+
+from kiln.passes import dead_code  # noqa: E402,F401

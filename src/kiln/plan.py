@@ -1,0 +1,205 @@
+"""Planning: an optimized graph and its kernel choices → ordered steps + a memory plan.
+
+Every tensor an op produces is a *slot*. A slot written through an op's `.out`
+overload owns a *buffer* placed in the arena by kiln.memory; a view shares the
+buffer of the tensor it aliases, and keeps it alive as long as the view lives;
+ops with no `.out` overload allocate for themselves ("heap" slots). The plan is
+plain JSON: the runtime reads it without importing any of this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from kiln import memory
+from kiln.capture import CapturedGraph, source_line
+from kiln.kernels import get_kernel
+from kiln.kernels.aten import out_variant
+from kiln.selection import PLANNER_OPS, Selection, node_op_name
+from kiln.specs import dtype_from_name, dtype_name, encode_value
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _dense_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int | None:
+    """Elements of storage a strided tensor spans, or None if it overlaps itself or has gaps."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0:
+        return 0
+    dims = sorted((st, sz) for sz, st in zip(shape, stride) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return None
+        expected *= sz
+    return numel
+
+
+class _Planner:
+    def __init__(self, graph: CapturedGraph, selections: dict[fx.Node, Selection]):
+        self.graph = graph
+        self.selections = selections
+        self.slots: list[dict[str, Any]] = []
+        self.value: dict[fx.Node, Any] = {}  # node → slot id, list of slot ids, or weight ref
+        self.steps: list[dict[str, Any]] = []
+        self.alias = _UnionFind()
+        self.owner: dict[int, int] = {}  # slot → step that writes its buffer
+        self.uses: dict[int, int] = {}  # slot → last step reading it
+
+    def new_slot(self, val: torch.Tensor, kind: str) -> int:
+        self.slots.append(
+            {"shape": list(val.shape), "stride": list(val.stride()), "dtype": dtype_name(val.dtype), "kind": kind}
+        )
+        return len(self.slots) - 1
+
+    def ref(self, value: Any) -> dict[str, Any] | None:
+        if not isinstance(value, fx.Node):
+            return None
+        v = self.value[value]
+        if isinstance(v, int):
+            self.uses[v] = len(self.steps)
+            return {"slot": v}
+        if isinstance(v, dict):
+            return v
+        raise TypeError(f"node {value.name} yields several tensors; index it with getitem")
+
+    def run(self) -> dict[str, Any]:
+        for node in self.graph.module.graph.nodes:
+            getattr(self, f"on_{node.op}")(node)
+        return self.finish()
+
+    def on_placeholder(self, node: fx.Node) -> None:
+        self.value[node] = self.new_slot(node.meta["val"], "input")
+
+    def on_get_attr(self, node: fx.Node) -> None:
+        self.value[node] = {"weight": node.target}
+
+    def on_call_function(self, node: fx.Node) -> None:
+        if node.target in PLANNER_OPS:
+            source, index = node.args
+            self.value[node] = self.value[source][index]
+            return
+        op = node_op_name(node)
+        selection = self.selections[node]
+        kernel = get_kernel(selection.kernel)
+        val = node.meta["val"]
+        multi = isinstance(val, (tuple, list))
+        vals = list(val) if multi else [val]
+        schema = node.target._schema
+        is_view = any(r.alias_info is not None for r in schema.returns)
+        out = out_variant(op) if kernel.writes_planned_outputs and not is_view else None
+        if out is not None and not all(
+            isinstance(v, torch.Tensor) and _dense_extent(tuple(v.shape), tuple(v.stride())) is not None
+            for v in vals
+        ):
+            out = None
+        args = encode_value(list(node.args), self.ref)
+        kwargs = {k: encode_value(v, self.ref) for k, v in node.kwargs.items()}
+        kind = "view" if is_view else "buffer" if out is not None else "heap"
+        outputs = [self.new_slot(v, kind) for v in vals]
+        step_index = len(self.steps)
+        for slot in outputs:
+            self.uses.setdefault(slot, step_index)
+            if kind == "buffer":
+                self.owner[slot] = step_index
+            elif kind == "view":
+                for arg in node.all_input_nodes:
+                    src = self.value.get(arg)
+                    if isinstance(src, int):
+                        self.alias.union(slot, src)
+        self.value[node] = outputs if multi else outputs[0]
+        self.steps.append({
+            "name": node.name,
+            "op": op,
+            "kernel": kernel.name,
+            "candidates": selection.candidates,
+            "timings_ms": selection.timings_ms,
+            "args": args,
+            "kwargs": kwargs,
+            "outputs": outputs,
+            "multi": multi,
+            "out_variant": None if out is None else {"op": out.op, "out_args": list(out.out_args)},
+            "source": source_line(node),
+        })
+
+    def on_output(self, node: fx.Node) -> None:
+        self.output_refs = [encode_value(v, self.ref) for v in node.args[0]]
+        end = len(self.steps)
+        for ref in self.output_refs:
+            if isinstance(ref, dict) and "slot" in ref:
+                self.uses[ref["slot"]] = end
+
+    def finish(self) -> dict[str, Any]:
+        groups: dict[int, list[int]] = {}
+        for slot in range(len(self.slots)):
+            groups.setdefault(self.alias.find(slot), []).append(slot)
+        buffers: list[memory.Buffer] = []
+        buffer_slots: list[int] = []
+        for members in groups.values():
+            owners = [s for s in members if s in self.owner]
+            if not owners:
+                continue
+            assert len(owners) == 1, f"slots {owners} alias each other yet each owns a buffer"
+            slot = owners[0]
+            spec = self.slots[slot]
+            itemsize = dtype_from_name(spec["dtype"]).itemsize
+            extent = _dense_extent(tuple(spec["shape"]), tuple(spec["stride"]))
+            last = max(self.uses.get(s, self.owner[slot]) for s in members)
+            buffers.append(memory.Buffer(extent * itemsize, self.owner[slot], last))
+            buffer_slots.append(slot)
+        offsets, arena = memory.place(buffers)
+        for slot, offset, buf in zip(buffer_slots, offsets, buffers):
+            self.slots[slot]["offset"] = offset
+            self.slots[slot]["nbytes"] = buf.nbytes
+        heap_bytes = sum(_nbytes(s) for s in self.slots if s["kind"] == "heap")
+        return {
+            "inputs": [s.to_json() for s in self.graph.inputs],
+            "graph_inputs": [s.to_json() for s in self.graph.graph_inputs],
+            "outputs": [None if s is None else s.to_json() for s in self.graph.outputs],
+            "output_refs": self.output_refs,
+            "structure": self.graph.structure,
+            "slots": self.slots,
+            "steps": self.steps,
+            "last_use": [self.uses.get(s, -1) for s in range(len(self.slots))],
+            "memory": {
+                "arena_bytes": arena,
+                "alignment": memory.ALIGNMENT,
+                "planned_bytes": sum(memory.align(b.nbytes) for b in buffers),
+                "peak_live_bytes": memory.peak_live_bytes(buffers),
+                "heap_bytes": heap_bytes,
+                "buffers": [
+                    {"slot": s, "offset": o, "nbytes": b.nbytes, "first": b.first, "last": b.last}
+                    for s, o, b in zip(buffer_slots, offsets, buffers)
+                ],
+            },
+        }
+
+
+def _nbytes(slot: dict[str, Any]) -> int:
+    numel = 1
+    for d in slot["shape"]:
+        numel *= d
+    return numel * dtype_from_name(slot["dtype"]).itemsize
+
+
+def make_plan(graph: CapturedGraph, selections: dict[fx.Node, Selection]) -> dict[str, Any]:
+    """The JSON plan for `graph` with the chosen kernels (see docs/engine-format.md)."""
+    return _Planner(graph, selections).run()

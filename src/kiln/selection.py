@@ -1,0 +1,70 @@
+"""Kernel selection: for every op node, the catalog's candidates and the one chosen.
+
+With one candidate the choice is trivial; where several can run a node, the
+fastest measured one wins (see kiln.tune once timing lands). Ops that no kernel
+implements are all reported together, each with the model source line it came from.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from kiln.capture import CapturedGraph, source_line
+from kiln.errors import UnsupportedOpError
+from kiln.kernels import OpCall, candidates, op_name
+from kiln.specs import TensorSpec
+
+PLANNER_OPS = {operator.getitem}  # resolved by the planner, never a step
+
+
+@dataclass
+class Selection:
+    kernel: str
+    candidates: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def node_op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return op_name(target)
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def op_call(node: fx.Node, device_type: str) -> OpCall:
+    def spec(value: object) -> TensorSpec | None:
+        val = value.meta.get("val") if isinstance(value, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return TensorSpec(value.name, tuple(val.shape), val.dtype)
+        return None
+
+    val = node.meta.get("val")
+    outs = val if isinstance(val, (tuple, list)) else (val,)
+    return OpCall(
+        node_op_name(node),
+        tuple(spec(a) for a in node.args),
+        tuple(TensorSpec(node.name, tuple(v.shape), v.dtype) for v in outs if isinstance(v, torch.Tensor)),
+        device_type,
+    )
+
+
+def select_kernels(graph: CapturedGraph) -> dict[fx.Node, Selection]:
+    chosen: dict[fx.Node, Selection] = {}
+    problems: list[tuple[str, str, str]] = []
+    for node in graph.module.graph.nodes:
+        if node.op != "call_function" or node.target in PLANNER_OPS:
+            continue
+        call = op_call(node, graph.device.type)
+        found = candidates(call) if isinstance(node.target, torch._ops.OpOverload) else []
+        if not found:
+            problems.append((call.op, node.name, source_line(node)))
+            continue
+        names = [k.name for k in found]
+        chosen[node] = Selection(kernel=names[-1], candidates=names)
+    if problems:
+        raise UnsupportedOpError(problems)
+    return chosen
