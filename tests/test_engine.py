@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from numerics import assert_close
 from torch import nn
 
 import kiln
+from numerics import assert_close
 
 
 class Small(nn.Module):

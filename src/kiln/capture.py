@@ -167,7 +167,7 @@ def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphMod
             spec = kinds[node]
             if spec.kind == InputKind.USER_INPUT:
                 if node.users or "val" in node.meta and isinstance(node.meta["val"], torch.Tensor):
-                    input_names.append(node.name)
+                    input_names.append(spec.arg.name)
                 else:
                     graph.erase_node(node)
                 continue

@@ -45,7 +45,7 @@ class _StageDisplay:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}")
+    err.print(f"[red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -62,7 +62,8 @@ def build(
     import torch
 
     from kiln import zoo
-    from kiln.builder import BuildConfig, build as build_engine
+    from kiln.builder import BuildConfig
+    from kiln.builder import build as build_engine
     from kiln.errors import KilnError, KilnWarning
 
     try:
@@ -204,6 +205,8 @@ def inspect(
             io.add_row(kind, s["name"], str(tuple(s["shape"])), s["dtype"])
     console.print(io)
     steps = Table("#", "step", "op", "kernel", "precision", "output shape", "memory", title="steps")
+    for column in steps.columns:
+        column.overflow = "fold"
     for s in info["steps"]:
         steps.add_row(str(s["index"]), s["name"], s["op"], s["kernel"], str(s["precision"]),
                       str(tuple(s["output_shape"] or ())), str(s["memory"]))

@@ -105,7 +105,7 @@ class _Planner:
         vals = list(val) if multi else [val]
         schema = node.target._schema
         is_view = any(r.alias_info is not None for r in schema.returns)
-        out = out_variant(op) if kernel.writes_planned_outputs and not is_view else None
+        out = out_variant(op, self.graph.device.type) if kernel.writes_planned_outputs and not is_view else None
         if out is not None and not all(
             isinstance(v, torch.Tensor) and _dense_extent(tuple(v.shape), tuple(v.stride())) is not None
             for v in vals

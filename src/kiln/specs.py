@@ -68,7 +68,8 @@ def encode_structure(spec: Any) -> dict[str, Any]:
     def walk(s: Any) -> dict[str, Any]:
         if s.is_leaf():
             return {"leaf": next(counter)}
-        children = [walk(c) for c in s.children_specs]
+        kids = s.children() if callable(getattr(s, "children", None)) else s.children_specs
+        children = [walk(c) for c in kids]
         context = s.context
         if s.type is list:
             return {"list": children}

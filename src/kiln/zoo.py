@@ -32,7 +32,10 @@ __all__ = [
     "resolve",
 ]
 
-RANDOM_WEIGHTS_NOTE = "no offline weights: built with random weights"
+RANDOM_WEIGHTS_NOTE = (
+    "no offline weights: built with random weights (batch-norm statistics calibrated on random "
+    "inputs); predictions are meaningless"
+)
 IMAGE_SHAPE = (3, 224, 224)
 BERT_SEQ_LEN = 128
 
@@ -97,6 +100,7 @@ def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, inputs = entry.build(entry.target, batch, _shape(input_shape), generator)
+        _calibrate_batchnorm(model, inputs)
     return ZooModel(
         name=name,
         model=model.eval(),
@@ -106,6 +110,31 @@ def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: in
         family=entry.family,
         task=_task(entry, model),
     )
+
+
+def _calibrate_batchnorm(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Give random-weight batch norms the running statistics of real activations.
+
+    With the initial statistics (mean 0, var 1) activations of a random network shrink
+    or grow layer by layer (mobilenet_v2's logits come out near 1e-9), which fp16 cannot
+    represent. One training-mode pass, as trained networks have, keeps every layer
+    near unit scale, so precision comparisons on random weights mean something.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or any(p.is_meta for p in model.parameters()):
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration pass
+    model.train()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except ValueError:  # e.g. batch norm over a single value at batch 1: keep the defaults
+        for m in norms:
+            m.reset_running_stats()
+    finally:
+        model.eval()
 
 
 def resolve(spec: str, batch: int = 1, input_shape: Shape | None = None, seed: int = 0) -> ZooModel:

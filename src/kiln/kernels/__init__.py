@@ -36,7 +36,7 @@ class Kernel:
     provider: str
     implements: Callable[[str], bool]
     supports: Callable[[OpCall], bool]
-    make: Callable[[str, "OutVariant | None"], StepFn]
+    make: Callable[[str, OutVariant | None], StepFn]
     writes_planned_outputs: bool = True
     doc: str = ""
 

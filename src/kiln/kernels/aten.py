@@ -43,8 +43,11 @@ def make_aten(name: str, out: OutVariant | None) -> StepFn:
 
 
 @functools.cache
-def out_variant(name: str) -> OutVariant | None:
-    """The `.out` overload taking the same arguments as `name` plus out tensors, if any."""
+def out_variant(name: str, device_type: str) -> OutVariant | None:
+    """The `.out` overload taking the same arguments as `name` plus out tensors, if the
+    device's backend implements it natively. Many `.out` overloads are generated
+    wrappers that compute into a fresh tensor and copy: writing through one would add
+    a copy per step, so those ops allocate for themselves instead."""
     op = resolve_op(name)
     schema = op._schema
     if any(r.alias_info is not None for r in schema.returns):
@@ -56,5 +59,8 @@ def out_variant(name: str) -> OutVariant | None:
         outs = [a for a in candidate.arguments if a.is_out]
         rest = [(a.name, str(a.type)) for a in candidate.arguments if not a.is_out]
         if outs and rest == wanted and len(outs) == len(schema.returns):
+            full_name = f"{op.namespace}::{candidate.name.split('::')[-1]}.{overload}"
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(full_name, device_type.upper()):
+                return None
             return OutVariant(op_name(getattr(packet, overload)), tuple(a.name for a in outs))
     return None

@@ -1,0 +1,69 @@
+"""The core zoo built into engines and compared with eager.
+
+CPU (CI): fp32 engines against fp32 eager. GPU (-m gpu): fp16 and bf16 engines against
+fp32 eager, and CUDA-graph replay against step-by-step execution. Tolerances: numerics.REL_TOL.
+"""
+
+import pytest
+import torch
+
+import kiln
+from kiln import zoo
+from numerics import assert_close
+
+CORE_ZOO = [
+    "resnet18", "resnet50", "alexnet", "vgg11", "squeezenet1_1", "densenet121",
+    "mobilenet_v2", "efficientnet_b0", "vit_b_16", "bert-base",
+]
+
+
+@pytest.mark.parametrize("name", CORE_ZOO)
+def test_fp32_engine_matches_eager_on_cpu(name, tmp_path):
+    entry = zoo.create(name)
+    with torch.no_grad():
+        expected = entry.model(*entry.example_inputs)
+    engine = kiln.build(entry.model, entry.example_inputs, device="cpu")
+    assert_close(engine(*entry.example_inputs), expected, "fp32")
+    path = tmp_path / f"{name}.kiln"
+    engine.save(path)
+    loaded = kiln.load(path)
+    for got, want in zip(_leaves(loaded(*entry.example_inputs)), _leaves(engine(*entry.example_inputs))):
+        assert torch.equal(got, want), "a saved and loaded engine must give identical outputs"
+
+
+def _leaves(value):
+    from numerics import leaves
+
+    return leaves(value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", CORE_ZOO)
+def test_low_precision_engine_matches_fp32_eager_on_gpu(name, precision):
+    entry = zoo.create(name, batch=2)
+    model = entry.model.cuda()
+    inputs = [x.cuda() for x in entry.example_inputs]
+    with torch.no_grad():
+        expected = model(*inputs)
+    engine = kiln.build(model, inputs, precision=precision, device="cuda")
+    assert engine.build_info["precision"] == precision
+    assert_close(engine(*inputs), expected, precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet50", "bert-base"])
+def test_cuda_graph_replay_equals_step_by_step(name):
+    entry = zoo.create(name, batch=2)
+    inputs = [x.cuda() for x in entry.example_inputs]
+    engine = kiln.build(entry.model.cuda(), inputs, precision="fp16", device="cuda")
+    assert engine.use_cuda_graph
+    replayed = engine(*inputs)
+    assert engine._graph is not None, "the first call should have captured a CUDA graph"
+    again = engine(*inputs)
+    engine.use_cuda_graph = False
+    stepped = engine(*inputs)
+    from numerics import leaves
+
+    for a, b, c in zip(leaves(replayed), leaves(again), leaves(stepped)):
+        assert torch.equal(a, b) and torch.equal(a, c)
