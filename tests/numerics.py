@@ -37,3 +37,21 @@ def assert_close(result: Any, expected: Any, precision: str = "fp32") -> None:
             continue
         err = rel_error(y, ref)
         assert err <= REL_TOL[precision], f"output {i}: relative error {err:.2e} > {REL_TOL[precision]:.0e}"
+
+
+# A low-precision engine must be about as accurate as PyTorch's own eager run at that
+# precision: relative error vs fp32 eager ≤ LOWP_FACTOR × eager's + LOWP_SLACK, and never
+# above LOWP_CAP. (Random-weight networks amplify rounding more than trained ones do.)
+LOWP_FACTOR = 1.5
+LOWP_SLACK = 2e-3
+LOWP_CAP = {"fp16": 0.1, "bf16": 0.3}
+
+
+def assert_as_accurate_as_eager(result: Any, expected: Any, eager_lowp: Any, precision: str) -> None:
+    for i, (y, ref, e) in enumerate(zip(leaves(result), leaves(expected), leaves(eager_lowp))):
+        assert y.shape == ref.shape and y.dtype == ref.dtype, f"output {i}: {y.shape} {y.dtype} vs {ref.dtype}"
+        if not ref.is_floating_point():
+            continue
+        ours, theirs = rel_error(y, ref), rel_error(e.to(ref.dtype), ref)
+        bound = min(LOWP_FACTOR * theirs + LOWP_SLACK, LOWP_CAP[precision])
+        assert ours <= bound, f"output {i}: engine error {ours:.2e}, eager {precision} {theirs:.2e}, bound {bound:.2e}"

@@ -9,7 +9,7 @@ import torch
 
 import kiln
 from kiln import zoo
-from numerics import assert_close
+from numerics import assert_as_accurate_as_eager, assert_close
 
 CORE_ZOO = [
     "resnet18", "resnet50", "alexnet", "vgg11", "squeezenet1_1", "densenet121",
@@ -41,14 +41,20 @@ def _leaves(value):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", CORE_ZOO)
 def test_low_precision_engine_matches_fp32_eager_on_gpu(name, precision):
+    import copy
+
+    from kiln.builder import PRECISIONS
+
     entry = zoo.create(name, batch=2)
     model = entry.model.cuda()
     inputs = [x.cuda() for x in entry.example_inputs]
+    dtype = PRECISIONS[precision]
     with torch.no_grad():
         expected = model(*inputs)
+        eager_lowp = copy.deepcopy(model).to(dtype)(*[x.to(dtype) if x.is_floating_point() else x for x in inputs])
     engine = kiln.build(model, inputs, precision=precision, device="cuda")
     assert engine.build_info["precision"] == precision
-    assert_close(engine(*inputs), expected, precision)
+    assert_as_accurate_as_eager(engine(*inputs), expected, eager_lowp, precision)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""The reference kernel: the ATen op itself, for every op of the Core ATen opset.
+"""The reference kernel: the ATen op itself, for every ATen op the device's backend implements.
 
 When the plan gives it output buffers it calls the op's `.out` overload so the
 result lands in the memory plan's arena; otherwise ATen allocates.
@@ -10,24 +10,37 @@ import functools
 
 import torch
 
-from kiln.kernels import OutVariant, StepFn, op_name, register_kernel, resolve_op
+from kiln.kernels import OpCall, OutVariant, StepFn, op_name, register_kernel, resolve_op
 
-# Ops outside the Core ATen tag that core-ATen graphs still contain.
-EXTRA_OPS = {"aten._unsafe_view.default", "aten.alias.default", "aten.lift_fresh_copy.default"}
+BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+PORTABLE_KEYS = ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "CompositeExplicitAutogradNonFunctional")
 
 
 @functools.cache
 def implements(name: str) -> bool:
-    if name in EXTRA_OPS:
-        return True
+    """Every ATen op: ATen is its own reference. (Core ATen graphs on CUDA also hold
+    backend ops such as _scaled_dot_product_cudnn_attention.)"""
     try:
-        op = resolve_op(name)
+        return resolve_op(name).namespace == "aten"
     except ValueError:
         return False
-    return op.namespace == "aten" and torch.Tag.core in op.tags
 
 
-@register_kernel("aten", provider="aten", implements=implements)
+@functools.cache
+def _has_kernel(name: str, device_type: str) -> bool:
+    op = resolve_op(name)
+    qualified = f"aten::{op._schema.name.split('::')[-1]}" + (
+        f".{op._overloadname}" if op._overloadname != "default" else ""
+    )
+    keys = (BACKEND_KEYS.get(device_type, device_type.upper()), *PORTABLE_KEYS)
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualified, k) for k in keys)
+
+
+def supports(call: OpCall) -> bool:
+    return _has_kernel(call.op, call.device_type)
+
+
+@register_kernel("aten", provider="aten", implements=implements, supports=supports)
 def make_aten(name: str, out: OutVariant | None) -> StepFn:
     """PyTorch's own ATen implementation (cuDNN, cuBLAS, or CPU kernels under it)."""
     op = resolve_op(name)
