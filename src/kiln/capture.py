@@ -21,6 +21,16 @@ from kiln.errors import CaptureError
 from kiln.specs import TensorSpec, build_structure, encode_structure
 
 DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+# Kept whole instead of decomposed: at run time they dispatch to fused kernels
+# (flash / memory-efficient / cuDNN attention) that their decompositions cannot reach.
+KEPT_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def _decompositions() -> dict:
+    table = torch.export.default_decompositions()
+    for op in KEPT_OPS:
+        table.pop(op, None)
+    return table
 
 
 @dataclass
@@ -64,7 +74,7 @@ def capture(
     try:
         with torch.no_grad():
             program = torch.export.export(model, args)
-            program = program.run_decompositions()
+            program = program.run_decompositions(_decompositions())
     except Exception as exc:  # torch.export raises many kinds; all mean "could not capture"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
