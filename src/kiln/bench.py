@@ -51,9 +51,7 @@ Inputs = tuple[torch.Tensor, ...]
 class Timer(Protocol):
     """`kiln.timing.measure`'s signature: per-call latency of `fn` on `device`."""
 
-    def __call__(
-        self, fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int
-    ) -> Latency: ...
+    def __call__(self, fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> Latency: ...
 
 
 Clock = Callable[[], float]  # seconds, like time.perf_counter
@@ -179,9 +177,7 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def compare_outputs(
-    got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], classifier: bool
-) -> Accuracy:
+def compare_outputs(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], classifier: bool) -> Accuracy:
     """Max abs difference and cosine similarity over all outputs; top-1 for classifiers."""
     notes = [] if len(got) == len(ref) else [f"{len(got)} outputs vs {len(ref)} in eager"]
     pairs = [(g, r) for g, r in zip(got, ref, strict=False) if g.shape == r.shape]
@@ -252,12 +248,7 @@ def _kiln_notes(into: list[str]) -> Iterator[None]:
 
 
 def run_peer(
-    peer: Peer,
-    ctx: PeerContext,
-    settings: BenchSettings,
-    *,
-    timer: Timer = measure,
-    clock: Clock = time.perf_counter,
+    peer: Peer, ctx: PeerContext, settings: BenchSettings, *, timer: Timer = measure, clock: Clock = time.perf_counter
 ) -> tuple[PeerResult, list[torch.Tensor] | None]:
     """Prepare, first call (= build time), time; returns the result and the first outputs."""
     result = PeerResult(peer.name, ctx.precision, int(ctx.inputs[0].shape[0]) if ctx.inputs else 1)
@@ -312,9 +303,7 @@ def _time_prepared(
     return outputs
 
 
-def h2d_copy(
-    inputs: Inputs, device: torch.device, settings: BenchSettings, timer: Timer
-) -> Stats | None:
+def h2d_copy(inputs: Inputs, device: torch.device, settings: BenchSettings, timer: Timer) -> Stats | None:
     """Time copying the inputs from pinned host memory to the device (as trtexec reports)."""
     if device.type != "cuda":
         return None
@@ -351,14 +340,10 @@ def run_plan(peers: Sequence[Peer], precisions: Sequence[str]) -> list[tuple[Pee
     return steps
 
 
-def effective_precisions(
-    precisions: Sequence[str], device: torch.device
-) -> tuple[tuple[str, ...], list[str]]:
+def effective_precisions(precisions: Sequence[str], device: torch.device) -> tuple[tuple[str, ...], list[str]]:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
-        raise ValueError(
-            f"precision must be among {', '.join(PRECISIONS)}, got {', '.join(bad) or 'none'}"
-        )
+        raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {', '.join(bad) or 'none'}")
     unique = tuple(dict.fromkeys(precisions))
     if device.type == "cpu" and unique != ("fp32",):
         return ("fp32",), ["fp16/bf16 need a CUDA GPU: benchmarking fp32 on the CPU instead"]
@@ -384,15 +369,21 @@ def is_engine_file(target: str) -> bool:
     return ".py" not in target and Path(target).is_file()
 
 
-def open_source(target: str, settings: BenchSettings, device: torch.device) -> ModelSource:
+def open_source(target: str, settings: BenchSettings) -> tuple[ModelSource, torch.device]:
+    """What to benchmark, and where: an engine file runs where it was built for by default."""
+    from kiln.builder import resolve_device
+
     if is_engine_file(target):
-        return _engine_source(Path(target), settings, device)
+        source = _engine_source(Path(target), settings, settings.device)
+        return source, source.engine.device
+    return _zoo_source(target, settings), resolve_device(settings.device)
+
+
+def _zoo_source(target: str, settings: BenchSettings) -> ModelSource:
     from kiln import zoo
 
     batches = settings.batches or (1,)
-    first = zoo.resolve(
-        target, batch=batches[0], input_shape=settings.input_shape, seed=settings.seed
-    )
+    first = zoo.resolve(target, batch=batches[0], input_shape=settings.input_shape, seed=settings.seed)
     cache = {batches[0]: first}
 
     def load(batch: int) -> tuple[torch.nn.Module, Inputs]:
@@ -404,7 +395,7 @@ def open_source(target: str, settings: BenchSettings, device: torch.device) -> M
     return ModelSource(first.name, first.task, first.pretrained, batches, load)
 
 
-def _engine_source(path: Path, settings: BenchSettings, device: torch.device) -> ModelSource:
+def _engine_source(path: Path, settings: BenchSettings, device: str | None) -> ModelSource:
     from kiln.runtime import load as load_engine
 
     engine = load_engine(path, device=device)
@@ -413,12 +404,8 @@ def _engine_source(path: Path, settings: BenchSettings, device: torch.device) ->
     built = f"{info['precision']}, batch {batch}, built in {info['build_seconds']} s"
     notes = [f"engine file {path} ({built})"]
     if settings.batches and settings.batches != (batch,):
-        notes.append(
-            f"engines have fixed shapes: --batch ignored, using the engine's batch {batch}"
-        )
-    model, inputs, task, why = eager_for_engine(
-        engine, info.get("model", path.stem), batch, info.get("seed", 0)
-    )
+        notes.append(f"engines have fixed shapes: --batch ignored, using the engine's batch {batch}")
+    model, inputs, task, why = eager_for_engine(engine, info.get("model", path.stem), batch, info.get("seed", 0))
     if why:
         notes.append(why)
     return ModelSource(
@@ -433,9 +420,7 @@ def _engine_source(path: Path, settings: BenchSettings, device: torch.device) ->
     )
 
 
-def eager_for_engine(
-    engine: Any, name: str, batch: int, seed: int
-) -> tuple[torch.nn.Module | None, Inputs, str, str]:
+def eager_for_engine(engine: Any, name: str, batch: int, seed: int) -> tuple[torch.nn.Module | None, Inputs, str, str]:
     """Rebuild the eager model from the zoo when the engine names a zoo model (same seed)."""
     from kiln import zoo
 
@@ -480,14 +465,7 @@ def environment(device: torch.device) -> Environment:
     else:
         name = _cpu_name()
     versions = {}
-    for package in (
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "tensorrt",
-        "torchvision",
-        "timm",
-        "transformers",
-    ):
+    for package in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "torchvision", "timm", "transformers"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -522,38 +500,16 @@ def bench_model(
     on_result: Callable[[PeerResult], None] | None = None,
 ) -> BenchReport:
     """Benchmark MODEL (zoo name, file.py:factory) or ENGINE (file) against the peers."""
-    from kiln.builder import resolve_device
-
     registry = PEERS if registry is None else registry
-    device = resolve_device(settings.device)
     peers = select_peers(settings.peers, registry)
-    precisions, notes = effective_precisions(settings.precisions, device)
-    source = open_source(target, settings, device)
-    precisions = source.precisions or precisions
+    source, device = open_source(target, settings)
+    precisions, notes = effective_precisions(source.precisions or settings.precisions, device)
     report = BenchReport(
-        source.name,
-        source.task,
-        source.pretrained,
-        environment(device),
-        settings,
-        [],
-        notes=[*source.notes, *notes],
+        source.name, source.task, source.pretrained, environment(device), settings, [], notes=[*source.notes, *notes]
     )
     with _cudnn_benchmark(device), tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         for batch in source.batches:
-            _bench_batch(
-                report,
-                source,
-                batch,
-                peers,
-                precisions,
-                device,
-                Path(tmp),
-                settings,
-                timer,
-                clock,
-                on_result,
-            )
+            _bench_batch(report, source, batch, peers, precisions, device, Path(tmp), settings, timer, clock, on_result)
     attach_speedups(report.results)
     return report
 
@@ -621,9 +577,7 @@ def bench_zoo(
     for name in models:
         entry = ZooEntry(name)
         try:
-            entry.report = bench_model(
-                name, settings, timer=timer, clock=clock, registry=registry, on_result=on_result
-            )
+            entry.report = bench_model(name, settings, timer=timer, clock=clock, registry=registry, on_result=on_result)
         except Exception as exc:  # one model failing never stops the table
             entry.error = failure_reason(exc)
         zoo_report.entries.append(entry)
@@ -678,7 +632,7 @@ def result_cells(r: PeerResult) -> list[str]:
         fmt_ms(lat and lat.p90_ms),
         fmt_ms(lat and lat.p99_ms),
         _fmt(r.throughput, ".1f"),
-        _fmt(r.speedup, ".2f") + ("×" if r.speedup else ""),
+        _fmt(r.speedup, ".3g") + ("×" if r.speedup else ""),
         _fmt(r.build_seconds, ".2f"),
         _fmt(mem, ".1f"),
         _fmt(acc and acc.max_abs, ".2e"),
@@ -735,8 +689,7 @@ def report_markdown(report: BenchReport) -> str:
         "",
         f"{report.environment.line()}  ",
         f"{weights_line(report.pretrained)}  ",
-        f"timing: up to {s.iters} iterations after {s.warmup} warm-up calls, "
-        f"at most ~{s.max_seconds:g} s per peer",
+        f"timing: up to {s.iters} iterations after {s.warmup} warm-up calls, at most ~{s.max_seconds:g} s per peer",
         "",
         _md_row(COLUMNS),
         _md_row(["---"] * len(COLUMNS)),
@@ -795,11 +748,7 @@ def zoo_rows(zoo_report: ZooReport) -> tuple[list[str], list[list[str]]]:
 
 
 def _zoo_row(
-    model: str,
-    batch: int,
-    report: BenchReport,
-    precisions: list[str],
-    columns: list[tuple[str, str]],
+    model: str, batch: int, report: BenchReport, precisions: list[str], columns: list[tuple[str, str]]
 ) -> list[str]:
     found = {(r.peer, r.precision): r for r in report.results if r.batch == batch}
     row, notes = [model, str(batch)], []
@@ -807,17 +756,13 @@ def _zoo_row(
         for peer, q in columns:
             if q == p:
                 r = found.get((peer, p))
-                row.append(
-                    fmt_ms(r.latency.median_ms) if r and r.latency else (r.status if r else "—")
-                )
+                row.append(fmt_ms(r.latency.median_ms) if r and r.latency else (r.status if r else "—"))
                 if r and r.status != "ok":
                     notes.append(f"{peer} {p} {r.status}: {r.reason}")
         eager, kiln = found.get(("eager", p)), found.get(("kiln", p))
         ok = eager and kiln and eager.latency and kiln.latency
         row.append(f"{eager.latency.median_ms / kiln.latency.median_ms:.2f}×" if ok else "—")
-    kiln_acc = next(
-        (found[("kiln", p)].accuracy for p in precisions if found.get(("kiln", p))), None
-    )
+    kiln_acc = next((found[("kiln", p)].accuracy for p in precisions if found.get(("kiln", p))), None)
     top1 = kiln_acc and kiln_acc.top1_agreement
     row += [
         _fmt(top1 and top1 * 100, ".0f") + ("%" if top1 is not None else ""),
@@ -859,9 +804,7 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _bars(
-    ax: Any, labels: list[str], series: dict[str, list[float | None]], horizontal: bool
-) -> None:
+def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], horizontal: bool) -> None:
     n = max(len(series), 1)
     width = 0.8 / n
     values = [v for vs in series.values() for v in vs if v]
@@ -889,11 +832,7 @@ def plot_report(report: BenchReport, path: Path) -> None:
     """Bar chart: median latency per peer (x) and batch size (bars), labelled with the setup."""
     labels = list(dict.fromkeys(f"{r.peer} {r.precision}" for r in report.results if r.latency))
     batches = list(dict.fromkeys(r.batch for r in report.results))
-    found = {
-        (f"{r.peer} {r.precision}", r.batch): r.latency.median_ms
-        for r in report.results
-        if r.latency
-    }
+    found = {(f"{r.peer} {r.precision}", r.batch): r.latency.median_ms for r in report.results if r.latency}
     series = {f"batch {b}": [found.get((label, b)) for label in labels] for b in batches}
     fig = _figure(max(7.0, 1.0 + 1.1 * len(labels)), 5.0)
     ax = fig.add_subplot()
@@ -901,9 +840,7 @@ def plot_report(report: BenchReport, path: Path) -> None:
     _title(fig, f"kiln bench: {report.model}", report.environment)
     missing = [f"{r.peer} {r.precision}: {r.status}" for r in report.results if r.status != "ok"]
     if missing:
-        fig.supxlabel(
-            "not timed (see the report): " + "; ".join(dict.fromkeys(missing)), fontsize=6
-        )
+        fig.supxlabel("not timed (see the report): " + "; ".join(dict.fromkeys(missing)), fontsize=6)
     fig.savefig(path, dpi=120, format="png")
 
 
@@ -925,7 +862,5 @@ def plot_zoo(zoo_report: ZooReport, path: Path) -> None:
 
 
 def _median(report: BenchReport, peer: str, precision: str, batch: int) -> float | None:
-    found = [
-        r for r in report.results if (r.peer, r.precision, r.batch) == (peer, precision, batch)
-    ]
+    found = [r for r in report.results if (r.peer, r.precision, r.batch) == (peer, precision, batch)]
     return found[0].latency.median_ms if found and found[0].latency else None

@@ -127,7 +127,7 @@ def _progress(result: Any) -> None:
 
 
 def result_table(report: Any) -> Table:
-    """The terminal's view: the markdown's columns less p90 and cosine; notes go below."""
+    """The terminal's view of the markdown table: fewer, shorter columns; notes go below."""
     from rich import box
 
     from kiln import bench
@@ -143,15 +143,16 @@ def result_table(report: Any) -> Table:
         "max abs diff": "max|Δ|",
         "top-1 agree": "top-1",
     }
+    rows = [bench.result_cells(r) for r in report.results]
     index = [bench.COLUMNS.index(c) for c in short]
+    index = [j for j in index if any(row[j] != "—" for row in rows)]  # e.g. no MiB on the CPU
     title = f"kiln bench: {report.model} (latency in ms)"
     table = Table(box=box.SIMPLE_HEAD, title=title, caption=report.environment.line())
-    table.add_column("peer", no_wrap=True)
-    for header in short.values():
-        table.add_column(header, justify="right", no_wrap=True)
-    for i, r in enumerate(report.results, 1):
+    table.add_column("peer", overflow="fold")
+    for j in index:
+        table.add_column(short[bench.COLUMNS[j]], justify="right")
+    for i, (r, cells) in enumerate(zip(report.results, rows, strict=True), 1):
         style = {"skipped": "yellow", "failed": "red"}.get(r.status)
-        cells = bench.result_cells(r)
         peer = f"{r.peer} {r.precision}{_mark(i, cells[-1])}"
         table.add_row(peer, *(cells[j] for j in index), style=style)
     return table
@@ -204,10 +205,18 @@ def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -
     except (KilnError, ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
     header, rows = bench.zoo_rows(zoo_report)
-    table = Table(*header, title="kiln zoo benchmark", caption=zoo_report.environment.line())
+    table = Table(title="kiln zoo benchmark", caption=zoo_report.environment.line())
+    table.add_column(header[0], overflow="fold")
+    for name in header[1:-1]:
+        table.add_column(name, justify="right")
+    notes = []
     for row in rows:
-        table.add_row(*row)
+        if row[-1]:
+            notes.append(f"[{len(notes) + 1}] {row[0]}: {row[-1]}")
+        table.add_row(row[0] + (f" [{len(notes)}]" if row[-1] else ""), *row[1:-1])
     console.print(table)
+    for line in notes:
+        console.print(line, markup=False)
 
 
 # --- kiln predict ---------------------------------------------------------------------------
@@ -216,14 +225,10 @@ def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -
 def predict_command(
     target: str = typer.Argument(..., metavar="MODEL|ENGINE", help="Zoo classifier name or engine file."),
     images: list[str] = typer.Argument(
-        None,
-        metavar="IMAGE...",
-        help="Image files, or skimage:NAME samples (e.g. skimage:chelsea).",
+        None, metavar="IMAGE...", help="Image files, or skimage:NAME samples (e.g. skimage:chelsea)."
     ),
     sample: list[str] = typer.Option(
-        None,
-        "--sample",
-        help="A scikit-image sample photograph: chelsea, coffee, astronaut, … (repeat).",
+        None, "--sample", help="A scikit-image sample photograph: chelsea, coffee, astronaut, … (repeat)."
     ),
     topk: int = typer.Option(5, "--topk", min=1, help="How many labels to show."),
     precision: str = typer.Option("fp16", "--precision", help="Engine precision when building MODEL."),

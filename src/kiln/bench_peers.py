@@ -123,9 +123,7 @@ def model_copy(ctx: PeerContext, dtype: torch.dtype, device: torch.device) -> to
     return copy.deepcopy(require_model(ctx)).to(device=device, dtype=dtype).eval()
 
 
-def wants_channels_last(
-    model: torch.nn.Module, inputs: Sequence[torch.Tensor], device: torch.device
-) -> bool:
+def wants_channels_last(model: torch.nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> bool:
     """NHWC feeds cuDNN's tensor-core convolutions directly: worth it for CNNs on the GPU."""
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     image = bool(inputs) and inputs[0].dim() == 4 and inputs[0].is_floating_point()
@@ -169,9 +167,7 @@ def _eager_cudagraph(ctx: PeerContext) -> Prepared:
         out = model(*static)
 
     def run() -> Any:
-        for s, x in zip(
-            static, inputs, strict=True
-        ):  # what a caller pays: copy into the static inputs
+        for s, x in zip(static, inputs, strict=True):  # what a caller pays: copy into the static inputs
             s.copy_(x)
         graph.replay()
         return out
@@ -184,10 +180,8 @@ def _eager_cudagraph(ctx: PeerContext) -> Prepared:
 
 def _compile_peer(ctx: PeerContext, mode: str | None) -> Prepared:
     require_model(ctx)
-    if mode in ("reduce-overhead", "max-autotune") and ctx.device.type != "cuda":
-        raise PeerSkipped(
-            f"mode={mode!r} is for CUDA graphs and GPU autotuning; this run is on {ctx.device}"
-        )
+    if mode == "reduce-overhead" and ctx.device.type != "cuda":
+        raise PeerSkipped(f"mode={mode!r} is about CUDA graphs; on {ctx.device} it is the 'compile' peer")
     dtype = PRECISION_DTYPES[ctx.precision]
     compiled = torch.compile(model_copy(ctx, dtype, ctx.device), mode=mode)
     inputs = cast_inputs(ctx.inputs, dtype)
@@ -220,9 +214,7 @@ def _compile(ctx: PeerContext) -> Prepared:
     return _compile_peer(ctx, None)
 
 
-@peer(
-    "compile-reduce-overhead", help="torch.compile(mode='reduce-overhead'): Inductor + CUDA graphs"
-)
+@peer("compile-reduce-overhead", help="torch.compile(mode='reduce-overhead'): Inductor + CUDA graphs")
 def _compile_reduce_overhead(ctx: PeerContext) -> Prepared:
     return _compile_peer(ctx, "reduce-overhead")
 
@@ -260,9 +252,7 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else "(no message)"
 
 
-def _onnx_inputs(
-    model: torch.nn.Module, ctx: PeerContext, dtype: torch.dtype
-) -> tuple[Path, str, list[torch.Tensor]]:
+def _onnx_inputs(model: torch.nn.Module, ctx: PeerContext, dtype: torch.dtype) -> tuple[Path, str, list[torch.Tensor]]:
     """Export the model at `dtype` (on the GPU for fp16, the CPU for fp32)."""
     where = ctx.device if dtype != torch.float32 else torch.device("cpu")
     inputs = cast_inputs([x.to(where) for x in ctx.inputs], dtype)
@@ -315,10 +305,7 @@ def _ort_cpu(session: Any, ctx: PeerContext, note: str) -> Prepared:
         for m, x in zip(session.get_inputs(), cast_inputs(ctx.inputs, dtype), strict=True)
     }
     return Prepared(
-        run=lambda: session.run(None, feeds),
-        note=note,
-        timing_device=torch.device("cpu"),
-        tracks_memory=False,
+        run=lambda: session.run(None, feeds), note=note, timing_device=torch.device("cpu"), tracks_memory=False
     )
 
 
@@ -336,9 +323,7 @@ def _ort_cuda(session: Any, ctx: PeerContext, note: str) -> Prepared:
     binding = session.io_binding()
     index = ctx.device.index or 0
     for meta, x in zip(session.get_inputs(), inputs, strict=True):
-        binding.bind_input(
-            meta.name, "cuda", index, numpy_dtypes[x.dtype], list(x.shape), x.data_ptr()
-        )
+        binding.bind_input(meta.name, "cuda", index, numpy_dtypes[x.dtype], list(x.shape), x.data_ptr())
     for meta in session.get_outputs():
         binding.bind_output(meta.name, "cuda", index)
     return Prepared(
@@ -439,9 +424,7 @@ def _trt_prepared(trt: ModuleType, engine: Any, ctx: PeerContext, note: str) -> 
         context.execute_async_v3(torch.cuda.current_stream(ctx.device).cuda_stream)
         return outputs
 
-    return Prepared(
-        run=run, fetch=_clone_tensors, note=note, tracks_memory=False, close=buffers.clear
-    )
+    return Prepared(run=run, fetch=_clone_tensors, note=note, tracks_memory=False, close=buffers.clear)
 
 
 # --- kiln ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,8 @@ class CapturedGraph:
     structure: dict[str, Any]  # JSON-safe nesting of the flat outputs
     device: torch.device
     compute_dtype: torch.dtype
+    # fp32 originals of weights stored in a lower precision, for passes that fold weights
+    masters: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Run the graph eagerly, casting like an engine does; returns the model's structure."""
@@ -69,6 +71,7 @@ def capture(
         TensorSpec(f"input_{i}", tuple(x.shape), x.dtype) for i, x in enumerate(example_inputs)
     ]
     model_dtype = _model_float_dtype(model, example_inputs)
+    originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     model = _on_device(model, device, compute_dtype)
     args = tuple(_cast(x, device, compute_dtype) for x in example_inputs)
     try:
@@ -85,14 +88,19 @@ def capture(
         ) from exc
 
     _check_no_mutation(program)
-    module, input_names = _to_graph_module(program)
+    module, input_names, targets = _to_graph_module(program)
+    masters = {
+        attr: originals[target].detach()
+        for attr, target in targets.items()
+        if target in originals and originals[target].dtype != getattr(module, attr).dtype
+    }
     for spec, name in zip(user_specs, input_names):
         spec.name = name
     graph_inputs = [TensorSpec(s.name, s.shape, _compute(s.dtype, compute_dtype)) for s in user_specs]
     outputs = _output_specs(module, model_dtype)
     structure = encode_structure(program.call_spec.out_spec)
     return CapturedGraph(
-        module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype
+        module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters
     )
 
 
@@ -164,7 +172,8 @@ def _check_no_mutation(program: torch.export.ExportedProgram) -> None:
         )
 
 
-def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str]]:
+def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphModule, list[str], dict[str, str]]:
+    """The program as a plain GraphModule, its user input names, and weight attr → state_dict key."""
     graph = copy.deepcopy(program.graph_module.graph)
     weights = {**program.state_dict, **program.constants}
     root = torch.nn.Module()
@@ -172,6 +181,7 @@ def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphMod
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     kinds = dict(zip(placeholders, program.graph_signature.input_specs))  # same order by contract
     input_names: list[str] = []
+    targets: dict[str, str] = {}
     for node in list(graph.nodes):
         if node.op == "placeholder":
             spec = kinds[node]
@@ -182,6 +192,7 @@ def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphMod
                     graph.erase_node(node)
                 continue
             attr = _unique(re.sub(r"\W", "_", spec.target), taken)
+            targets[attr] = spec.target
             root.register_buffer(attr, weights[spec.target].detach())
             with graph.inserting_before(node):
                 getter = graph.get_attr(attr)
@@ -191,7 +202,7 @@ def _to_graph_module(program: torch.export.ExportedProgram) -> tuple[fx.GraphMod
         elif node.op == "call_function" and node.target in DROPPED_OPS:
             graph.erase_node(node)
     graph.lint()
-    return fx.GraphModule(root, graph), input_names
+    return fx.GraphModule(root, graph), input_names, targets
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -236,6 +236,17 @@ def list_zoo() -> None:
     console.print(" ".join(zoo.names()))
 
 
+def _add_commands() -> None:
+    """Commands defined beside the features they drive."""
+    from kiln.bench_cli import bench_command, predict_command
+
+    app.command("bench")(bench_command)
+    app.command("predict")(predict_command)
+
+
+_add_commands()
+
+
 def main() -> None:
     app()
 

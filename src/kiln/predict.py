@@ -95,8 +95,7 @@ def load_image(spec: str) -> Any:
     path = Path(spec)
     if not path.is_file():
         raise PredictError(
-            f"image {spec!r} is not a file; pass an image path, or a sample as "
-            f"skimage:NAME ({', '.join(SAMPLES)})"
+            f"image {spec!r} is not a file; pass an image path, or a sample as skimage:NAME ({', '.join(SAMPLES)})"
         )
     try:
         with Image.open(path) as img:
@@ -186,15 +185,11 @@ def logits_of(output: Any, classes: int) -> torch.Tensor:
         output = next((t for t in output if isinstance(t, torch.Tensor)), None)
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[-1] != classes:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise PredictError(
-            f"expected (batch, {classes}) ImageNet logits, the model returned {shape}"
-        )
+        raise PredictError(f"expected (batch, {classes}) ImageNet logits, the model returned {shape}")
     return output.float()
 
 
-def run_in_batches(
-    fn: Callable[[torch.Tensor], Any], images: torch.Tensor, batch: int
-) -> list[Any]:
+def run_in_batches(fn: Callable[[torch.Tensor], Any], images: torch.Tensor, batch: int) -> list[Any]:
     """Call `fn` on chunks of exactly `batch` images (engines have fixed shapes): pad the last."""
     outs = []
     for start in range(0, len(images), batch):
@@ -206,9 +201,7 @@ def run_in_batches(
     return outs
 
 
-def _probabilities(
-    fn: Callable[[torch.Tensor], Any], images: torch.Tensor, batch: int, classes: int
-) -> torch.Tensor:
+def _probabilities(fn: Callable[[torch.Tensor], Any], images: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
     with torch.inference_mode():
         parts = [logits_of(out, classes)[:n] for out, n in run_in_batches(fn, images, batch)]
     return torch.cat(parts).softmax(-1).cpu()
@@ -234,10 +227,7 @@ def _from_zoo(name: str, batch: int, precision: str, device: str | None, seed: i
     zm = zoo.resolve(name, batch=batch, seed=seed)
     _require_classifier(zm.name, zm.task)
     config = BuildConfig(
-        precision=precision,
-        device=device,
-        model_name=zm.name,
-        extra_info={"pretrained": zm.pretrained, "seed": seed},
+        precision=precision, device=device, model_name=zm.name, extra_info={"pretrained": zm.pretrained, "seed": seed}
     )
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -267,7 +257,8 @@ def _from_engine(path: Path, device: str | None, seed: int) -> _Source:
         f"eager rebuilt from the zoo with seed {seed}; it matches the engine's weights only if "
         "the engine was built from the zoo with that seed (kiln build does: seed 0)"
     )
-    return _Source(name, engine, zm.model.to(engine.device), zm.family, zm.pretrained, [note])
+    pretrained = info.get("pretrained", zm.pretrained)
+    return _Source(name, engine, zm.model.to(engine.device), zm.family, pretrained, [note])
 
 
 def _require_classifier(name: str, task: str) -> None:
@@ -304,7 +295,7 @@ def predict(
     source = (
         _from_engine(Path(target), device, seed)
         if is_engine
-        else _from_zoo(target, len(images), precision, device, seed)
+        else _from_zoo(target, 1, precision, device, seed)  # batch 1, as kiln build: images one by one
     )
     engine = source.engine
     spec = engine.inputs[0]
@@ -322,10 +313,7 @@ def predict(
     eager_probs = None
     if source.eager is not None:
         eager_probs = _probabilities(source.eager, batch, spec.shape[0], len(categories))
-    results = [
-        _image_result(name, i, engine_probs, eager_probs, k, categories)
-        for i, name in enumerate(images)
-    ]
+    results = [_image_result(name, i, engine_probs, eager_probs, k, categories) for i, name in enumerate(images)]
     return PredictReport(
         model=source.name,
         pretrained=source.pretrained,
@@ -338,12 +326,7 @@ def predict(
 
 
 def _image_result(
-    name: str,
-    i: int,
-    engine: torch.Tensor,
-    eager: torch.Tensor | None,
-    k: int,
-    categories: Sequence[str],
+    name: str, i: int, engine: torch.Tensor, eager: torch.Tensor | None, k: int, categories: Sequence[str]
 ) -> ImageResult:
     result = ImageResult(name, top_k(engine[i], k, categories))
     if eager is not None:

@@ -140,7 +140,7 @@ class Engine:
         if self.use_cuda_graph:
             flat = self._replay(inputs)
         else:
-            bound = [x.to(s.dtype) for x, s in zip(inputs, self.graph_inputs)]
+            bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)]
             flat = self.run_steps(bound)
         return build_structure(self.plan["structure"], self._deliver(flat))
 
@@ -177,7 +177,7 @@ class Engine:
         if self._graph is None:
             self._capture()
             if self._graph is None:
-                return self.run_steps([x.to(s.dtype) for x, s in zip(inputs, self.graph_inputs)])
+                return self.run_steps([x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)])
         for static, x in zip(self._static_inputs, inputs):
             static.copy_(x)
         self._graph.replay()

@@ -100,6 +100,7 @@ def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, inputs = entry.build(entry.target, batch, _shape(input_shape), generator)
+        _randomize_zero_layers(model)
         _calibrate_batchnorm(model, inputs)
     return ZooModel(
         name=name,
@@ -110,6 +111,14 @@ def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: in
         family=entry.family,
         task=_task(entry, model),
     )
+
+
+def _randomize_zero_layers(model: torch.nn.Module) -> None:
+    """Zero-initialised layers (torchvision's ViT head) would make every output 0 and every
+    comparison vacuous; give them small random weights instead."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.is_meta and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
 
 
 def _calibrate_batchnorm(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:

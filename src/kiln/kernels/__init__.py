@@ -106,4 +106,4 @@ def op_name(op: torch._ops.OpOverload) -> str:
     return f"{op.namespace}.{op._schema.name.split('::')[-1]}.{op._overloadname}"
 
 
-from kiln.kernels import aten  # noqa: E402,F401  (registers the reference kernel)
+from kiln.kernels import aten, reference  # noqa: E402,F401  (register the reference kernels)

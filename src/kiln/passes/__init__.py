@@ -7,8 +7,12 @@ op nodes each one left, for `kiln inspect`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from torch import fx
 
 from kiln.capture import CapturedGraph
 
@@ -33,6 +37,12 @@ def register_pass(name: str) -> Callable[[Pass], Pass]:
     return deco
 
 
+def copy_graph(graph: CapturedGraph) -> CapturedGraph:
+    """A copy a pass may rewrite in place; weight tensors are shared, not copied."""
+    module = fx.GraphModule(graph.module, copy.deepcopy(graph.module.graph))
+    return dataclasses.replace(graph, module=module, masters=dict(graph.masters))
+
+
 def count_ops(graph: CapturedGraph) -> int:
     return sum(1 for n in graph.module.graph.nodes if n.op == "call_function")
 
@@ -45,9 +55,10 @@ def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[Ca
         raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
     report = [{"pass": "capture", "ops": count_ops(graph)}]
     for name in chosen:
-        graph = PASSES[name].fn(graph)
+        graph = PASSES[name].fn(copy_graph(graph))
         report.append({"pass": name, "ops": count_ops(graph)})
     return graph, report
 
 
-from kiln.passes import dead_code  # noqa: E402,F401
+# Registration order is the default pass order.
+from kiln.passes import dead_code, constant_fold, fold_batchnorm  # noqa: E402,F401,I001

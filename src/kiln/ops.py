@@ -1,0 +1,80 @@
+"""kiln's own fused ops: `torch.library` custom ops with reference implementations.
+
+A graph rewritten by kiln's passes still runs under plain PyTorch: each op below
+computes with ATen what the fused kernels in kiln.kernels compute in one go. The
+fake (meta) implementation is the reference itself, run on fake tensors, so shapes
+and strides always agree with what the reference produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda x: x,
+    "relu": torch.relu,
+    "relu6": lambda x: torch.clamp(x, 0.0, 6.0),
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+
+
+def _define(name: str) -> Callable:
+    """Register `reference` as op kiln::name, and as its own fake implementation."""
+
+    def deco(reference: Callable) -> torch.library.CustomOpDef:
+        op = torch.library.custom_op(f"kiln::{name}", mutates_args=())(reference)
+        op.register_fake(reference)
+        return op
+
+    return deco
+
+
+@_define("conv_bias_act")
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    act: str,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """act(conv(x, weight) + bias [+ residual])."""
+    y = torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    if residual is not None:
+        y = y + residual
+    return _act(act)(y)
+
+
+@_define("linear_act")
+def linear_act(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x @ weight_t + bias) for 2-D x; weight_t is the (in, out) transposed weight."""
+    y = x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+    return _act(act)(y)
+
+
+@_define("add_layer_norm")
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x + residual) over the last dim, x + residual)."""
+    s = x if residual is None else x + residual
+    out = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return out, s.clone() if residual is None else s

@@ -1,0 +1,94 @@
+"""Shared helpers for passes: weights, new constants, clean-up, and fresh shape metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from kiln.capture import CapturedGraph
+
+aten = torch.ops.aten
+
+
+def op_nodes(graph: CapturedGraph, *targets: object) -> Iterator[fx.Node]:
+    for node in list(graph.module.graph.nodes):
+        if node.op == "call_function" and (not targets or node.target in targets):
+            yield node
+
+
+def is_weight(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def weight(graph: CapturedGraph, node: fx.Node) -> torch.Tensor:
+    """A weight at full precision: its fp32 master when the graph stores it lower."""
+    master = graph.masters.get(node.target)
+    if master is not None:
+        return master.to(graph.device)
+    return getattr(graph.module, node.target)
+
+
+def add_weight(
+    graph: CapturedGraph, name: str, value: torch.Tensor, before: fx.Node, dtype: torch.dtype | None = None
+) -> fx.Node:
+    """A new constant as a get_attr node, stored in `dtype` (default: the graph's precision
+    for floats); a more precise `value` is kept as its master for later folds."""
+    attr, i = name, 1
+    while hasattr(graph.module, attr):
+        attr, i = f"{name}_{i}", i + 1
+    if dtype is None:
+        dtype = graph.compute_dtype if value.is_floating_point() else value.dtype
+    stored = value.to(dtype)
+    graph.module.register_buffer(attr, stored.detach().contiguous())
+    if stored.dtype != value.dtype:
+        graph.masters[attr] = value.detach()
+    with graph.module.graph.inserting_before(before):
+        node = graph.module.graph.get_attr(attr)
+    node.meta["val"] = stored
+    return node
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def getitem_user(node: fx.Node, index: int) -> fx.Node | None:
+    """The getitem node taking output `index` of a multi-output node, if it is the only user."""
+    import operator
+
+    users = [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+    return users[0] if len(users) == 1 else None
+
+
+def finish(graph: CapturedGraph) -> CapturedGraph:
+    """Drop dead nodes and unused weights, rebuild the module, refresh shapes and strides."""
+    g = graph.module.graph
+    g.eliminate_dead_code()
+    used = set()
+    for node in list(g.nodes):
+        if node.op == "get_attr":
+            if node.users:
+                used.add(node.target)
+            else:
+                g.erase_node(node)
+    g.lint()
+    module = fx.GraphModule(graph.module, g)
+    masters = {k: v for k, v in graph.masters.items() if k in used}
+    result = dataclasses.replace(graph, module=module, masters=masters)
+    refresh_meta(result)
+    return result
+
+
+def refresh_meta(graph: CapturedGraph) -> None:
+    """Recompute every node's meta["val"] (shape, dtype, strides) after a rewrite."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [
+        mode.from_tensor(torch.empty(s.shape, dtype=s.dtype, device=graph.device)) for s in graph.graph_inputs
+    ]
+    FakeTensorProp(graph.module, mode).propagate_dont_convert_inputs(*inputs)
