@@ -41,10 +41,10 @@ def test_dead_buffers_are_reused():
     assert arena == memory.align(1000) and offsets == [0, 0, 0]
 
 
-@pytest.mark.parametrize("name, min_reuse", [("bert-tiny", 4), ("resnet18", 1.5)])
+@pytest.mark.parametrize("name, min_reuse", [("bert-tiny", 3), ("resnet18", 1.5)])
 def test_a_real_plan_keeps_live_tensors_apart(name, min_reuse):
     entry = zoo.create(name)
-    engine = kiln.build(entry.model, entry.example_inputs)
+    engine = kiln.build(entry.model, entry.example_inputs, config=kiln.BuildConfig(passes=[]))
     mem = engine.plan["memory"]
     bufs = [memory.Buffer(b["nbytes"], b["first"], b["last"]) for b in mem["buffers"]]
     assert_no_overlap(bufs, [b["offset"] for b in mem["buffers"]], mem["arena_bytes"])

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from kiln.capture import capture
-from kiln.passes import PASSES, count_ops, run_passes
+from kiln.passes import PASSES, copy_graph, count_ops, run_passes
 
 
 class Tiny(nn.Module):
@@ -134,3 +134,84 @@ def test_fold_batchnorm_uses_fp32_masters_of_fp16_weights():
     exact = (model.conv.weight * scale.reshape(-1, 1, 1, 1)).detach()
     assert folded.dtype == torch.float16
     torch.testing.assert_close(folded, exact.half(), atol=0, rtol=0)
+
+
+class ConvBlock(nn.Module):
+    """conv → ReLU, conv + residual → ReLU, conv → SiLU, linear → GELU: every fusion pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h) + x)
+        h = nn.functional.silu(self.c3(h))
+        return nn.functional.gelu(self.fc(h.mean(dim=(2, 3))))
+
+
+def test_fuse_conv_covers_bias_residual_and_activations():
+    x = torch.randn(2, 4, 8, 8)
+    before = _capture(ConvBlock(), x)
+    after, _ = run_passes(before, ["fuse_conv"])
+    fused = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.conv_bias_act.default]
+    assert [n.args[7] for n in fused] == ["relu", "relu", "silu"]
+    assert fused[1].args[8] is not None, "the residual add joins the second conv"
+    assert "aten.convolution.default" not in _ops(after) and "aten.relu.default" not in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_linear_takes_the_activation():
+    x = torch.randn(2, 4, 8, 8)
+    before = _capture(ConvBlock(), x)
+    after, _ = run_passes(before, ["constant_fold", "fuse_linear"])
+    linear = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.linear_act.default]
+    assert len(linear) == 1 and linear[0].args[3] == "gelu"
+    assert "aten.gelu.default" not in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2, self.fc = nn.LayerNorm(8), nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        s = x + y
+        return self.ln1(s) + self.fc(self.ln2(s + x))  # s is used after its layer norm too
+
+
+def test_fuse_layer_norm_keeps_the_sum_for_later_users():
+    x, y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    before = _capture(PreNormBlock(), x, y)
+    after, _ = run_passes(before, ["fuse_layer_norm"])
+    assert "aten.native_layer_norm.default" not in _ops(after)
+    assert _ops(after).count("kiln.add_layer_norm.default") == 2
+    torch.testing.assert_close(after.run(x, y), before.run(x, y), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_converts_input_and_weights_once():
+    from kiln.passes.channels_last import to_channels_last
+
+    class Flattening(nn.Module):  # a view after the convs needs the reshape rewrite
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
+
+    x = torch.randn(2, 3, 8, 8)
+    before = _capture(Flattening(), x)
+    after = to_channels_last(copy_graph(before))
+    clones = [n for n in after.module.graph.nodes if n.target == torch.ops.aten.clone.default]
+    assert len(clones) == 1 and clones[0].kwargs["memory_format"] == torch.channels_last
+    conv = next(n for n in after.module.graph.nodes if n.target == torch.ops.aten.convolution.default)
+    assert conv.meta["val"].is_contiguous(memory_format=torch.channels_last)
+    assert "aten.view.default" not in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+    cpu, _ = run_passes(before, ["channels_last"])
+    assert "aten.clone.default" not in _ops(cpu), "CPU graphs keep their layout"

@@ -9,6 +9,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +21,7 @@ from kiln.passes import run_passes
 from kiln.plan import make_plan
 from kiln.runtime import Engine, EngineModule, default_device
 from kiln.selection import select_kernels
+from kiln.tune import TimingCache, default_cache_path
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("capture", "passes", "select", "plan")
@@ -42,6 +44,8 @@ class BuildConfig:
     precision: str = "fp32"
     device: str | None = None  # None: CUDA when available, else CPU
     passes: list[str] | None = None  # None: every registered pass
+    tune: bool = True  # time candidate kernels on CUDA and keep the fastest
+    timing_cache: str | None = None  # None: $KILN_TIMING_CACHE or ~/.cache/kiln/timing-cache.json
     model_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
 
@@ -102,12 +106,20 @@ def build(
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
     with stage("select"):
-        selections = select_kernels(graph)
+        cache = None
+        if config.tune and target.type == "cuda":
+            cache = TimingCache.open(Path(config.timing_cache) if config.timing_cache else default_cache_path())
+        selections = select_kernels(graph, cache)
+        if cache is not None:
+            cache.save()
     with stage("plan"):
         plan = make_plan(graph, selections)
     weights = dict(graph.module.named_buffers())
     info = _build_info(model, config, target, used, times, time.perf_counter() - start)
     info["passes"] = pass_report
+    info["timing_cache"] = (
+        None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
+    )
     info["input_ranges"] = _int_ranges(check_example_inputs(example_inputs))
     return Engine({"plan": plan, "build": info}, weights, target)
 

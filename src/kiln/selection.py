@@ -17,6 +17,7 @@ from kiln.capture import CapturedGraph, source_line
 from kiln.errors import UnsupportedOpError
 from kiln.kernels import OpCall, candidates, op_name
 from kiln.specs import TensorSpec
+from kiln.tune import TimingCache, signature, tune_node
 
 PLANNER_OPS = {operator.getitem}  # resolved by the planner, never a step
 
@@ -52,7 +53,9 @@ def op_call(node: fx.Node, device_type: str) -> OpCall:
     )
 
 
-def select_kernels(graph: CapturedGraph) -> dict[fx.Node, Selection]:
+def select_kernels(graph: CapturedGraph, cache: TimingCache | None = None) -> dict[fx.Node, Selection]:
+    """Each op node's kernel: the preferred candidate, or with a timing cache on CUDA the
+    fastest one that agrees with the reference (measured now, or remembered)."""
     chosen: dict[fx.Node, Selection] = {}
     problems: list[tuple[str, str, str]] = []
     for node in graph.module.graph.nodes:
@@ -64,7 +67,23 @@ def select_kernels(graph: CapturedGraph) -> dict[fx.Node, Selection]:
             problems.append((call.op, node.name, source_line(node)))
             continue
         names = [k.name for k in found]
-        chosen[node] = Selection(kernel=names[-1], candidates=names)
+        chosen[node] = Selection(kernel=names[0], candidates=names)
+        if cache is not None and len(names) > 1 and graph.device.type == "cuda":
+            _tune(chosen[node], node, call.op, graph, cache)
     if problems:
         raise UnsupportedOpError(problems)
     return chosen
+
+
+def _tune(selection: Selection, node: fx.Node, op: str, graph: CapturedGraph, cache: TimingCache) -> None:
+    key = signature(node, graph.device)
+    entry = cache.entries.get(key)
+    if entry is not None and set(entry) <= set(selection.candidates):
+        cache.hits += 1
+    else:
+        cache.misses += 1
+        entry = tune_node(node, op, selection.candidates, graph.module, graph.device)
+        cache.entries[key] = entry
+    if entry:
+        selection.timings_ms = dict(entry)
+        selection.kernel = min(entry, key=entry.get)

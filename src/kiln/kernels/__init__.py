@@ -39,6 +39,7 @@ class Kernel:
     make: Callable[[str, OutVariant | None], StepFn]
     writes_planned_outputs: bool = True
     doc: str = ""
+    priority: int = 0  # the untimed choice: highest priority wins (reference kernels are -1)
 
 
 @dataclass(frozen=True)
@@ -59,21 +60,23 @@ def register_kernel(
     implements: Callable[[str], bool],
     supports: Callable[[OpCall], bool] = lambda call: True,
     writes_planned_outputs: bool = True,
+    priority: int = 0,
 ) -> Callable[[Callable[[str, OutVariant | None], StepFn]], Callable[[str, OutVariant | None], StepFn]]:
     """Register a kernel factory under `name` (later registrations of a name replace earlier)."""
 
     def deco(make: Callable[[str, OutVariant | None], StepFn]) -> Callable[[str, OutVariant | None], StepFn]:
-        KERNELS[name] = Kernel(
-            name, provider, implements, supports, make, writes_planned_outputs, (make.__doc__ or "").strip()
-        )
+        doc = (make.__doc__ or "").strip()
+        KERNELS[name] = Kernel(name, provider, implements, supports, make, writes_planned_outputs, doc, priority)
         return make
 
     return deco
 
 
 def candidates(call: OpCall) -> list[Kernel]:
-    """Every registered kernel that implements and supports this call."""
-    return [k for k in KERNELS.values() if k.implements(call.op) and k.supports(call)]
+    """Every registered kernel that implements and supports this call, preferred first."""
+    found = [k for k in KERNELS.values() if k.implements(call.op) and k.supports(call)]
+    order = {k.name: i for i, k in enumerate(found)}
+    return sorted(found, key=lambda k: (-k.priority, -order[k.name]))
 
 
 def get_kernel(name: str) -> Kernel:
@@ -106,4 +109,4 @@ def op_name(op: torch._ops.OpOverload) -> str:
     return f"{op.namespace}.{op._schema.name.split('::')[-1]}.{op._overloadname}"
 
 
-from kiln.kernels import aten, reference  # noqa: E402,F401  (register the reference kernels)
+from kiln.kernels import aten, cublas, cudnn, reference  # noqa: E402,F401,I001  (each registers its kernels)

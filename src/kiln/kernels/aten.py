@@ -40,7 +40,7 @@ def supports(call: OpCall) -> bool:
     return _has_kernel(call.op, call.device_type)
 
 
-@register_kernel("aten", provider="aten", implements=implements, supports=supports)
+@register_kernel("aten", provider="aten", implements=implements, supports=supports, priority=-1)
 def make_aten(name: str, out: OutVariant | None) -> StepFn:
     """PyTorch's own ATen implementation (cuDNN, cuBLAS, or CPU kernels under it)."""
     op = resolve_op(name)

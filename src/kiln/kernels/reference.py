@@ -8,7 +8,11 @@ from kiln.kernels import OutVariant, StepFn, register_kernel, resolve_op
 
 
 @register_kernel(
-    "kiln.reference", provider="reference", implements=lambda op: op.startswith("kiln."), writes_planned_outputs=False
+    "kiln.reference",
+    provider="reference",
+    implements=lambda op: op.startswith("kiln."),
+    writes_planned_outputs=False,
+    priority=-1,
 )
 def make_reference(name: str, out: OutVariant | None) -> StepFn:
     """kiln's reference implementation of a fused op (ATen calls, step by step)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ def copy_graph(graph: CapturedGraph) -> CapturedGraph:
 
 
 def count_ops(graph: CapturedGraph) -> int:
-    return sum(1 for n in graph.module.graph.nodes if n.op == "call_function")
+    """Op nodes that become steps (getitem only picks an output of another op)."""
+    return sum(1 for n in graph.module.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
 
 
 def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[CapturedGraph, list[dict]]:
@@ -61,4 +63,12 @@ def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[Ca
 
 
 # Registration order is the default pass order.
-from kiln.passes import dead_code, constant_fold, fold_batchnorm  # noqa: E402,F401,I001
+from kiln.passes import (  # noqa: E402,F401,I001
+    dead_code,
+    constant_fold,
+    fold_batchnorm,
+    fuse_conv,
+    fuse_linear,
+    fuse_layer_norm,
+    channels_last,
+)

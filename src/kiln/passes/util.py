@@ -92,3 +92,66 @@ def refresh_meta(graph: CapturedGraph) -> None:
         mode.from_tensor(torch.empty(s.shape, dtype=s.dtype, device=graph.device)) for s in graph.graph_inputs
     ]
     FakeTensorProp(graph.module, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def activation(node: fx.Node) -> str | None:
+    """The kiln activation name of an ATen activation node (see kiln.ops.ACTIVATIONS)."""
+    target, args, kwargs = node.target, node.args, node.kwargs
+    if target == aten.relu.default:
+        return "relu"
+    if target == aten.hardtanh.default and tuple(args[1:]) == (0.0, 6.0):
+        return "relu6"
+    if target == aten.gelu.default:
+        return "gelu_tanh" if kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh" else "gelu"
+    simple = {
+        aten.silu.default: "silu",
+        aten.hardswish.default: "hardswish",
+        aten.sigmoid.default: "sigmoid",
+        aten.tanh.default: "tanh",
+    }
+    return simple.get(target)
+
+
+def following_activation(node: fx.Node) -> tuple[str, fx.Node] | None:
+    """The activation applied to `node` and the node that yields its result: a single
+    activation op, or x * sigmoid(x) (how Core ATen spells SiLU)."""
+    users = list(node.users)
+    if len(users) == 1 and activation(users[0]) is not None and users[0].args[0] is node:
+        return activation(users[0]), users[0]
+    if len(users) == 2:
+        sig = next((u for u in users if u.target == aten.sigmoid.default), None)
+        mul = next((u for u in users if u.target == aten.mul.Tensor), None)
+        if sig is not None and mul is not None and set(mul.args) == {node, sig} and list(sig.users) == [mul]:
+            return "silu", mul
+    return None
+
+
+def same_shape(a: fx.Node, b: object) -> bool:
+    return (
+        isinstance(b, fx.Node)
+        and isinstance(b.meta.get("val"), torch.Tensor)
+        and tuple(a.meta["val"].shape) == tuple(b.meta["val"].shape)
+        and a.meta["val"].dtype == b.meta["val"].dtype
+    )
+
+
+def replace_with(graph: CapturedGraph, last: fx.Node, target: object, args: tuple) -> fx.Node:
+    """Insert target(*args) before `last`, give it `last`'s uses and source line."""
+    g = graph.module.graph
+    with g.inserting_before(last):
+        new = g.call_function(target, args)
+    new.meta["stack_trace"] = last.meta.get("stack_trace")
+    infer_meta(new)
+    last.replace_all_uses_with(new)
+    return new
+
+
+def infer_meta(node: fx.Node) -> None:
+    """Set meta["val"] of a new node from its inputs' fake values, so later matches see shapes."""
+    from torch._guards import detect_fake_mode
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+    mode = detect_fake_mode([n.meta["val"] for n in node.all_input_nodes]) or FakeTensorMode()
+    mode.allow_non_fake_inputs = True
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)

@@ -1,0 +1,52 @@
+"""cuBLASLt kernels for kiln::linear_act: the bias and ReLU/GELU(tanh) run in the GEMM's
+epilogue (aten._addmm_activation), so the activation costs no extra pass over memory."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+
+LINEAR_OP = "kiln.linear_act.default"
+EPILOGUES = {"relu", "gelu_tanh"}
+
+
+def _epilogue_fits(call: OpCall) -> bool:
+    x, w, bias = call.inputs[:3]
+    return (
+        call.device_type == "cuda"
+        and x is not None
+        and len(x.shape) == 2
+        and bias is not None
+        and len(bias.shape) == 1
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+@register_kernel(
+    "cublaslt.linear_epilogue",
+    provider="cublaslt",
+    implements=lambda op: op == LINEAR_OP,
+    supports=_epilogue_fits,
+    writes_planned_outputs=False,
+)
+def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
+    """One cuBLASLt GEMM with bias + ReLU/GELU-tanh epilogue; other activations follow in place."""
+
+    def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
+        x, w_t, bias, act = args
+        if act in EPILOGUES:
+            return torch.ops.aten._addmm_activation(bias, x, w_t, use_gelu=act == "gelu_tanh")
+        y = torch.addmm(bias, x, w_t)
+        if act == "gelu":
+            return F.gelu(y)
+        return y if act == "none" else _inplace(y, act)
+
+    return run
+
+
+def _inplace(y: torch.Tensor, act: str) -> torch.Tensor:
+    from kiln.kernels.cudnn import INPLACE
+
+    return INPLACE[act](y)

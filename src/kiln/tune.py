@@ -1,0 +1,125 @@
+"""Kernel auto-tuning (seed 000, point 6): time every candidate kernel of a node on dummy
+data of the node's real shapes, check it agrees with the reference, keep the fastest.
+
+Timings persist in a JSON timing cache keyed by GPU, versions and the op's signature,
+so a second build of the same model measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+import kiln
+from kiln.kernels import get_kernel
+
+REL_TOL = 2e-2  # a candidate farther than this from the reference kernel is rejected
+
+
+def default_cache_path() -> Path:
+    env = os.environ.get("KILN_TIMING_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kiln" / "timing-cache.json"
+
+
+@dataclass
+class TimingCache:
+    path: Path | None
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    @classmethod
+    def open(cls, path: Path | None) -> TimingCache:
+        entries = {}
+        if path is not None and path.is_file():
+            try:
+                entries = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                entries = {}  # a damaged cache is only lost time: start over
+        return cls(path, entries)
+
+    def save(self) -> None:
+        if self.path is None or not self.misses:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def signature(node: fx.Node, device: torch.device) -> str:
+    """What a timing depends on: GPU, versions, op, tensor shapes/dtypes/strides, other args."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            val = value.meta["val"]
+            return [list(val.shape), str(val.dtype), list(val.stride())]
+        if isinstance(value, (list, tuple)):
+            return [describe(v) for v in value]
+        return repr(value)
+
+    gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    return json.dumps([gpu, torch.__version__, kiln.__version__, str(node.target), describe(list(node.args))])
+
+
+def materialize(node: fx.Node, module: torch.nn.Module, device: torch.device) -> tuple[tuple, dict]:
+    """The node's arguments with real weights and random activations of the right layout."""
+
+    def real(n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            return getattr(module, n.target)
+        val = n.meta["val"]
+        t = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=device)
+        return t.normal_() if t.is_floating_point() else t.zero_()
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), real)
+    return tuple(args), dict(kwargs)
+
+
+def _first(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def time_kernel(fn: Any, args: tuple, kwargs: dict, iters: int = 20) -> float:
+    for _ in range(3):
+        fn(args, kwargs, [])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(3):
+        start.record()
+        for _ in range(iters):
+            fn(args, kwargs, [])
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return sorted(samples)[1]
+
+
+def tune_node(
+    node: fx.Node, op: str, names: list[str], module: torch.nn.Module, device: torch.device
+) -> dict[str, float]:
+    """Milliseconds per candidate; a candidate that fails or disagrees gets no entry."""
+    args, kwargs = materialize(node, module, device)
+    reference = names[-1]  # candidates come preferred first; reference kernels sort last
+    fns = {name: get_kernel(name).make(op, None) for name in names}
+    with torch.inference_mode():
+        expected = _first(fns[reference](args, kwargs, [])).float()
+        timings = {}
+        for name, fn in fns.items():
+            try:
+                got = _first(fn(args, kwargs, [])).float()
+                err = float((got - expected).norm() / expected.norm().clamp_min(1e-12))
+                if err > REL_TOL or not torch.isfinite(got).all():
+                    continue
+                timings[name] = round(time_kernel(fn, args, kwargs), 5)
+            except RuntimeError:
+                continue
+    return timings
