@@ -45,6 +45,8 @@ class BuildConfig:
     device: str | None = None  # None: CUDA when available, else CPU
     passes: list[str] | None = None  # None: every registered pass
     tune: bool = True  # time candidate kernels on CUDA and keep the fastest
+    backend: str = "kiln"  # "tensorrt": supported regions become TensorRT engines inside the plan
+    require_full: bool = False  # with backend="tensorrt": fail unless the whole graph converts
     timing_cache: str | None = None  # None: $KILN_TIMING_CACHE or ~/.cache/kiln/timing-cache.json
     model_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +107,16 @@ def build(
         graph = capture(model, example_inputs, device=target, compute_dtype=PRECISIONS[used])
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
+    tensorrt_report = None
+    if config.backend == "tensorrt":
+        with stage("tensorrt"):
+            from kiln.tensorrt.partition import partition_graph
+
+            graph, tensorrt_report = partition_graph(
+                graph, require_full=config.require_full, timing_cache=config.timing_cache
+            )
+    elif config.backend != "kiln":
+        raise ValueError(f"backend must be 'kiln' or 'tensorrt', got {config.backend!r}")
     with stage("select"):
         cache = None
         if config.tune and target.type == "cuda":
@@ -117,6 +129,8 @@ def build(
     weights = dict(graph.module.named_buffers())
     info = _build_info(model, config, target, used, times, time.perf_counter() - start)
     info["passes"] = pass_report
+    info["backend"] = config.backend
+    info["tensorrt"] = tensorrt_report
     info["timing_cache"] = (
         None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
     )

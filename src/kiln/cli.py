@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -45,7 +46,7 @@ class _StageDisplay:
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -57,6 +58,9 @@ def build(
     device: str = typer.Option(None, help="cuda or cpu [default: cuda when available]."),
     batch: int = typer.Option(1, help="Batch size the engine is built for."),
     input_shape: str = typer.Option(None, help="Per-sample input shape, e.g. 3,224,224 (or 128 for BERT)."),
+    backend: str = typer.Option("kiln", help="kiln, or tensorrt: supported regions run as TensorRT engines."),
+    require_full: bool = typer.Option(False, help="With --backend tensorrt: fail unless every op converts."),
+    timing_cache: Path = typer.Option(None, help="Kernel timing cache (default: ~/.cache/kiln/timing-cache.json)."),
 ) -> None:
     """Build MODEL into an engine file."""
     import torch
@@ -75,7 +79,8 @@ def build(
     if device is None and not torch.cuda.is_available():
         console.print("[yellow]note:[/] no CUDA GPU here: building and running on the CPU")
     target = output or Path(f"{Path(model.split(':')[-1]).stem}.kiln")
-    config = BuildConfig(precision=precision, device=device, model_name=entry.name,
+    config = BuildConfig(precision=precision, device=device, model_name=entry.name, backend=backend,
+                         require_full=require_full, timing_cache=None if timing_cache is None else str(timing_cache),
                          extra_info={"pretrained": entry.pretrained})
     console.print(f"building [bold]{entry.name}[/] (batch {batch}, {precision})")
     t0 = time.perf_counter()
@@ -239,9 +244,12 @@ def list_zoo() -> None:
 def _add_commands() -> None:
     """Commands defined beside the features they drive."""
     from kiln.bench_cli import bench_command, predict_command
+    from kiln.onnx_cli import export_onnx_command, trt_check_command
 
     app.command("bench")(bench_command)
     app.command("predict")(predict_command)
+    app.command("export-onnx")(export_onnx_command)
+    app.command("trt-check")(trt_check_command)
 
 
 _add_commands()

@@ -69,6 +69,7 @@ from kiln.passes import (  # noqa: E402,F401,I001
     fold_batchnorm,
     fuse_conv,
     fuse_linear,
+    horizontal,
     fuse_layer_norm,
     channels_last,
 )
