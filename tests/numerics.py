@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 # Relative error ‖y − ref‖ / ‖ref‖ allowed against fp32 eager, per engine precision.
-# fp32 engines run the same ATen kernels as eager: only summation order may differ.
-REL_TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 4e-2}
+# fp32 engines differ from eager only by summation order and weights folded at build time.
+REL_TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}
 
 
 def leaves(value: Any) -> list[torch.Tensor]:

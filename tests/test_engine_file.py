@@ -93,7 +93,9 @@ def test_tampered_plan_fails_integrity_check(saved, tmp_path):
     bad = tmp_path / "tampered.kiln"
 
     def change(meta):
-        meta["kiln.header"] = meta["kiln.header"].replace("aten.relu.default", "aten.gelu.default")
+        tampered = meta["kiln.header"].replace('"relu"', '"gelu"')
+        assert tampered != meta["kiln.header"], "the test must actually change the plan"
+        meta["kiln.header"] = tampered
 
     _rewrite_metadata(path, bad, change)
     with pytest.raises(kiln.EngineFileError, match="integrity check"):

@@ -143,6 +143,7 @@ def run(
     input: list[Path] = typer.Option(None, "--input", help=".npy file per input, in order (repeat)."),
     random: bool = typer.Option(False, "--random", help="Random inputs (the default when no --input)."),
     benchmark: bool = typer.Option(False, "--benchmark", help="Time the engine: median/p90 latency."),
+    profile: int = typer.Option(0, "--profile", help="Show the N slowest steps (timed one by one)."),
     iters: int = typer.Option(100, help="Timed iterations for --benchmark."),
     warmup: int = typer.Option(20, help="Untimed iterations before timing."),
     device: str = typer.Option(None, help="Device to load onto [default: the kind it was built for]."),
@@ -175,6 +176,14 @@ def run(
         table.add_row(name, str(tuple(t.shape)), str(t.dtype).removeprefix("torch."),
                       f"{f.min():.4g}", f"{f.max():.4g}", f"{f.mean():.4g}", top)
     console.print(table)
+    if profile:
+        with torch.inference_mode():
+            rows = engine.profile(*inputs)
+        prof = Table("step", "op", "kernel", "ms", "output shape", "stride", title=f"{profile} slowest steps")
+        for r in rows[:profile]:
+            prof.add_row(r["step"], r["op"], r["kernel"], f"{r['ms']:.4f}", str(r["shape"]), str(r["stride"]))
+        console.print(prof)
+        console.print(f"sum of step times: {sum(r['ms'] for r in rows):.3f} ms over {len(rows)} steps")
     if benchmark:
         with torch.inference_mode():
             lat = measure(lambda: engine(*inputs), engine.device, warmup=warmup, iters=iters)

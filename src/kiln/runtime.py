@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -55,6 +56,25 @@ class _Slot:
 
     def __init__(self, index: int):
         self.index = index
+
+
+class _StepTimer:
+    """Runs one step and returns a function giving its duration in ms (CUDA events or wall clock)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, step: _Step, vals: Vals) -> Callable[[], float]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(vals)
+            end.record()
+            return lambda: (end.synchronize(), start.elapsed_time(end))[1]
+        t0 = time.perf_counter()
+        step(vals)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        return lambda: elapsed
 
 
 def _resolve(ref: dict[str, Any], weights: dict[str, torch.Tensor]) -> Any:
@@ -153,6 +173,26 @@ class Engine:
             for slot in free:
                 vals[slot] = None
         return [self._output(ref, vals) for ref in self.plan["output_refs"]]
+
+    def profile(self, *inputs: torch.Tensor, iters: int = 10) -> list[dict[str, Any]]:
+        """Median time of every step (step by step, no CUDA graph), slowest first: where the time goes."""
+        self.check_inputs(inputs)
+        bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)]
+        timer = _StepTimer(self.device)
+        samples: list[list[float]] = [[] for _ in self._steps]
+        for _ in range(iters + 2):
+            vals: Vals = [None] * len(self.plan["slots"])
+            vals[: len(bound)] = bound
+            times = [timer(step, vals) for step in self._steps]
+            for i, t in enumerate(times):
+                samples[i].append(t())
+        rows = []
+        for step, spec, ts in zip(self._steps, self.plan["steps"], samples):
+            ts = sorted(ts[2:])
+            out = self.plan["slots"][spec["outputs"][0]] if spec["outputs"] else {}
+            rows.append({"step": step.name, "op": spec["op"], "kernel": spec["kernel"], "ms": ts[len(ts) // 2],
+                         "shape": out.get("shape"), "stride": out.get("stride")})
+        return sorted(rows, key=lambda r: -r["ms"])
 
     def _output(self, ref: Any, vals: Vals) -> Any:
         if isinstance(ref, dict) and "slot" in ref:

@@ -72,4 +72,5 @@ from kiln.passes import (  # noqa: E402,F401,I001
     horizontal,
     fuse_layer_norm,
     channels_last,
+    fuse_pointwise,
 )

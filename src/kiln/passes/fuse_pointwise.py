@@ -1,4 +1,4 @@
-"""Vertical fusion of elementwise chains into `kiln::pointwise` (seed 000, point 3).
+"""Vertical fusion of elementwise chains into `kiln::pointwise` (seed 000, point 2; seed 003).
 
 Chains such as add → relu, sigmoid → mul (SiLU, squeeze-excitation) or bias → gelu each
 read and write a whole activation per op; fused they do it once. A group is grown from an

@@ -13,274 +13,34 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import fx
 
-from kiln.errors import KilnError
 from kiln.tensorrt import api
+from kiln.tensorrt.context import (
+    ConversionContext,
+    ConversionError,
+    _State,
+    _SymSource,
+    node_source,
+    op_name,
+    trt_dtype,
+)
 from kiln.tensorrt.converters import Decline, lookup
 
 __all__ = [
-    "ConversionContext",
+    "NO_OPS",
     "ConversionError",
     "TRTNetwork",
-    "EngineBuild",
-    "build_engine",
     "build_network",
-    "partition",
-    "node_source",
+    "is_sym",
     "supported_nodes",
+    "trt_dtype",
+    "weight_nodes",
 ]
-
-
-class ConversionError(KilnError):
-    """A node could not be converted to TensorRT."""
-
-
-def node_source(node: fx.Node) -> str:
-    """'file:line in fn: code' of the model source that produced ``node``, when recorded."""
-    try:
-        from kiln.capture import source_line
-    except ImportError:  # pragma: no cover
-        return "unknown source line"
-    return source_line(node)
-
-
-def op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    return getattr(target, "__name__", str(target))
-
-
-_TORCH_TO_NP = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.bool: np.bool_,
-}
-
-
-def trt_dtype(dtype: torch.dtype) -> Any:
-    """TensorRT DataType for a torch dtype (Decline when TensorRT has none)."""
-    trt = api.trt()
-    table = {
-        torch.float32: trt.float32,
-        torch.float16: trt.float16,
-        torch.bfloat16: trt.bfloat16,
-        torch.int32: trt.int32,
-        torch.int64: trt.int64,
-        torch.int8: trt.int8,
-        torch.uint8: trt.uint8,
-        torch.bool: trt.bool,
-    }
-    if dtype not in table:
-        raise Decline(f"TensorRT has no {dtype} tensors")
-    return table[dtype]
-
-
-class _SymSource(NamedTuple):
-    tensor: Any  # ITensor
-    dim: int
-
-
-@dataclass
-class _State:
-    """Everything one network build shares across converters."""
-
-    network: Any
-    builder: Any
-    precision: torch.dtype | None
-    values: dict[fx.Node, Any] = field(default_factory=dict)
-    symbols: dict[Any, _SymSource] = field(default_factory=dict)
-    consts: dict[tuple[int, Any, tuple[int, ...]], Any] = field(default_factory=dict)
-    keepalive: list[Any] = field(default_factory=list)
-
-    def map_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        if self.precision is not None and dtype.is_floating_point:
-            return self.precision
-        return dtype
-
-
-class ConversionContext:
-    """What a converter sees: the network, the node, and its arguments.
-
-    ``args``/``kwargs`` are the node's fx arguments with each tensor-valued Node replaced by its
-    TensorRT ``ITensor`` (or a ``torch.Tensor`` when the value is a constant, e.g. a weight),
-    each symbolic size by a 1-element int64 ``ITensor``, and plain Python values unchanged.
-    """
-
-    def __init__(self, state: _State, node: fx.Node, args: tuple, kwargs: dict) -> None:
-        self._state = state
-        self.node = node
-        self.args = args
-        self.kwargs = kwargs
-        self.network = state.network
-        self.builder = state.builder
-        self.trt = api.trt()
-
-    # -- node facts ----------------------------------------------------------------------
-    @property
-    def val(self) -> Any:
-        """The node's ``meta['val']`` (FakeTensor, or a tuple of them)."""
-        return self.node.meta.get("val")
-
-    @property
-    def out_dtype(self) -> Any:
-        """TensorRT dtype of the node's (first) output, after precision mapping."""
-        val = self.val
-        if isinstance(val, (tuple, list)):
-            val = val[0]
-        return self.dtype(val.dtype)
-
-    def dtype(self, dtype: torch.dtype) -> Any:
-        """TensorRT dtype for a torch dtype, after the build's precision mapping."""
-        return trt_dtype(self._state.map_dtype(dtype))
-
-    def arg_val(self, index: int) -> Any:
-        """``meta['val']`` of positional argument ``index`` (a FakeTensor), or the value itself."""
-        arg = self.node.args[index]
-        return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
-
-    # -- tensors -------------------------------------------------------------------------
-    def is_tensor(self, x: Any) -> bool:
-        return isinstance(x, self.trt.ITensor)
-
-    def constant(self, value: Any, dtype: Any = None) -> Any:
-        """A TensorRT constant from a torch tensor, numpy array or Python scalar."""
-        trt = self.trt
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu()
-            if dtype is None:
-                dtype = self.dtype(tensor.dtype)
-        else:
-            array = np.asarray(value)
-            if dtype is None:
-                dtype = {np.dtype(np.bool_): trt.bool, np.dtype(np.int64): trt.int64}.get(array.dtype, trt.float32)
-            tensor = torch.from_numpy(array.copy())
-        key = (id(value), dtype, tuple(tensor.shape))
-        if isinstance(value, torch.Tensor) and key in self._state.consts:
-            return self._state.consts[key][1]
-        np_dtype = _trt_to_np(trt).get(dtype)
-        if np_dtype is None:  # bfloat16 and friends: store fp32, cast in the network
-            out = self.cast(self.constant(tensor.float(), trt.float32), dtype)
-        else:
-            array = tensor.to(_np_to_torch(np_dtype)).numpy().copy(order="C")
-            self._state.keepalive.append(array)
-            layer = self.network.add_constant(tuple(array.shape), trt.Weights(array))
-            out = layer.get_output(0)
-        if isinstance(value, torch.Tensor):
-            self._state.consts[key] = (value, out)  # keep value alive: its id is the key
-        return out
-
-    def tensor(self, x: Any, dtype: Any = None, rank: int | None = None) -> Any:
-        """``x`` as an ITensor: constants are added, ``dtype`` casts, ``rank`` prepends 1s."""
-        if not self.is_tensor(x):
-            if isinstance(x, (list, tuple)):
-                raise Decline(f"expected a tensor, got a {type(x).__name__}")
-            if rank is not None:
-                t = x if isinstance(x, torch.Tensor) else torch.tensor(x)
-                if t.dim() < rank:
-                    x = t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
-            x = self.constant(x, dtype)
-        if dtype is not None and x.dtype != dtype:
-            x = self.cast(x, dtype)
-        if rank is not None and len(x.shape) < rank:
-            x = self.reshape(x, [1] * (rank - len(x.shape)) + self.shape_of(x))
-        return x
-
-    def weights(self, value: Any, dtype: Any) -> Any:
-        """``trt.Weights`` holding constant ``value`` as ``dtype``; None if numpy cannot."""
-        np_dtype = _trt_to_np(self.trt).get(dtype)
-        if not isinstance(value, torch.Tensor) or np_dtype is None:
-            return None
-        array = value.detach().cpu().to(_np_to_torch(np_dtype)).numpy().copy(order="C")
-        self._state.keepalive.append(array)
-        return self.trt.Weights(array)
-
-    def cast(self, x: Any, dtype: Any) -> Any:
-        if x.dtype == dtype:
-            return x
-        return self.network.add_cast(x, dtype).get_output(0)
-
-    def shape_of(self, x: Any) -> list[Any]:
-        """Sizes of ``x``: ints where static, 1-element int64 ITensors where dynamic."""
-        return [self.dim_size(x, d) for d in range(len(x.shape))]
-
-    def reshape(self, x: Any, shape: Sequence[Any]) -> Any:
-        """Reshape to ``shape`` (ints, -1 to infer one dim, or 1-element int64 ITensors)."""
-        layer = self.network.add_shuffle(x)
-        layer.zero_is_placeholder = False
-        if any(self.is_tensor(s) for s in shape):
-            layer.set_input(1, self.shape_tensor(shape))
-        else:
-            layer.reshape_dims = tuple(int(s) for s in shape)
-        return layer.get_output(0)
-
-    def shape_tensor(self, sizes: Sequence[Any]) -> Any:
-        """A 1-D int64 shape tensor from ints and 1-element int64 ITensors."""
-        parts = []
-        for s in sizes:
-            if self.is_tensor(s):
-                s = s if tuple(s.shape) == (1,) else self.reshape(s, (1,))
-                parts.append(self.cast(s, self.trt.int64))
-            else:
-                parts.append(self.constant(np.array([int(s)], dtype=np.int64)))
-        if len(parts) == 1:
-            return parts[0]
-        return self.network.add_concatenation(parts).get_output(0)
-
-    def dim_size(self, x: Any, dim: int) -> Any:
-        """Size of ``x`` along ``dim``: an int when static, else a 1-element int64 ITensor."""
-        size = x.shape[dim]
-        if size >= 0:
-            return int(size)
-        shape = self.network.add_shape(x).get_output(0)
-        index = self.constant(np.array([dim], dtype=np.int64))
-        return self.network.add_gather(shape, index, 0).get_output(0)
-
-    def broadcast(self, *xs: Any) -> list[Any]:
-        """ITensors of equal rank (numpy broadcasting: prepend size-1 dims)."""
-        rank = max(len(x.shape) for x in xs)
-        return [self.tensor(x, rank=rank) for x in xs]
-
-    def elementwise(self, a: Any, b: Any, op: Any) -> Any:
-        a, b = self.broadcast(a, b)
-        return self.network.add_elementwise(a, b, op).get_output(0)
-
-    def unary(self, x: Any, op: Any) -> Any:
-        return self.network.add_unary(x, op).get_output(0)
-
-    def axis(self, dim: int, rank: int) -> int:
-        if not -rank <= dim < max(rank, 1):
-            raise Decline(f"dim {dim} out of range for rank {rank}")
-        return dim % rank if rank else 0
-
-    def decline(self, reason: str) -> None:
-        raise Decline(reason)
-
-
-def _np_to_torch(np_dtype: Any) -> torch.dtype:
-    return {v: k for k, v in _TORCH_TO_NP.items()}[np_dtype]
-
-
-def _trt_to_np(trt: Any) -> dict[Any, Any]:
-    return {
-        trt.float32: np.float32,
-        trt.float16: np.float16,
-        trt.int32: np.int32,
-        trt.int64: np.int64,
-        trt.int8: np.int8,
-        trt.uint8: np.uint8,
-        trt.bool: np.bool_,
-    }
-
 
 # --- walking the graph ------------------------------------------------------------------
 
@@ -317,12 +77,12 @@ def _is_symint(val: Any) -> bool:
     return isinstance(val, torch.SymInt)
 
 
-def _is_sym(val: Any) -> bool:
+def is_sym(val: Any) -> bool:
     return isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat))
 
 
 # Runtime checks torch.export leaves in the graph; TensorRT has nothing to do for them.
-_NO_OPS = {
+NO_OPS = {
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_constrain_range_for_size.default,
@@ -388,7 +148,7 @@ class _Walker:
             val = x.meta.get("val")
             if _is_symint(val):
                 return self.sym_tensor(val.node.expr, ctx)
-            if _is_sym(val):
+            if is_sym(val):
                 raise Decline(f"symbolic {type(val).__name__} input {x.name} is not supported")
             value = self.state.values.get(x)
             if isinstance(value, _Unavailable):
@@ -442,7 +202,7 @@ class _Walker:
             return
         if node.op != "call_function":
             return
-        if _is_sym(node.meta.get("val")) or node.target in _NO_OPS:
+        if is_sym(node.meta.get("val")) or node.target in NO_OPS:
             # sizes are rebuilt from input shapes where used; runtime asserts are dropped
             self.reasons[node] = None
             self.state.values[node] = None
@@ -556,7 +316,7 @@ def weight_nodes(graph: fx.Graph) -> set[fx.Node]:
         if node.op == "get_attr" or (
             node.op == "call_function"
             and all(a in out for a in node.all_input_nodes)
-            and not _is_sym(node.meta.get("val"))
+            and not is_sym(node.meta.get("val"))
             and not _seeded(node.target)
         ):
             out.add(node)
@@ -652,7 +412,7 @@ def build_network(
         elif node.op == "call_function":
             if region is None or node in region:
                 for arg in node.all_input_nodes:
-                    if arg in state.values or _is_sym(arg.meta.get("val")):
+                    if arg in state.values or is_sym(arg.meta.get("val")):
                         continue
                     if walker.weights_only(arg):  # left out of regions: recompute it here
                         walker.materialize(arg)
@@ -680,7 +440,7 @@ def _region_outputs(graph: fx.Graph, region: set[fx.Node] | None) -> list[fx.Nod
     return [
         n
         for n in ordered
-        if any(u not in region and u.target not in _NO_OPS for u in n.users)
+        if any(u not in region and u.target not in NO_OPS for u in n.users)
         and isinstance(n.meta.get("val"), torch.Tensor)
     ]
 
@@ -709,177 +469,3 @@ def _mark_outputs(walker: _Walker, out_nodes: list[fx.Node]) -> list[str]:
         marked[id(value)] = name
         names.append(name)
     return names
-
-
-# --- partitioning -----------------------------------------------------------------------
-
-
-def partition(
-    graph_module: fx.GraphModule,
-    precision: torch.dtype | None = None,
-    supported: dict[fx.Node, str | None] | None = None,
-) -> list[list[fx.Node]]:
-    """Group supported call_function nodes into regions, each to become one TensorRT engine.
-
-    Two supported nodes share a region when an edge of supported nodes joins them and they
-    depend on the same set of unsupported nodes. That rule can never create a cycle: a path
-    that leaves a region through an unsupported node U and comes back would make U an
-    ancestor of the re-entry node but not of the exit node, so their sets would differ.
-    Nodes computed from weights alone and symbolic sizes are left out: each region's
-    network recomputes them. Regions are listed in graph order, nodes in graph order.
-    """
-    if supported is None:
-        supported = supported_nodes(graph_module, precision)
-    nodes = list(graph_module.graph.nodes)
-    constant = weight_nodes(graph_module.graph)
-    blockers: dict[fx.Node, frozenset[fx.Node]] = {}
-    for node in nodes:
-        inputs = node.all_input_nodes
-        below: frozenset[fx.Node] = frozenset().union(*(blockers[a] for a in inputs))
-        if node.op == "call_function" and supported.get(node, "") is not None:
-            below = below | {node}
-        blockers[node] = below
-
-    def member(node: fx.Node) -> bool:
-        return (
-            node.op == "call_function"
-            and supported.get(node, "") is None
-            and node not in constant
-            and not _is_sym(node.meta.get("val"))
-            and node.target not in _NO_OPS
-        )
-
-    parent: dict[fx.Node, fx.Node] = {n: n for n in nodes if member(n)}
-
-    def find(n: fx.Node) -> fx.Node:
-        while parent[n] is not n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    for node in parent:
-        for arg in node.all_input_nodes:
-            if arg in parent and blockers[arg] == blockers[node]:
-                parent[find(node)] = find(arg)
-    groups: dict[fx.Node, list[fx.Node]] = {}
-    for node in nodes:
-        if node in parent:
-            groups.setdefault(find(node), []).append(node)
-    return list(groups.values())
-
-
-# --- engines ----------------------------------------------------------------------------
-
-
-@dataclass
-class EngineBuild:
-    """A serialized TensorRT engine and how it was built."""
-
-    serialized: bytes
-    seconds: float
-    inputs: list[str]
-    outputs: list[str]
-    notes: list[str]
-
-
-ShapeRange = tuple[Sequence[int], Sequence[int], Sequence[int]]
-
-
-def build_engine(
-    net: TRTNetwork,
-    *,
-    batch: tuple[int, int, int] | None = None,
-    shapes: dict[str, ShapeRange] | None = None,
-    timing_cache: str | None = None,
-    optimization_level: int | None = None,
-    workspace_bytes: int | None = None,
-) -> EngineBuild:
-    """Build and serialize an engine for ``net`` (works without a GPU for TensorRT-RTX).
-
-    Dynamic input dims need an optimization profile: ``shapes`` gives (min, opt, max) shapes
-    per input name; ``batch=(min, opt, max)`` is the shorthand that sets the graph's one
-    symbolic size (the batch of a graph exported with a dynamic dim 0; inputs of a region
-    whose dim 0 is e.g. batch*heads follow from it). ``timing_cache`` is a file read before
-    and written after the build so later builds reuse tactic timings (TensorRT only:
-    TensorRT-RTX has no timing cache and picks kernels at run time, so the option is noted
-    and skipped there).
-    """
-    import time
-    from pathlib import Path
-
-    trt = api.trt()
-    builder, network = net.builder, net.network
-    config = builder.create_builder_config()
-    notes: list[str] = []
-    if optimization_level is not None:
-        config.builder_optimization_level = int(optimization_level)
-    if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    profile = _profile(builder, net, batch, shapes or {})
-    if profile is not None:
-        config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        if api.flavor() == "tensorrt-rtx":
-            notes.append("timing cache skipped: TensorRT-RTX has none (kernels chosen at run time)")
-        else:
-            path = Path(timing_cache)
-            data = path.read_bytes() if path.is_file() else b""
-            cache = config.create_timing_cache(data)
-            config.set_timing_cache(cache, False)
-            notes.append(f"timing cache {'reused' if data else 'created'}: {path}")
-    start = time.perf_counter()
-    with api.capture_log() as log:
-        serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        errors = [m for level, m in log if level in ("error", "internal_error")]
-        raise ConversionError(
-            f"{api.flavor()} {api.version()} could not build the engine:\n  "
-            + "\n  ".join(errors[-10:] or ["(no error logged)"])
-        )
-    if cache is not None and timing_cache is not None:
-        Path(timing_cache).write_bytes(bytes(memoryview(cache.serialize())))
-    return EngineBuild(bytes(memoryview(serialized)), seconds, net.inputs, net.outputs, notes)
-
-
-def _profile(builder: Any, net: TRTNetwork, batch: Any, shapes: dict[str, ShapeRange]) -> Any:
-    network = net.network
-    dynamic = []
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        if any(d < 0 for d in tensor.shape):
-            dynamic.append(tensor)
-    if not dynamic:
-        return None
-    vals = {n.name: n.meta.get("val") for n in net.input_nodes}
-    symbols = {
-        d.node.expr
-        for v in vals.values()
-        if isinstance(v, torch.Tensor)
-        for d in v.shape
-        if isinstance(d, torch.SymInt)
-    }
-    free = set().union(*(e.free_symbols for e in symbols)) if symbols else set()
-    profile = builder.create_optimization_profile()
-    for tensor in dynamic:
-        dims = tuple(tensor.shape)
-        val = vals.get(tensor.name)
-        if tensor.name in shapes:
-            low, opt, high = (tuple(int(d) for d in s) for s in shapes[tensor.name])
-        elif batch is not None and len(free) == 1 and isinstance(val, torch.Tensor):
-            (symbol,) = free
-            low, opt, high = (
-                tuple(int(d.node.expr.subs(symbol, b)) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
-                for b in batch
-            )
-        elif batch is not None and all(d >= 0 for d in dims[1:]):
-            low, opt, high = ((int(b), *dims[1:]) for b in batch)
-        else:
-            raise ConversionError(
-                f"network input {tensor.name} has dynamic shape {dims}: pass "
-                "shapes={name: (min, opt, max)} to build_engine (batch=(min, opt, max) "
-                "works when the graph has a single symbolic size)"
-            )
-        profile.set_shape(tensor.name, low, opt, high)
-    return profile
