@@ -215,3 +215,90 @@ def test_channels_last_converts_input_and_weights_once():
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
     cpu, _ = run_passes(before, ["channels_last"])
     assert "aten.clone.default" not in _ops(cpu), "CPU graphs keep their layout"
+
+
+def test_batched_weight_matmul_becomes_one_gemm():
+    class BatchFirstAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(3, 5, 16)
+    before = _capture(BatchFirstAttention(), x)
+    after, _ = run_passes(before, ["batched_weight_matmul"])
+    assert "aten.bmm.default" in _ops(before) and "aten.bmm.default" not in _ops(after)
+    assert "aten.addmm.default" in _ops(after), "the in-projection bias joins the GEMM"
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_skips_models_that_are_mostly_matmuls():
+    from kiln.passes.channels_last import is_convolutional
+
+    assert is_convolutional(_capture(ConvBlock(), torch.randn(2, 4, 8, 8)))
+
+    class PatchThenLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 4, stride=4)
+            self.mlp = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+
+        def forward(self, x):
+            return self.mlp(self.patch(x).flatten(2).transpose(1, 2))
+
+    graph, _ = run_passes(_capture(PatchThenLinears(), torch.randn(2, 3, 8, 8)), ["constant_fold", "fuse_linear"])
+    assert not is_convolutional(graph)
+
+
+class ThreeProjections(nn.Module):
+    def __init__(self, widths=(8, 8, 8), act=False):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(8, w) for w in widths)
+        self.act = act
+
+    def forward(self, x):
+        outs = [p(x) for p in self.proj]
+        if self.act:
+            outs = [torch.relu(o) for o in outs]
+        return outs[0].sum(-1) + outs[1].sum(-1) * outs[2].sum(-1)
+
+
+@pytest.mark.parametrize("widths, act, wide_op", [
+    ((8, 8, 8), False, "aten.baddbmm.default"),  # equal widths: one batched GEMM, dense slices
+    ((8, 4, 6), False, "kiln.linear_act.default"),  # mixed widths: one wide GEMM split in columns
+    ((8, 8, 8), True, "kiln.linear_act.default"),
+])
+def test_horizontal_fuse_merges_sibling_linears(widths, act, wide_op):
+    x = torch.randn(5, 8)
+    before, _ = run_passes(_capture(ThreeProjections(widths, act), x), ["constant_fold", "fuse_linear"])
+    after, _ = run_passes(before, ["horizontal_fuse"])
+    assert _ops(before).count("kiln.linear_act.default") == 3
+    assert _ops(after).count("kiln.linear_act.default") == (1 if wide_op.startswith("kiln") else 0)
+    assert wide_op in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, keep_all: bool):
+        super().__init__()
+        self.keep_all = keep_all
+
+    def forward(self, q):
+        n = q.shape[-2]
+        positions = torch.arange(n, device=q.device)
+        limit = n if self.keep_all else n // 2
+        mask = (positions < limit).expand(n, n)  # a constant at build time
+        return nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("keep_all", [True, False])
+def test_trivial_attention_masks_are_dropped(keep_all):
+    q = torch.randn(2, 2, 6, 4)
+    before, _ = run_passes(_capture(MaskedAttention(keep_all), q), ["constant_fold"])
+    after, _ = run_passes(before, ["drop_trivial_attention_mask"])
+    sdpa = next(n for n in after.module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
+    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    assert (mask is None) == keep_all, "only a mask that masks nothing may go"
+    torch.testing.assert_close(after.run(q), before.run(q), atol=1e-5, rtol=1e-5)

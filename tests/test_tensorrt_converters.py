@@ -7,6 +7,7 @@ runs on: those tests are marked ``gpu`` and skip otherwise.
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,35 @@ def _kiln_op_cases() -> list[Case]:
         Case("kiln_conv_bias_act", conv, (r(1, 3, 6, 6), r(1, 8, 6, 6)), [kiln.conv_bias_act.default]),
         Case("kiln_linear_act", linear, (r(5, 6),), [kiln.linear_act.default]),
         Case("kiln_add_layer_norm", add_ln, (r(2, 3, 6), r(2, 3, 6)), [kiln.add_layer_norm.default]),
+        *_pointwise_cases(),
+    ]
+
+
+def _pointwise_cases() -> list[Case]:
+    """kiln::pointwise programs (what the pointwise fusion pass produces), every op kind."""
+    try:
+        import kiln.pointwise  # noqa: F401 - registers torch.ops.kiln.pointwise
+    except ImportError:
+        return []
+    floats = json.dumps({"kiln_pointwise": 1, "inputs": 2, "body": [
+        ["mul", 0, {"const": 2.0}], ["sigmoid", 1], ["add", 2, 3], ["silu", 4],
+        ["clamp", 5, {"const": -1.0}, {"const": 1.5}], ["hardswish", 6], ["abs", 0], ["add", 8, {"const": 1.0}],
+        ["rsqrt", 9], ["mul", 7, 10], ["gelu_tanh", 11], ["maximum", 12, {"const": -0.05}], ["tanh", 13],
+    ]})  # fmt: skip
+    logic = json.dumps({"kiln_pointwise": 1, "inputs": 2, "body": [
+        ["gt", 0, {"const": 0.0}], ["eq", 1, {"const": 2}], ["or", 2, 3], ["not", 4],
+        ["cast", 1, {"dtype": "float32"}], ["where", 5, 6, {"const": -1.0}], ["le", 0, 7], ["and", 8, 5],
+        ["where", 9, 0, 7], ["div", 1, {"const": 2}], ["add", 10, 11], ["exp", 12], ["log", 13], ["erf", 14],
+    ]})  # fmt: skip
+    pointwise = torch.ops.kiln.pointwise
+    return [
+        Case(
+            "kiln_pointwise_floats",
+            Fn(lambda x, g: pointwise([x, g], floats)),
+            (r(2, 3, 4), r(2, 3, 1)),
+            [pointwise.default],
+        ),
+        Case("kiln_pointwise_logic", Fn(lambda x, i: pointwise([x, i], logic)), (r(3, 4), ids(3, 4, high=4))),
     ]
 
 
@@ -257,6 +287,7 @@ def test_zoo_core_aten_ops_have_converters() -> None:
         aten.add.Tensor,
         aten.addmm.default,
         aten.any.dim,
+        aten.baddbmm.default,  # horizontal fusion of equal-width linears with biases
         aten.arange.start_step,
         aten.avg_pool2d.default,
         aten.bitwise_and.Tensor,
@@ -294,6 +325,7 @@ def test_zoo_core_aten_ops_have_converters() -> None:
         "kiln::conv_bias_act",
         "kiln::linear_act",
         "kiln::add_layer_norm",
+        "kiln::pointwise",
     ]
     # full, scalar_tensor and static arange take no tensors: they are folded into constants.
     assert [op for op in zoo_ops if kt.lookup(op) is None] == []
@@ -313,6 +345,28 @@ def test_resnet18_converts_fully_and_builds() -> None:
     assert tuple(net.network.get_output(0).shape) == (1, 1000)
     built = kt.build_engine(net)
     assert len(built.serialized) > 40 << 20  # 11.7 M fp32 weights
+
+
+def _traced(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.fx.GraphModule:
+    """An FX graph of ATen calls as written (capture would decompose some of them), with shapes."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = torch.fx.symbolic_trace(fn)
+    FakeTensorProp(gm).propagate(*inputs)
+    return gm
+
+
+def _baddbmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # kiln's horizontal fusion turns equal-width sibling linears with biases into one baddbmm
+    return aten.add.Tensor(aten.baddbmm.default(c, a, b), aten.baddbmm.default(c, a, b, beta=0.5, alpha=2.0))
+
+
+def test_baddbmm_from_horizontal_fusion_converts() -> None:
+    gm = _traced(_baddbmm, r(3, 1, 5), r(3, 4, 6), r(3, 6, 5))
+    assert {n.name: r for n, r in kt.supported_nodes(gm).items() if r} == {}
+    net = kt.build_network(gm)
+    assert tuple(net.network.get_output(0).shape) == (3, 4, 5)
+    assert kt.build_engine(net).serialized
 
 
 def test_precision_override_keeps_io_dtypes() -> None:
@@ -460,7 +514,7 @@ def test_user_converter_overrides_and_declines() -> None:
     finally:
         kt.unregister(relu_as_clip)
         kt.unregister(no_add)
-    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.converters"
+    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.ops"
 
 
 def test_conversion_error_names_op_node_and_source_line() -> None:
@@ -561,3 +615,12 @@ def test_resnet18_engine_matches_pytorch_on_gpu() -> None:
     gm = capture(model, (x,), device=CPU).module
     net = kt.build_network(gm)
     _compare(model, (x,), gm, net, kt.build_engine(net))
+
+
+@pytest.mark.gpu
+def test_baddbmm_numerics_on_gpu() -> None:
+    _runtime_or_skip()
+    inputs = (r(3, 1, 5), r(3, 4, 6), r(3, 6, 5))
+    gm = _traced(_baddbmm, *inputs)
+    net = kt.build_network(gm)
+    _compare(Fn(_baddbmm), inputs, gm, net, kt.build_engine(net))

@@ -259,9 +259,11 @@ def _images(batch: int, shape: Shape, generator: torch.Generator) -> Inputs:
 
 
 def _token_inputs(batch: int, seq: int, vocab: int, generator: torch.Generator) -> Inputs:
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator, device="cpu")
-    attention_mask = torch.ones((batch, seq), dtype=torch.int64, device="cpu")
-    return input_ids, attention_mask
+    """Token ids only: unpadded sequences. An all-ones attention_mask changes nothing, and
+    eager transformers drops one at run time (a data-dependent check an exported graph
+    cannot make), so passing it would compare eager and engines on different kernels.
+    Models that need padding masks take them as a second input (see tests/test_zoo.py)."""
+    return (torch.randint(0, vocab, (batch, seq), generator=generator, device="cpu"),)
 
 
 # --- torchvision ----------------------------------------------------------------------

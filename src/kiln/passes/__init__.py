@@ -65,7 +65,9 @@ def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[Ca
 # Registration order is the default pass order.
 from kiln.passes import (  # noqa: E402,F401,I001
     dead_code,
+    batched_weight_matmul,
     constant_fold,
+    attention_mask,
     fold_batchnorm,
     fuse_conv,
     fuse_linear,

@@ -15,6 +15,19 @@ CONVS = (aten.convolution.default, torch.ops.kiln.conv_bias_act.default)
 LAYOUT_BOUND_VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
+HEAVY = (
+    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.scaled_dot_product_attention.default,
+    torch.ops.kiln.linear_act.default,
+)
+
+
+def is_convolutional(graph: CapturedGraph) -> bool:
+    """Mostly convolutions among the heavy ops (a ViT's one patch convolution does not count)."""
+    convs = sum(1 for n in op_nodes(graph, *CONVS) if n.args[1].meta["val"].dim() == 4)
+    others = sum(1 for _ in op_nodes(graph, *HEAVY))
+    return convs > 0 and convs >= others
+
+
 def to_channels_last(graph: CapturedGraph) -> CapturedGraph:
     convs = [n for n in op_nodes(graph, *CONVS) if n.args[1].meta["val"].dim() == 4]
     if not convs:
@@ -38,7 +51,7 @@ def to_channels_last(graph: CapturedGraph) -> CapturedGraph:
 
 @register_pass("channels_last")
 def channels_last(graph: CapturedGraph) -> CapturedGraph:
-    """Convert convolutional graphs to channels_last on CUDA (CPU graphs are left as they are)."""
-    if graph.device.type != "cuda":
+    """Convert convolutional graphs to channels_last on CUDA (CPU graphs keep their layout)."""
+    if graph.device.type != "cuda" or not is_convolutional(graph):
         return graph
     return to_channels_last(graph)

@@ -1,6 +1,6 @@
 """Horizontal fusion (seed 000's "aggregation"): sibling linear layers that read the same
-tensor (attention's Q/K/V projections) become one wider GEMM whose result is split into
-views — one kernel launch and one read of the input instead of several."""
+tensor (attention's Q/K/V projections) become one GEMM launch whose result is split into
+views — one kernel and one read of the input instead of several."""
 
 from __future__ import annotations
 
@@ -30,25 +30,39 @@ def _groups(graph: CapturedGraph) -> list[list[fx.Node]]:
 
 
 def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
+    """Equal widths: one batched GEMM, [G, M, N], whose slices stay dense (fused attention
+    kernels want dense Q, K and V). Mixed widths: one wide GEMM split into column views."""
     g = graph.module.graph
-    first = min(siblings, key=lambda n: list(g.nodes).index(n))
-    x, _, has_no_bias, act = first.args[0], None, first.args[2] is None, first.args[3]
+    order = {n: i for i, n in enumerate(g.nodes)}
+    first = min(siblings, key=order.get)
+    x, _, bias, act = first.args
     widths = [n.args[1].meta["val"].shape[1] for n in siblings]
     dtype = first.meta["val"].dtype
-    w = add_weight(graph, "hfused_weight", torch.cat([weight(graph, n.args[1]) for n in siblings], 1), first, dtype)
-    b = None
-    if not has_no_bias:
-        b = add_weight(graph, "hfused_bias", torch.cat([weight(graph, n.args[2]) for n in siblings]), first, dtype)
+    weights = [weight(graph, n.args[1]) for n in siblings]
+    biases = None if bias is None else [weight(graph, n.args[2]) for n in siblings]
+    m, k = x.meta["val"].shape
     with g.inserting_before(first):
-        wide = g.call_function(LINEAR, (x, w, b, act))
-        parts = g.call_function(aten.split_with_sizes.default, (wide, widths, 1))
-    wide.meta["stack_trace"] = first.meta.get("stack_trace")
-    infer_meta(wide)
-    infer_meta(parts)
-    for i, node in enumerate(siblings):
-        with g.inserting_before(first):
-            part = g.call_function(operator.getitem, (parts, i))
-        infer_meta(part)
+        if len(set(widths)) == 1 and act == "none":
+            w = add_weight(graph, "hfused_weight", torch.stack(weights), first, dtype)
+            batched_x = g.call_function(aten.expand.default, (x, [len(siblings), m, k]))
+            if biases is None:
+                wide = g.call_function(aten.bmm.default, (batched_x, w))
+            else:
+                b = add_weight(graph, "hfused_bias", torch.stack(biases).unsqueeze(1), first, dtype)
+                wide = g.call_function(aten.baddbmm.default, (b, batched_x, w))
+            new_nodes = [batched_x, wide]
+            parts = [g.call_function(aten.select.int, (wide, 0, i)) for i in range(len(siblings))]
+        else:
+            w = add_weight(graph, "hfused_weight", torch.cat(weights, 1), first, dtype)
+            b = None if biases is None else add_weight(graph, "hfused_bias", torch.cat(biases), first, dtype)
+            wide = g.call_function(LINEAR, (x, w, b, act))
+            split = g.call_function(aten.split_with_sizes.default, (wide, widths, 1))
+            new_nodes = [wide, split]
+            parts = [g.call_function(operator.getitem, (split, i)) for i in range(len(siblings))]
+    for node in new_nodes + parts:
+        node.meta["stack_trace"] = first.meta.get("stack_trace")
+        infer_meta(node)
+    for node, part in zip(siblings, parts):
         node.replace_all_uses_with(part)
         for user in part.users:  # a column slice is not contiguous: views become reshapes
             if user.target in VIEWS:

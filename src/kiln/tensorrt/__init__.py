@@ -8,7 +8,7 @@ Modules (names below are importable from ``kiln.tensorrt`` itself, loaded on fir
 that the run side, ``kiln.tensorrt.region`` and ``kiln.tensorrt.engine``, stays light):
 
 - ``api``: which TensorRT is installed, whether it runs here, its logger
-- ``converters``: the converter registry; ``ops`` and ``kiln_ops`` hold the built-in converters
+- ``converters``: the converter registry; ``ops``, ``kiln_ops``, ``pointwise``: built-in converters
 - ``context``: ``ConversionContext``, what a converter sees
 - ``network``: FX graph → TensorRT network (``build_network``, ``supported_nodes``)
 - ``build``: network → serialized engine (``build_engine``)
@@ -43,13 +43,40 @@ _EXPORTS = {
     "EngineBuild": "build",
     "build_engine": "build",
     "IncompleteConversionError": "partition",
-    "partition": "partition",
+    "find_regions": "partition",
     "partition_graph": "partition",
     "RegionRuntimeError": "region",
     "RegionSpec": "region",
 }
 
-__all__ = sorted(_EXPORTS)
+# ``partition`` is the module kiln.tensorrt.partition, callable as the grouping function find_regions.
+__all__ = [
+    "ConversionContext",
+    "ConversionError",
+    "Decline",
+    "EngineBuild",
+    "IncompleteConversionError",
+    "RegionRuntimeError",
+    "RegionSpec",
+    "Rejection",
+    "TRTNetwork",
+    "TensorRTUnavailable",
+    "available",
+    "build_engine",
+    "build_network",
+    "converter",
+    "find_regions",
+    "flavor",
+    "lookup",
+    "partition",
+    "partition_graph",
+    "registered",
+    "runtime_usable",
+    "supported_nodes",
+    "trt_check",
+    "unregister",
+    "version",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -58,6 +85,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
         globals()[name] = value
         return value
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
         return importlib.import_module(f"{__name__}.{name}")  # a submodule: kiln.tensorrt.network
     except ModuleNotFoundError as exc:
@@ -77,5 +106,5 @@ if TYPE_CHECKING:
     from kiln.tensorrt.context import ConversionContext, ConversionError
     from kiln.tensorrt.converters import Decline, converter, lookup, registered, unregister
     from kiln.tensorrt.network import TRTNetwork, build_network, supported_nodes
-    from kiln.tensorrt.partition import IncompleteConversionError, partition, partition_graph
+    from kiln.tensorrt.partition import IncompleteConversionError, find_regions, partition_graph
     from kiln.tensorrt.region import RegionRuntimeError, RegionSpec

@@ -11,7 +11,8 @@ on kiln's own kernels. Keys are OpOverloads (``aten.add.Tensor``), OpOverloadPac
 (``aten.add``: every overload), Python callables (``operator.getitem``) or qualified names
 (``"kiln::conv_bias_act"``, for ops registered later). The latest registration wins.
 The built-in converters live in ``kiln.tensorrt.ops`` (core ATen ops of the zoo) and
-``kiln.tensorrt.kiln_ops`` (kiln's fused ops); importing this module registers them.
+``kiln.tensorrt.kiln_ops`` and ``kiln.tensorrt.pointwise`` (kiln's fused ops); importing this
+module registers them.
 """
 
 from __future__ import annotations
@@ -102,4 +103,4 @@ def registered() -> dict[str, str]:
 
 
 # Registers the built-in converters (they import the registry above).
-from kiln.tensorrt import kiln_ops, ops  # noqa: E402,F401,I001
+from kiln.tensorrt import kiln_ops, ops, pointwise  # noqa: E402,F401,I001

@@ -167,7 +167,7 @@ def runner_for(engine: torch.Tensor, spec_text: str, device: torch.device) -> Re
         return entry[2]
     spec = parse_spec(spec_text)
     check_runnable(device, spec)
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("a TensorRT region must run once before CUDA graph capture (it loads its engine then)")
     if engine.dtype != torch.uint8 or engine.dim() != 1:
         shape = tuple(engine.shape)

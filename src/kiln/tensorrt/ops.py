@@ -699,8 +699,9 @@ def _mm(ctx: ConversionContext) -> Any:
     return matmul(ctx, ctx.args[0], ctx.args[1])
 
 
-@converter(aten.addmm.default)
+@converter(aten.addmm.default, aten.baddbmm.default)
 def _addmm(ctx: ConversionContext) -> Any:
+    """beta * bias + alpha * (a @ b), 2-D (addmm) or batched (baddbmm, e.g. horizontally fused linears)."""
     bias, a, b = ctx.args[:3]
     beta, alpha = ctx.kwargs.get("beta", 1), ctx.kwargs.get("alpha", 1)
     y = matmul(ctx, a, b)
