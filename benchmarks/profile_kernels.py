@@ -23,7 +23,7 @@ def top_kernels(fn, rows: int) -> str:
         for _ in range(10):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
 def main() -> None:
