@@ -20,10 +20,11 @@ if [[ -n "${MODELS:-}" ]]; then
   args+=(--models "$MODELS")
 fi
 
-python -c "import torch, sys; torch.cuda.is_available() or sys.exit(
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c "import torch, sys; torch.cuda.is_available() or sys.exit(
     'no CUDA GPU: the zoo table is a GPU benchmark (set ALLOW_CPU=1 to run anyway)')" \
   || [[ -n "${ALLOW_CPU:-}" ]]
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
-python -m kiln.bench_cli bench "${args[@]}" "$@"
+"$PYTHON" -m kiln.bench_cli bench "${args[@]}" "$@"
 echo "wrote $out_dir/zoo_table.md, .json and .png"
