@@ -20,6 +20,7 @@ import kiln
 from kiln.kernels import get_kernel
 
 REL_TOL = 2e-2  # a candidate farther than this from the reference kernel is rejected
+REFERENCE_PROVIDERS = ("aten", "reference")
 
 
 def default_cache_path() -> Path:
@@ -108,7 +109,7 @@ def tune_node(
 ) -> dict[str, float]:
     """Milliseconds per candidate; a candidate that fails or disagrees gets no entry."""
     args, kwargs = materialize(node, module, device)
-    reference = names[-1]  # candidates come preferred first; reference kernels sort last
+    reference = next((n for n in names if get_kernel(n).provider in REFERENCE_PROVIDERS), names[-1])
     fns = {name: get_kernel(name).make(op, None) for name in names}
     with torch.inference_mode():
         expected = _first(fns[reference](args, kwargs, [])).float()

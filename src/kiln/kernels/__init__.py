@@ -109,4 +109,6 @@ def op_name(op: torch._ops.OpOverload) -> str:
     return f"{op.namespace}.{op._schema.name.split('::')[-1]}.{op._overloadname}"
 
 
-from kiln.kernels import aten, cublas, cudnn, reference, tensorrt, triton_layer_norm, triton_pointwise  # noqa: E402,F401,I001
+from kiln.kernels import (  # noqa: E402,F401,I001  (each registers its kernels)
+    aten, attention, cublas, cudnn, reference, tensorrt, triton_layer_norm, triton_pointwise,
+)

@@ -1,0 +1,40 @@
+"""scaled_dot_product_attention with each of PyTorch's fused backends pinned: flash,
+memory-efficient and cuDNN attention. Which is fastest depends on the GPU, the shapes and
+whether there is a mask, so the build times them (kiln.tune) instead of guessing."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+
+SDPA = "aten.scaled_dot_product_attention.default"
+BACKENDS = {
+    "sdpa.flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa.efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa.cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+
+
+def _on_cuda(call: OpCall) -> bool:
+    q = call.inputs[0]
+    return call.device_type == "cuda" and q is not None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _register(name: str, backend: SDPBackend) -> None:
+    # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
+    @register_kernel(name, provider="torch", implements=lambda op: op == SDPA, supports=_on_cuda,
+                     writes_planned_outputs=False, priority=-2)
+    def make(op_name: str, out: OutVariant | None) -> StepFn:
+        def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
+
+        return run
+
+    make.__doc__ = f"scaled_dot_product_attention on the {backend.name} backend only."
+
+
+for _name, _backend in BACKENDS.items():
+    _register(_name, _backend)
