@@ -289,14 +289,16 @@ class MaskedAttention(nn.Module):
         n = q.shape[-2]
         positions = torch.arange(n, device=q.device)
         limit = n if self.keep_all else n // 2
-        mask = (positions < limit).expand(n, n)  # a constant at build time
+        mask = (positions < limit).expand(q.shape[0], 1, n, n)  # a constant at build time, expanded
         return nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
 
 @pytest.mark.parametrize("keep_all", [True, False])
 def test_trivial_attention_masks_are_dropped(keep_all):
-    q = torch.randn(2, 2, 6, 4)
+    q = torch.randn(2, 2, 300, 4)  # a mask too large to fold into a constant once expanded
     before, _ = run_passes(_capture(MaskedAttention(keep_all), q), ["constant_fold"])
+    if keep_all:
+        assert any(n.target == torch.ops.aten.expand.default for n in before.module.graph.nodes)
     after, _ = run_passes(before, ["drop_trivial_attention_mask"])
     sdpa = next(n for n in after.module.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
     mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")

@@ -13,9 +13,15 @@ from kiln.passes import register_pass
 from kiln.passes.util import aten, finish, op_nodes
 
 SDPA = aten.scaled_dot_product_attention.default
+# Views that only repeat or rearrange values: "masks nothing" holds through them. (An
+# expanded mask is not folded into a constant when large, so look through the expand.)
+SAME_VALUES = (aten.expand.default, aten.view.default, aten.unsqueeze.default, aten.reshape.default,
+               aten.permute.default, aten._unsafe_view.default)
 
 
 def _masks_nothing(graph: CapturedGraph, mask: object) -> bool:
+    while isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target in SAME_VALUES:
+        mask = mask.args[0]
     if not isinstance(mask, fx.Node) or mask.op != "get_attr":
         return False
     value = getattr(graph.module, mask.target)
