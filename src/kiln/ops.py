@@ -74,7 +74,14 @@ def linear_act(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | Non
 def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layer_norm(x + residual) over the last dim, x + residual)."""
-    s = x if residual is None else x + residual
-    out = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    return out, s.clone() if residual is None else s
+    """(layer_norm(x + residual) over the last dim, x + residual), both contiguous.
+
+    The sum is written contiguous whatever the inputs' layouts: it is the residual stream
+    every later block reads, and a transposed sum (attention computed sequence-first)
+    would make every later add and norm run on strided memory."""
+    if residual is None:
+        s = x.clone(memory_format=torch.contiguous_format)
+    else:
+        s = torch.empty(x.shape, dtype=torch.result_type(x, residual), device=x.device)
+        torch.add(x, residual, out=s)
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
