@@ -229,10 +229,17 @@ def inspect(
     console.print(
         f"memory plan: arena [bold]{m['arena_bytes'] / 2**20:.2f} MiB[/] for "
         f"{m['planned_buffers']} buffers totalling {m['activation_bytes'] / 2**20:.2f} MiB of activations "
-        f"({m['reuse_ratio']}x reuse; peak live {m['peak_live_bytes'] / 2**20:.2f} MiB; "
+        f"({m['reuse_ratio'] or '-'}x reuse; peak live {m['peak_live_bytes'] / 2**20:.2f} MiB; "
         f"{m['heap_bytes'] / 2**20:.2f} MiB allocated by ops outside the arena)"
     )
     b = info["build"]
+    t = b.get("tensorrt")
+    if t:
+        outside = "".join(f"\n  - {o['op']} at {o['source']}: {o['reason']}" for o in t["outside"])
+        console.print(
+            f"tensorrt: {t['flavor']} {t['version']}, {len(t['regions'])} region(s), "
+            f"{t['ops_converted']}/{t['ops_total']} ops; {len(t['outside'])} op(s) on kiln's kernels{outside}"
+        )
     passes = " → ".join(f"{p['pass']} ({p['ops']} ops)" for p in b.get("passes", []))
     console.print(
         f"build: kiln {b['kiln_version']}, torch {b['torch_version']}, {b['device_name']} "
