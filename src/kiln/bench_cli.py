@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from kiln.cli_common import console, fail
 
 
 def _csv(text: str | None) -> list[str]:
@@ -50,9 +48,6 @@ def _peer_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _fail(exc: BaseException) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}")
-    return typer.Exit(1)
 
 
 # --- kiln bench -----------------------------------------------------------------------------
@@ -110,7 +105,7 @@ def bench_command(
     try:
         report = bench.bench_model(target, settings, on_result=_progress)
     except (KilnError, ValueError, OSError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(result_table(report))
     for line in _footer(report):
         console.print(line)
@@ -203,7 +198,7 @@ def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -
     try:
         zoo_report = bench.bench_zoo(names, settings, on_model=on_model)
     except (KilnError, ValueError, OSError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     header, rows = bench.zoo_rows(zoo_report)
     table = Table(title="kiln zoo benchmark", caption=zoo_report.environment.line())
     table.add_column(header[0], overflow="fold")
@@ -243,7 +238,7 @@ def predict_command(
     try:
         report = predict(target, specs, topk=topk, precision=precision, device=device, seed=seed)
     except (KilnError, ValueError, OSError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for line in predict_lines(report):
         console.print(line)
     for result in report.images:

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from kiln.cli_common import console, fail, parse_shape
 
 app = typer.Typer(
     help="kiln: build a PyTorch model into an inference engine file and run it fast.",
@@ -21,17 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err = Console(stderr=True)
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a shape like 3,224,224") from None
 
 
 class _StageDisplay:
@@ -45,9 +36,6 @@ class _StageDisplay:
         console.print(f"  [green]✓[/] {name:<16} {time.perf_counter() - t0:7.2f} s")
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(1)
 
 
 @app.command()
@@ -71,9 +59,9 @@ def build(
     from kiln.errors import KilnError, KilnWarning
 
     try:
-        entry = zoo.resolve(model, batch=batch, input_shape=_shape(input_shape))
+        entry = zoo.resolve(model, batch=batch, input_shape=parse_shape(input_shape))
     except (KilnError, ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if not entry.pretrained:
         console.print(f"[yellow]note:[/] {entry.note}")
     if device is None and not torch.cuda.is_available():
@@ -92,7 +80,7 @@ def build(
             with display.stage("write"):
                 engine.save(target)
         except (KilnError, ValueError) as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
     for w in caught:
         if issubclass(w.category, KilnWarning):
             console.print(f"[yellow]note:[/] {w.message}")
@@ -162,7 +150,7 @@ def run(
         with torch.inference_mode():
             result = engine(*inputs)
     except (KilnError, ValueError, OSError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(engine.summary())
     table = Table("output", "shape", "dtype", "min", "max", "mean", "top-5 (last dim)")
     for name, t in _leaves(result):
@@ -209,7 +197,7 @@ def inspect(
     try:
         info = describe(load(engine_path, device=device))
     except KilnError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         print(json.dumps(info, indent=2))
         return

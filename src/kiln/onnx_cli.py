@@ -11,26 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a shape like 3,224,224") from None
-
-
-def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(code)
+from kiln.cli_common import console, fail, parse_shape
 
 
 def _resolve(model: str, batch: int, input_shape: str | None) -> Any:
@@ -38,9 +22,9 @@ def _resolve(model: str, batch: int, input_shape: str | None) -> Any:
     from kiln.errors import KilnError
 
     try:
-        entry = zoo.resolve(model, batch=batch, input_shape=_shape(input_shape))
+        entry = zoo.resolve(model, batch=batch, input_shape=parse_shape(input_shape))
     except (KilnError, ValueError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if getattr(entry, "note", None):
         console.print(f"[yellow]note:[/] {entry.note}")
     return entry
@@ -81,7 +65,7 @@ def export_onnx_command(
                 simplify=simplify,
             )
     except (KilnError, ImportError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _print_export(report)
     if report.ops_before is not None and report.ops_after is not None:
         _print_histogram(report.ops_before, report.ops_after)
@@ -92,7 +76,7 @@ def export_onnx_command(
         with console.status("validating with ONNX Runtime…"):
             result = validate_onnx(report.path, entry.model, entry.example_inputs, **tol)
     except (KilnError, ImportError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     _print_validation(result)
     if not result.passed:
         raise typer.Exit(1)
@@ -166,18 +150,18 @@ def trt_check_command(
         try:
             api.trt()
         except api.TensorRTUnavailable as exc:
-            raise _fail(exc, 2) from None
+            raise fail(exc, 2) from None
     with tempfile.TemporaryDirectory(prefix="kiln-trt-check-") as tmp:
         path = Path(target)
         if not (target.endswith(".onnx") and path.is_file()):
             if target.endswith(".onnx"):
-                raise _fail(FileNotFoundError(f"no ONNX file at {target}"))
+                raise fail(FileNotFoundError(f"no ONNX file at {target}"))
             path = _export_for_check(target, batch, input_shape, opset, dynamic_batch, Path(tmp))
         try:
             with console.status(f"parsing {path.name} with {api.flavor()} {api.version()}…"):
                 rejections = _check(path)
         except KilnError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         total = _node_count(path)
     _print_rejections(rejections, total, target)
     if rejections:
@@ -196,7 +180,7 @@ def _export_for_check(
         with console.status(f"exporting [bold]{entry.name}[/] to ONNX…"):
             report = export_onnx(entry.model, entry.example_inputs, out, opset=opset, dynamic_batch=dynamic)
     except (KilnError, ImportError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"exported with the {report.exporter} exporter, opset {report.opset}")
     return out
 
