@@ -514,7 +514,7 @@ def test_user_converter_overrides_and_declines() -> None:
     finally:
         kt.unregister(relu_as_clip)
         kt.unregister(no_add)
-    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.ops"
+    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.convert_elementwise"
 
 
 def test_conversion_error_names_op_node_and_source_line() -> None:
@@ -624,3 +624,19 @@ def test_baddbmm_numerics_on_gpu() -> None:
     gm = _traced(_baddbmm, *inputs)
     net = kt.build_network(gm)
     _compare(Fn(_baddbmm), inputs, gm, net, kt.build_engine(net))
+
+
+def test_a_converter_registered_before_the_built_ins_load_still_wins():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kiln.tensorrt.converters import converter, lookup\n"
+        "@converter(torch.ops.aten.relu.default)\n"
+        "def mine(ctx): return None\n"
+        "assert lookup(torch.ops.aten.relu.default) is mine, lookup(torch.ops.aten.relu.default)\n"
+        "assert lookup(torch.ops.aten.sigmoid.default) is not None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -9,6 +9,7 @@ that the run side, ``kiln.tensorrt.region`` and ``kiln.tensorrt.engine``, stays 
 
 - ``api``: which TensorRT is installed, whether it runs here, its logger
 - ``converters``: the converter registry; ``ops``, ``kiln_ops``, ``pointwise``: built-in converters
+  (``ops`` gathers ``convert_elementwise``, ``convert_reduce``, ``convert_shape``, ``convert_nn``)
 - ``context``: ``ConversionContext``, what a converter sees
 - ``network``: FX graph → TensorRT network (``build_network``, ``supported_nodes``)
 - ``build``: network → serialized engine (``build_engine``)

@@ -10,9 +10,9 @@ It may decline with ``raise Decline("why")`` or ``return NotImplemented``; the n
 on kiln's own kernels. Keys are OpOverloads (``aten.add.Tensor``), OpOverloadPackets
 (``aten.add``: every overload), Python callables (``operator.getitem``) or qualified names
 (``"kiln::conv_bias_act"``, for ops registered later). The latest registration wins.
-The built-in converters live in ``kiln.tensorrt.ops`` (core ATen ops of the zoo) and
-``kiln.tensorrt.kiln_ops`` and ``kiln.tensorrt.pointwise`` (kiln's fused ops); importing this
-module registers them.
+The built-in converters live in ``kiln.tensorrt.ops`` (core ATen ops of the zoo, one
+``kiln.tensorrt.convert_*`` module per op family) and ``kiln.tensorrt.kiln_ops`` and
+``kiln.tensorrt.pointwise`` (kiln's fused ops); they register on the registry's first use.
 """
 
 from __future__ import annotations
@@ -41,6 +41,20 @@ class Decline(Exception):  # noqa: N818 - a converter's answer, not an error
 
 _REGISTRY: dict[Any, list[tuple[int, ConverterFn]]] = {}
 _ORDER = itertools.count()
+_BUILTIN_ORDER = itertools.count(-(10**9))  # built-ins always rank below users' converters
+_builtins = {"loaded": False, "loading": False}
+
+
+def _ensure_builtins() -> None:
+    """Import (and so register) the built-in converters on first use, not on import: the
+    converter modules import this registry, so loading them here at import would be a cycle."""
+    if _builtins["loaded"]:
+        return
+    _builtins["loaded"] = _builtins["loading"] = True
+    try:
+        from kiln.tensorrt import kiln_ops, ops, pointwise  # noqa: F401
+    finally:
+        _builtins["loading"] = False
 
 
 def _key(target: Any) -> Any:
@@ -55,8 +69,11 @@ def converter(*targets: Any) -> Callable[[ConverterFn], ConverterFn]:
         raise TypeError("converter() needs at least one op, e.g. torch.ops.aten.relu.default")
 
     def register(fn: ConverterFn) -> ConverterFn:
+        order = _BUILTIN_ORDER if _builtins["loading"] else _ORDER
         for target in targets:
-            _REGISTRY.setdefault(_key(target), []).append((next(_ORDER), fn))
+            entries = _REGISTRY.setdefault(_key(target), [])
+            entries.append((next(order), fn))
+            entries.sort(key=lambda e: e[0])
         return fn
 
     return register
@@ -64,6 +81,7 @@ def converter(*targets: Any) -> Callable[[ConverterFn], ConverterFn]:
 
 def unregister(fn: ConverterFn) -> None:
     """Remove ``fn`` wherever it is registered (earlier converters apply again)."""
+    _ensure_builtins()
     for key in list(_REGISTRY):
         _REGISTRY[key] = [(i, f) for i, f in _REGISTRY[key] if f is not fn]
         if not _REGISTRY[key]:
@@ -82,6 +100,7 @@ def _candidate_keys(target: Any) -> list[Any]:
 
 def lookup(target: Any) -> ConverterFn | None:
     """The converter for ``target`` (latest registration among matching keys), or None."""
+    _ensure_builtins()
     best: tuple[int, ConverterFn] | None = None
     for key in _candidate_keys(target):
         try:
@@ -95,12 +114,9 @@ def lookup(target: Any) -> ConverterFn | None:
 
 def registered() -> dict[str, str]:
     """Every registered key → the name of the converter that handles it."""
+    _ensure_builtins()
     out = {}
     for key, entries in _REGISTRY.items():
         fn = entries[-1][1]
         out[str(key)] = f"{fn.__module__}.{fn.__qualname__}"
     return dict(sorted(out.items()))
-
-
-# Registers the built-in converters (they import the registry above).
-from kiln.tensorrt import kiln_ops, ops, pointwise  # noqa: E402,F401,I001

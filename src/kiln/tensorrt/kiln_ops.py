@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln.tensorrt.convert_elementwise import act_layer
+from kiln.tensorrt.convert_nn import conv_nd, matmul
 from kiln.tensorrt.converters import Decline, converter
-from kiln.tensorrt.ops import act_layer, conv_nd, matmul
 
 if TYPE_CHECKING:
     from kiln.tensorrt.context import ConversionContext

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from kiln.tensorrt.convert_elementwise import act_layer
 from kiln.tensorrt.converters import Decline, converter
-from kiln.tensorrt.ops import act_layer
 
 if TYPE_CHECKING:
     from kiln.tensorrt.context import ConversionContext

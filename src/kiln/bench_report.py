@@ -1,0 +1,301 @@
+"""Reports of `kiln bench` runs: table cells, JSON, markdown and PNG plots.
+
+Pure functions of what `kiln.bench` measured (a `BenchReport` or a `ZooReport`); nothing here
+measures or touches a device. `kiln.bench` re-exports every public name, so callers keep
+importing them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.bench import BenchReport, Environment, PeerResult, ZooReport
+
+SCHEMA = "kiln.bench/1"
+
+
+# --- reports (pure) -------------------------------------------------------------------------
+
+COLUMNS = (
+    "peer",
+    "precision",
+    "batch",
+    "median ms",
+    "p90 ms",
+    "p99 ms",
+    "items/s",
+    "speed-up",
+    "build s",
+    "peak MiB",
+    "max abs diff",
+    "cosine",
+    "top-1 agree",
+    "note",
+)
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def result_cells(r: PeerResult) -> list[str]:
+    """One report row, as text: shared by the terminal table and the markdown."""
+    lat, acc = r.latency, r.accuracy
+    mem = None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
+    note = f"{r.status}: {r.reason}" if r.status != "ok" else r.note
+    if r.status != "ok" and r.note:
+        note += f" ({r.note})"
+    return [
+        r.peer,
+        r.precision,
+        str(r.batch),
+        fmt_ms(lat and lat.median_ms),
+        fmt_ms(lat and lat.p90_ms),
+        fmt_ms(lat and lat.p99_ms),
+        _fmt(r.throughput, ".1f"),
+        _fmt(r.speedup, ".3g") + ("×" if r.speedup else ""),
+        _fmt(r.build_seconds, ".2f"),
+        _fmt(mem, ".1f"),
+        _fmt(acc and acc.max_abs, ".2e"),
+        _fmt(acc and acc.cosine, ".6f"),
+        _fmt(acc and acc.top1_agreement and acc.top1_agreement * 100, ".0f")
+        + ("%" if acc and acc.top1_agreement is not None else ""),
+        note,
+    ]
+
+
+def weights_line(pretrained: bool | None) -> str:
+    if pretrained is False:
+        return (
+            "weights: random (no offline weights); timings hold, and the accuracy columns "
+            "compare each peer with eager fp32 on the same weights"
+        )
+    return "weights: pretrained" if pretrained else "weights: unknown"
+
+
+def report_to_dict(report: BenchReport) -> dict[str, Any]:
+    data = dataclasses.asdict(report)
+    data["h2d_copy"] = {str(k): v for k, v in data["h2d_copy"].items()}
+    return {"schema": SCHEMA, "kind": "model", **_json_safe(data)}
+
+
+def zoo_to_dict(zoo_report: ZooReport) -> dict[str, Any]:
+    entries = [
+        {"model": e.model, "error": e.error, "report": e.report and report_to_dict(e.report)}
+        for e in zoo_report.entries
+    ]
+    return {
+        "schema": SCHEMA,
+        "kind": "zoo",
+        "environment": dataclasses.asdict(zoo_report.environment),
+        "settings": _json_safe(dataclasses.asdict(zoo_report.settings)),
+        "entries": entries,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def report_markdown(report: BenchReport) -> str:
+    s = report.settings
+    lines = [
+        f"# kiln bench: {report.model}",
+        "",
+        f"{report.environment.line()}  ",
+        f"{weights_line(report.pretrained)}  ",
+        f"timing: up to {s.iters} iterations after {s.warmup} warm-up calls, at most ~{s.max_seconds:g} s per peer",
+        "",
+        _md_row(COLUMNS),
+        _md_row(["---"] * len(COLUMNS)),
+        *(_md_row(result_cells(r)) for r in report.results),
+        "",
+    ]
+    for batch, copy in report.h2d_copy.items():
+        if copy is not None:
+            lines.append(
+                f"- host→device input copy (pinned), batch {batch}: median "
+                f"{fmt_ms(copy.median_ms)} ms, p99 {fmt_ms(copy.p99_ms)} ms "
+                "(not included in the latencies above)"
+            )
+    lines += [f"- {n}" for n in report.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def zoo_columns(zoo_report: ZooReport) -> list[tuple[str, str]]:
+    """(peer, precision) pairs of the zoo table: eager and kiln per precision, then the others."""
+    precisions = _zoo_precisions(zoo_report)
+    others = [p for p in zoo_report.settings.peers or () if p not in ("eager", "kiln")]
+    return [(peer, p) for p in precisions for peer in ("eager", "kiln", *others)]
+
+
+def _zoo_precisions(zoo_report: ZooReport) -> list[str]:
+    from kiln.bench import BASELINE  # at call time: kiln.bench imports this module
+
+    seen = [
+        r.precision
+        for e in zoo_report.entries
+        if e.report
+        for r in e.report.results
+        if (r.peer, r.precision) != BASELINE
+    ]
+    return list(dict.fromkeys(seen)) or list(zoo_report.settings.precisions)
+
+
+def zoo_rows(zoo_report: ZooReport) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: model | batch | eager P | kiln P | speed-up | … | top-1 | note."""
+    columns = zoo_columns(zoo_report)
+    precisions = _zoo_precisions(zoo_report)
+    header = ["model", "batch"]
+    for p in precisions:
+        header += [f"{peer} {p} ms" for peer, q in columns if q == p] + [f"speed-up {p}"]
+    header += ["kiln top-1 agree", "kiln max abs diff", "note"]
+    rows = []
+    for entry in zoo_report.entries:
+        if entry.report is None:
+            rows.append([entry.model, "—", *["—"] * (len(header) - 3), f"failed: {entry.error}"])
+            continue
+        for batch in dict.fromkeys(r.batch for r in entry.report.results):
+            rows.append(_zoo_row(entry.model, batch, entry.report, precisions, columns))
+    return header, rows
+
+
+def _zoo_row(
+    model: str, batch: int, report: BenchReport, precisions: list[str], columns: list[tuple[str, str]]
+) -> list[str]:
+    found = {(r.peer, r.precision): r for r in report.results if r.batch == batch}
+    row, notes = [model, str(batch)], []
+    for p in precisions:
+        for peer, q in columns:
+            if q == p:
+                r = found.get((peer, p))
+                row.append(fmt_ms(r.latency.median_ms) if r and r.latency else (r.status if r else "—"))
+                if r and r.status != "ok":
+                    notes.append(f"{peer} {p} {r.status}: {r.reason}")
+        eager, kiln = found.get(("eager", p)), found.get(("kiln", p))
+        ok = eager and kiln and eager.latency and kiln.latency
+        row.append(f"{eager.latency.median_ms / kiln.latency.median_ms:.2f}×" if ok else "—")
+    kiln_acc = next((found[("kiln", p)].accuracy for p in precisions if found.get(("kiln", p))), None)
+    top1 = kiln_acc and kiln_acc.top1_agreement
+    row += [
+        _fmt(top1 and top1 * 100, ".0f") + ("%" if top1 is not None else ""),
+        _fmt(kiln_acc and kiln_acc.max_abs, ".2e"),
+        "; ".join(notes),
+    ]
+    return row
+
+
+def zoo_markdown(zoo_report: ZooReport) -> str:
+    header, rows = zoo_rows(zoo_report)
+    s = zoo_report.settings
+    first = next((e.report for e in zoo_report.entries if e.report), None)
+    lines = [
+        "# kiln zoo benchmark",
+        "",
+        f"{zoo_report.environment.line()}  ",
+        f"median latency per call, up to {s.iters} iterations after {s.warmup} warm-up calls; "
+        "speed-up = eager / kiln at the same precision  ",
+        (weights_line(first.pretrained) if first else "") + "  ",
+        "",
+        _md_row(header),
+        _md_row(["---"] * len(header)),
+        *(_md_row(r) for r in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], horizontal: bool) -> None:
+    n = max(len(series), 1)
+    width = 0.8 / n
+    values = [v for vs in series.values() for v in vs if v]
+    for i, (name, vals) in enumerate(series.items()):
+        pos = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
+        heights = [v or 0.0 for v in vals]
+        bars = (ax.barh if horizontal else ax.bar)(pos, heights, width, label=name)
+        ax.bar_label(bars, labels=[fmt_ms(v) if v else "" for v in vals], fontsize=7, padding=2)
+    ticks = ax.set_yticks if horizontal else ax.set_xticks
+    ticks(range(len(labels)), labels, **({} if horizontal else {"rotation": 30, "ha": "right"}))
+    if values and max(values) / min(values) > 30:
+        (ax.set_xscale if horizontal else ax.set_yscale)("log")
+    (ax.set_xlabel if horizontal else ax.set_ylabel)("median latency (ms)")
+    if n > 1:
+        ax.legend(fontsize=8)
+    elif series:
+        (ax.set_ylabel if horizontal else ax.set_xlabel)(next(iter(series)))
+
+
+def _title(fig: Any, title: str, env: Environment) -> None:
+    fig.suptitle(f"{title}\n{env.line(sep=chr(10))}", fontsize=9)
+
+
+def plot_report(report: BenchReport, path: Path) -> None:
+    """Bar chart: median latency per peer (x) and batch size (bars), labelled with the setup."""
+    labels = list(dict.fromkeys(f"{r.peer} {r.precision}" for r in report.results if r.latency))
+    batches = list(dict.fromkeys(r.batch for r in report.results))
+    found = {(f"{r.peer} {r.precision}", r.batch): r.latency.median_ms for r in report.results if r.latency}
+    series = {f"batch {b}": [found.get((label, b)) for label in labels] for b in batches}
+    fig = _figure(max(7.0, 1.0 + 1.1 * len(labels)), 5.0)
+    ax = fig.add_subplot()
+    _bars(ax, labels, series, horizontal=False)
+    _title(fig, f"kiln bench: {report.model}", report.environment)
+    missing = [f"{r.peer} {r.precision}: {r.status}" for r in report.results if r.status != "ok"]
+    if missing:
+        fig.supxlabel("not timed (see the report): " + "; ".join(dict.fromkeys(missing)), fontsize=6)
+    fig.savefig(path, dpi=120, format="png")
+
+
+def plot_zoo(zoo_report: ZooReport, path: Path) -> None:
+    """Horizontal bars per zoo model: eager vs kiln (and other peers) median latency."""
+    columns = zoo_columns(zoo_report)
+    batch = (zoo_report.settings.batches or (1,))[0]
+    entries = [e for e in zoo_report.entries if e.report]
+    labels = [e.model for e in entries]
+    series: dict[str, list[float | None]] = {}
+    for peer, p in columns:
+        series[f"{peer} {p}"] = [_median(e.report, peer, p, batch) for e in entries if e.report]
+    fig = _figure(8.0, max(3.0, 0.45 * len(labels) * max(1, len(columns)) / 2 + 1.5))
+    ax = fig.add_subplot()
+    _bars(ax, labels, series, horizontal=True)
+    ax.invert_yaxis()
+    _title(fig, f"kiln zoo, batch {batch}", zoo_report.environment)
+    fig.savefig(path, dpi=120, format="png")
+
+
+def _median(report: BenchReport, peer: str, precision: str, batch: int) -> float | None:
+    found = [r for r in report.results if (r.peer, r.precision, r.batch) == (peer, precision, batch)]
+    return found[0].latency.median_ms if found and found[0].latency else None

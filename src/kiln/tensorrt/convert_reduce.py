@@ -1,0 +1,70 @@
+"""Built-in converters for ATen reductions (mean, sum, prod, amax/amin, any/all) and softmax."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kiln.tensorrt.convert_common import _arg, _dims, _mask
+from kiln.tensorrt.converters import Decline, converter
+
+if TYPE_CHECKING:
+    from kiln.tensorrt.context import ConversionContext
+
+aten = torch.ops.aten
+
+
+# reductions and softmax ----------------------------------------------------------------
+
+
+def _reduce(ctx: ConversionContext, op: str, dim: Any, keepdim: bool) -> Any:
+    x = ctx.tensor(ctx.args[0])
+    out = ctx.out_dtype
+    rank = len(x.shape)
+    if rank == 0:
+        return ctx.cast(x, out)
+    floating = out in (ctx.trt.float32, ctx.trt.float16, ctx.trt.bfloat16)
+    compute = out if floating else ctx.trt.int32
+    x = ctx.cast(x, compute)
+    op_enum = getattr(ctx.trt.ReduceOperation, op)
+    y = ctx.network.add_reduce(x, op_enum, _mask(_dims(dim, rank)), bool(keepdim)).get_output(0)
+    return ctx.cast(y, out)
+
+
+@converter(aten.mean.dim, aten.mean.default)
+def _mean(ctx: ConversionContext) -> Any:
+    return _reduce(ctx, "AVG", _arg(ctx, 1, "dim"), _arg(ctx, 2, "keepdim", False))
+
+
+@converter(aten.sum.dim_IntList, aten.sum.default)
+def _sum(ctx: ConversionContext) -> Any:
+    return _reduce(ctx, "SUM", _arg(ctx, 1, "dim"), _arg(ctx, 2, "keepdim", False))
+
+
+@converter(aten.prod.dim_int, aten.prod.default)
+def _prod(ctx: ConversionContext) -> Any:
+    return _reduce(ctx, "PROD", _arg(ctx, 1, "dim"), _arg(ctx, 2, "keepdim", False))
+
+
+@converter(aten.amax.default, aten.any.dim, aten.any.dims, aten.any.default)
+def _amax(ctx: ConversionContext) -> Any:
+    return _reduce(ctx, "MAX", _arg(ctx, 1, "dim"), _arg(ctx, 2, "keepdim", False))
+
+
+@converter(aten.amin.default, aten.all.dim, aten.all.dims, aten.all.default)
+def _amin(ctx: ConversionContext) -> Any:
+    return _reduce(ctx, "MIN", _arg(ctx, 1, "dim"), _arg(ctx, 2, "keepdim", False))
+
+
+@converter(aten._softmax.default, aten._log_softmax.default)
+def _softmax(ctx: ConversionContext) -> Any:
+    x, dim, half_to_float = ctx.args[:3]
+    if half_to_float:
+        raise Decline("softmax with half_to_float=True")
+    layer = ctx.network.add_softmax(ctx.tensor(x, ctx.out_dtype))
+    layer.axes = 1 << ctx.axis(dim, len(x.shape))
+    y = layer.get_output(0)
+    if ctx.node.target is aten._log_softmax.default:
+        y = ctx.unary(y, ctx.trt.UnaryOperation.LOG)
+    return y
