@@ -11,16 +11,13 @@ by an fp16 rounding of intermediates the kernel keeps in fp32 (2e-3).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import fx, nn
 
 import kiln
+from interpreter import interpreted, run_interpreted_tests
 from kiln.capture import capture
 from kiln.kernels import KERNELS, OpCall
 from kiln.kernels import triton_pointwise as tp
@@ -33,20 +30,11 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 FP16 = dict(rtol=2e-3, atol=2e-3)
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernels_in_the_interpreter")
 
 
 def test_triton_kernels_in_the_interpreter():
     """Run this file's test_interpreted_* tests in a process that starts with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this is the interpreter run")
-    if tp.triton is None:
-        pytest.skip("Triton is not installed")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted", "-p", "no:cacheprovider"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-6000:] + done.stderr[-2000:]
+    run_interpreted_tests(__file__, tp.triton)
 
 
 def program(n_inputs: int, *body: tuple) -> str:

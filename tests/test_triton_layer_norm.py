@@ -9,14 +9,10 @@ bf16 on the GPU 2e-2.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from interpreter import interpreted, run_interpreted_tests
 from kiln import ops  # noqa: F401  (defines kiln::add_layer_norm)
 from kiln.kernels import KERNELS, OpCall
 from kiln.kernels import triton_layer_norm as tln
@@ -25,20 +21,11 @@ from kiln.specs import TensorSpec
 OP = "kiln.add_layer_norm.default"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernel_in_the_interpreter")
 
 
 def test_triton_kernel_in_the_interpreter():
     """Run this file's test_interpreted_* tests in a process that starts with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this is the interpreter run")
-    if tln.triton is None:
-        pytest.skip("Triton is not installed")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "interpreted", "-p", "no:cacheprovider"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-6000:] + done.stderr[-2000:]
+    run_interpreted_tests(__file__, tln.triton)
 
 
 def _inputs(shape, dtype, device, residual, weight, bias):
