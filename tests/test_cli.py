@@ -95,3 +95,23 @@ def test_damaged_engine_is_an_error_not_a_traceback(tmp_path):
     bad.write_bytes(b"not an engine at all")
     result = runner.invoke(app, ["inspect", str(bad)])
     assert result.exit_code == 1 and "error" in result.output
+
+
+def test_run_profile_lists_the_slowest_steps(engine_path, monkeypatch):
+    from kiln import cli
+
+    monkeypatch.setattr(cli.console, "width", 200)
+    result = runner.invoke(app, ["run", str(engine_path), "--profile", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 slowest steps" in result.output and "sum of step times" in result.output
+    assert "kiln.conv_bias_act.default" in result.output or "aten." in result.output
+
+
+def test_engine_profile_times_every_step(engine_path):
+    import kiln
+
+    engine = kiln.load(engine_path)
+    rows = engine.profile(torch.randn(1, 3, 8, 8), iters=3)
+    assert len(rows) == len(engine.plan["steps"])
+    assert all(r["ms"] >= 0 for r in rows)
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)

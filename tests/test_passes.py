@@ -1,5 +1,6 @@
 """Each pass on a tiny graph: the graph changes as intended and outputs do not."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -52,8 +53,6 @@ def test_run_passes_reports_op_counts_per_pass():
 
 
 def test_unknown_pass_is_named():
-    import pytest
-
     graph = capture(Tiny().eval(), (torch.randn(2, 4),), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown pass.*nope"):
         run_passes(graph, ["nope"])
@@ -107,9 +106,6 @@ def _randomize_bn(model):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -27,6 +27,7 @@ if not api.available():
 
 import kiln.tensorrt as kt  # noqa: E402
 from kiln.capture import capture  # noqa: E402
+from kiln.tensorrt.engine import torch_dtypes  # noqa: E402
 
 aten = torch.ops.aten
 CPU = torch.device("cpu")
@@ -556,14 +557,7 @@ def run_engine(serialized: bytes, inputs: dict[str, torch.Tensor]) -> dict[str, 
     engine = trt.Runtime(api.logger()).deserialize_cuda_engine(serialized)
     assert engine is not None, "engine failed to deserialize"
     context = engine.create_execution_context()
-    dtypes = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-        trt.bool: torch.bool,
-        trt.bfloat16: torch.bfloat16,
-    }
+    dtypes = torch_dtypes(trt)
     keep, outputs = [], {}
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     for name in names:

@@ -9,7 +9,7 @@ import torch
 
 import kiln
 from kiln import zoo
-from numerics import assert_as_accurate_as_eager, assert_close
+from numerics import assert_as_accurate_as_eager, assert_close, leaves
 
 CORE_ZOO = [
     "resnet18", "resnet50", "alexnet", "vgg11", "squeezenet1_1", "densenet121",
@@ -27,14 +27,8 @@ def test_fp32_engine_matches_eager_on_cpu(name, tmp_path):
     path = tmp_path / f"{name}.kiln"
     engine.save(path)
     loaded = kiln.load(path)
-    for got, want in zip(_leaves(loaded(*entry.example_inputs)), _leaves(engine(*entry.example_inputs))):
+    for got, want in zip(leaves(loaded(*entry.example_inputs)), leaves(engine(*entry.example_inputs))):
         assert torch.equal(got, want), "a saved and loaded engine must give identical outputs"
-
-
-def _leaves(value):
-    from numerics import leaves
-
-    return leaves(value)
 
 
 @pytest.mark.gpu
@@ -69,7 +63,5 @@ def test_cuda_graph_replay_equals_step_by_step(name):
     again = engine(*inputs)
     engine.use_cuda_graph = False
     stepped = engine(*inputs)
-    from numerics import leaves
-
     for a, b, c in zip(leaves(replayed), leaves(again), leaves(stepped)):
         assert torch.equal(a, b) and torch.equal(a, c)

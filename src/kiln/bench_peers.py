@@ -398,13 +398,9 @@ def _trt_engine(trt: ModuleType, onnx_path: Path, flag: str | None) -> Any:
 
 
 def _trt_prepared(trt: ModuleType, engine: Any, ctx: PeerContext, note: str) -> Prepared:
-    dtypes = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-        trt.bool: torch.bool,
-    }
+    from kiln.tensorrt.engine import torch_dtypes
+
+    dtypes = torch_dtypes(trt)
     context = engine.create_execution_context()
     inputs = iter(x.contiguous() for x in ctx.inputs)
     buffers: list[torch.Tensor] = []

@@ -63,7 +63,7 @@ class RegionRunner:
 
     def _check_io(self, trt: Any) -> None:
         engine, problems = self.engine, []
-        dtypes = _torch_dtypes(trt)
+        dtypes = torch_dtypes(trt)
         expected = [(s, trt.TensorIOMode.INPUT) for s in self.spec.inputs]
         expected += [(s, trt.TensorIOMode.OUTPUT) for s in self.spec.outputs]
         if engine.num_io_tensors != len(expected):
@@ -141,7 +141,8 @@ class RegionRunner:
             )
 
 
-def _torch_dtypes(trt: Any) -> dict[Any, torch.dtype]:
+def torch_dtypes(trt: Any) -> dict[Any, torch.dtype]:
+    """TensorRT DataType → torch dtype, for the types this TensorRT has."""
     table = {
         "float32": torch.float32,
         "float16": torch.float16,
