@@ -44,6 +44,29 @@ def test_dead_code_removes_unused_ops_and_weights():
     torch.testing.assert_close(after.run(x), before.run(x))
 
 
+def test_dead_code_bypasses_identities_and_eval_dropout():
+    class Identities(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            y = self.drop(self.fc(x)).clone()  # on CUDA, eval dropout exports as a clone too
+            y = y.reshape(2, 3, 6)[:, 0:3].permute(0, 1, 2)  # a same-shape view, a whole slice, no permutation
+            return y.sum(-1), y.transpose(1, 2).contiguous()  # this copy changes the layout: it stays
+
+    x = torch.randn(6, 6)
+    before = _capture(Identities(), x)
+    after, _ = run_passes(before, ["dead_code"])
+    kept = _ops(after)
+    assert "aten.alias.default" in _ops(before) and "aten.alias.default" not in kept
+    assert kept.count("aten.permute.default") < _ops(before).count("aten.permute.default")
+    assert _ops(before).count("aten.clone.default") == 2 and kept.count("aten.clone.default") == 1
+    for got, want in zip(after.run(x), before.run(x)):
+        torch.testing.assert_close(got, want)
+
+
 def test_run_passes_reports_op_counts_per_pass():
     x = torch.randn(2, 4)
     graph = with_dead_code(capture(Tiny().eval(), (x,), device=torch.device("cpu")))
@@ -58,8 +81,8 @@ def test_unknown_pass_is_named():
         run_passes(graph, ["nope"])
 
 
-def _capture(model, *inputs):
-    return capture(model.eval(), inputs, device=torch.device("cpu"))
+def _capture(model, *inputs, rewrites=None):
+    return capture(model.eval(), inputs, device=torch.device("cpu"), rewrites=rewrites)
 
 
 def test_constant_fold_computes_weight_only_ops_at_build():
@@ -223,7 +246,7 @@ def test_batched_weight_matmul_becomes_one_gemm():
             return self.mha(x, x, x, need_weights=False)[0]
 
     x = torch.randn(3, 5, 16)
-    before = _capture(BatchFirstAttention(), x)
+    before = _capture(BatchFirstAttention(), x, rewrites=[])  # the traced F.multi_head_attention_forward
     after, _ = run_passes(before, ["batched_weight_matmul"])
     assert "aten.bmm.default" in _ops(before) and "aten.bmm.default" not in _ops(after)
     assert "aten.addmm.default" in _ops(after), "the in-projection bias joins the GEMM"

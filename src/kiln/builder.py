@@ -44,6 +44,7 @@ class BuildConfig:
     precision: str = "fp32"
     device: str | None = None  # None: CUDA when available, else CPU
     passes: list[str] | None = None  # None: every registered pass
+    rewrites: list[str] | None = None  # capture-time module rewrites (kiln.capture_rewrites); None: all
     tune: bool = True  # time candidate kernels on CUDA and keep the fastest
     backend: str = "kiln"  # "tensorrt": supported regions become TensorRT engines inside the plan
     require_full: bool = False  # with backend="tensorrt": fail unless the whole graph converts
@@ -104,7 +105,9 @@ def build(
         times[name] = round(time.perf_counter() - t0, 4)
 
     with stage("capture"):
-        graph = capture(model, example_inputs, device=target, compute_dtype=PRECISIONS[used])
+        graph = capture(
+            model, example_inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites
+        )
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
     tensorrt_report = None
@@ -129,6 +132,7 @@ def build(
     weights = dict(graph.module.named_buffers())
     info = _build_info(model, config, target, used, times, time.perf_counter() - start)
     info["passes"] = pass_report
+    info["capture_rewrites"] = graph.rewrites
     info["backend"] = config.backend
     info["tensorrt"] = tensorrt_report
     info["timing_cache"] = (

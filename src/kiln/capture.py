@@ -17,6 +17,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
+from kiln.capture_rewrites import rewritten
 from kiln.errors import CaptureError
 from kiln.specs import TensorSpec, build_structure, encode_structure
 
@@ -46,6 +47,7 @@ class CapturedGraph:
     compute_dtype: torch.dtype
     # fp32 originals of weights stored in a lower precision, for passes that fold weights
     masters: dict[str, torch.Tensor] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)  # capture-time rewrites applied, with counts
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Run the graph eagerly, casting like an engine does; returns the model's structure."""
@@ -64,8 +66,11 @@ def capture(
     *,
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
+    rewrites: list[str] | None = None,
 ) -> CapturedGraph:
-    """Export `model` on `device` with floating weights and inputs in `compute_dtype`."""
+    """Export `model` on `device` with floating weights and inputs in `compute_dtype`.
+
+    `rewrites` names the kiln.capture_rewrites to trace through (None: all of them)."""
     example_inputs = check_example_inputs(example_inputs)
     user_specs = [
         TensorSpec(f"input_{i}", tuple(x.shape), x.dtype) for i, x in enumerate(example_inputs)
@@ -75,7 +80,7 @@ def capture(
     model = _on_device(model, device, compute_dtype)
     args = tuple(_cast(x, device, compute_dtype) for x in example_inputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rewritten(model, rewrites) as applied:
             program = torch.export.export(model, args)
             program = program.run_decompositions(_decompositions())
     except Exception as exc:  # torch.export raises many kinds; all mean "could not capture"
@@ -100,7 +105,8 @@ def capture(
     outputs = _output_specs(module, model_dtype)
     structure = encode_structure(program.call_spec.out_spec)
     return CapturedGraph(
-        module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters
+        module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters,
+        dict(applied),
     )
 
 

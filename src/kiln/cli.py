@@ -229,11 +229,12 @@ def inspect(
             f"{t['ops_converted']}/{t['ops_total']} ops; {len(t['outside'])} op(s) on kiln's kernels{outside}"
         )
     passes = " → ".join(f"{p['pass']} ({p['ops']} ops)" for p in b.get("passes", []))
+    rewrites = ", ".join(f"{name} ×{n}" for name, n in b.get("capture_rewrites", {}).items()) or "none"
     console.print(
         f"build: kiln {b['kiln_version']}, torch {b['torch_version']}, {b['device_name']} "
         f"(compute capability {b['compute_capability']}), {b['precision']} "
         f"(asked {b['precision_requested']}), {b['build_seconds']} s on {b['created']}\n"
-        f"passes: {passes}"
+        f"capture rewrites: {rewrites}\npasses: {passes}"
     )
 
 

@@ -36,6 +36,12 @@ def _has_kernel(name: str, device_type: str) -> bool:
     return any(torch._C._dispatch_has_kernel_for_dispatch_key(qualified, k) for k in keys)
 
 
+# Export decides view-or-copy from the strides fake tensors had; a kernel chosen at build time
+# (a different attention backend, say) may hand back other strides. A view that no longer
+# fits then copies instead of failing; when it fits, reshape is the same view.
+RESHAPING_VIEWS = frozenset({"aten.view.default", "aten._unsafe_view.default"})
+
+
 def supports(call: OpCall) -> bool:
     return _has_kernel(call.op, call.device_type)
 
@@ -44,6 +50,8 @@ def supports(call: OpCall) -> bool:
 def make_aten(name: str, out: OutVariant | None) -> StepFn:
     """PyTorch's own ATen implementation (cuDNN, cuBLAS, or CPU kernels under it)."""
     op = resolve_op(name)
+    if name in RESHAPING_VIEWS:
+        return lambda args, kwargs, outs: args[0].reshape(*args[1:], **kwargs)
     if out is None:
         return lambda args, kwargs, outs: op(*args, **kwargs)
     out_op = resolve_op(out.op)

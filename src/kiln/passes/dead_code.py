@@ -1,4 +1,5 @@
-"""Dead-layer elimination (seed 000, point 1): drop ops whose results nothing uses, and
+"""Dead-layer elimination (seed 000, point 1): drop ops whose results nothing uses, bypass
+identities (dropout in eval exports as a clone; views and copies that change nothing), and
 merge duplicate ops (the same pure op on the same inputs, e.g. one view taken three times
 for attention's three projections), so later passes see shared inputs as shared."""
 
@@ -32,12 +33,57 @@ def _pure(node: fx.Node) -> bool:
     return not op._schema.is_mutable and torch.Tag.nondeterministic_seeded not in op.tags
 
 
+aten = torch.ops.aten
+SAME_SHAPE_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+                    aten.alias.default}
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    """Same shape, dtype, device and strides (where strides matter): b can stand for a."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _identity_of(node: fx.Node) -> fx.Node | None:
+    """The input `node` merely repeats, if it is an identity: a clone (dropout in eval), a
+    same-dtype copy, a view to the same shape, a permutation that permutes nothing, a slice
+    of a whole dimension."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source, op = node.args[0], node.target
+    identity = (
+        op in (aten.clone.default, aten._to_copy.default, aten.detach.default) or op in SAME_SHAPE_VIEWS
+        or (op == aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))))
+        or (op == aten.slice.Tensor and _arg(node, 4, "step", 1) == 1 and _arg(node, 2, "start", 0) in (0, None)
+            and _same_shape(node, source))
+    )
+    if identity and _same_tensor(source.meta.get("val"), node.meta.get("val")):
+        return source
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+
+
 @register_pass("dead_code")
 def eliminate_dead_code(graph: CapturedGraph) -> CapturedGraph:
-    """Remove unused ops and weights; merge duplicate pure ops (the graph is rewritten in place)."""
+    """Remove unused ops and weights, bypass identities, merge duplicate pure ops (in place)."""
     seen: dict[Any, fx.Node] = {}
     for node in op_nodes(graph):
         if not _pure(node):
+            continue
+        source = _identity_of(node)
+        if source is not None:
+            node.replace_all_uses_with(source)
             continue
         key = _key(node)
         try:

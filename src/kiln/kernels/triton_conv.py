@@ -1,0 +1,121 @@
+"""cuDNN convolution + one Triton epilogue for `kiln::conv_bias_act` with any activation.
+
+cuDNN's fused kernels that PyTorch reaches cover bias + ReLU only. For SiLU, sigmoid,
+hardswish or GELU the alternative is convolution with bias (cuDNN adds the bias as a
+separate broadcast kernel), then the residual add, then the activation: up to three passes
+over the output. Here cuDNN convolves without bias and one Triton kernel applies
+bias (+ residual) + activation in place: one pass. The tuner keeps it where it is faster.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds ship without Triton
+    triton = tl = None
+
+OP = "kiln.conv_bias_act.default"
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "sigmoid", "hardswish", "tanh", "gelu", "gelu_tanh")
+BLOCK = 1024
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The jitted kernel, defined on first use so TRITON_INTERPRET is read then, not at import."""
+    if triton is None:
+        raise RuntimeError("the triton.conv_epilogue kernel needs Triton, which this torch build lacks")
+
+    @triton.jit
+    def bias_act_kernel(y_ptr, b_ptr, r_ptr, n, channels, pixels, CHANNELS_LAST: tl.constexpr,
+                        HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        channel = offs % channels if CHANNELS_LAST else (offs // pixels) % channels
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT == "relu":
+            y = tl.maximum(y, 0.0)
+        elif ACT == "relu6":
+            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+        elif ACT == "silu":
+            y = y * tl.sigmoid(y)
+        elif ACT == "sigmoid":
+            y = tl.sigmoid(y)
+        elif ACT == "hardswish":
+            y = y * tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+        elif ACT == "tanh":
+            y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+        elif ACT == "gelu":
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACT == "gelu_tanh":
+            inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = 0.5 * y * (1.0 + 2.0 * tl.sigmoid(2.0 * inner) - 1.0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return bias_act_kernel
+
+
+def clear_caches() -> None:
+    """Forget the jitted kernel (after switching TRITON_INTERPRET, in tests)."""
+    _kernel.cache_clear()
+
+
+def _layout(y: torch.Tensor) -> bool | None:
+    """True: channels-last dense; False: NCHW dense; None: neither (the kernel cannot index it)."""
+    if y.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return False if y.is_contiguous() else None
+
+
+def bias_act_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str) -> torch.Tensor:
+    """y = act(y + bias[channel] (+ residual)), in place over a 4-D NCHW or channels-last y."""
+    channels_last = _layout(y)
+    if channels_last is None:
+        raise ValueError(f"bias_act_ needs a dense NCHW or channels-last tensor, got strides {y.stride()}")
+    if residual is not None and residual.stride() != y.stride():
+        y.add_(residual)
+        residual = None
+    n = y.numel()
+    if n:
+        _kernel()[(triton.cdiv(n, BLOCK),)](
+            y, bias, y if residual is None else residual, n, y.shape[1], y.shape[2] * y.shape[3],
+            CHANNELS_LAST=channels_last, HAS_RES=residual is not None, ACT=act, BLOCK=BLOCK,
+        )
+    return y
+
+
+def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, residual) -> torch.Tensor:
+    y = torch.ops.aten.convolution.default(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
+    if bias is None or _layout(y) is None:
+        from kiln.kernels.cudnn import INPLACE
+
+        if bias is not None:
+            y.add_(bias.view(1, -1, 1, 1))
+        if residual is not None:
+            y.add_(residual)
+        return INPLACE[act](y)
+    return bias_act_(y, bias, residual, act)
+
+
+def _supports(call: OpCall) -> bool:
+    x = call.inputs[0]
+    return triton is not None and call.device_type == "cuda" and x is not None and len(x.shape) == 4 and (
+        x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+@register_kernel("triton.conv_epilogue", provider="triton", implements=lambda op: op == OP,
+                 supports=_supports, writes_planned_outputs=False)
+def make_conv_epilogue(name: str, out: OutVariant | None) -> StepFn:
+    """cuDNN convolution without bias, then bias (+ residual) + activation in one Triton pass."""
+    return lambda args, kwargs, outs: conv_bias_act(*args)

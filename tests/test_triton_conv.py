@@ -1,0 +1,71 @@
+"""The Triton conv epilogue (bias + residual + activation in one pass) against kiln::conv_bias_act.
+
+On the CPU the kernel runs in Triton's interpreter (a child process; see interpreter.py).
+Tolerances: fp32 1e-5 (the epilogue computes in fp32 like the reference); fp16 on the GPU
+2e-2 (the reference rounds the biased sum to fp16 before the activation, the epilogue does not).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interpreter import interpreted, run_interpreted_tests
+from kiln import ops  # noqa: F401  (defines kiln::conv_bias_act)
+from kiln.kernels import KERNELS
+from kiln.kernels import triton_conv as tc
+
+OP = "kiln.conv_bias_act.default"
+ACTS = list(tc.ACTIVATIONS)
+
+
+def test_triton_kernel_in_the_interpreter():
+    run_interpreted_tests(__file__, tc.triton)
+
+
+def _args(device, dtype, act, residual, channels_last, groups=1, size=6):
+    x = torch.randn(2, 8, size, size, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8 if groups == 8 else 12, 8 // groups, 3, 3, device=device, dtype=dtype) / 5
+    b = torch.randn(w.shape[0], device=device, dtype=dtype)
+    r = None
+    if residual:
+        r = torch.randn(2, w.shape[0], size, size, device=device, dtype=dtype)
+        r = r.contiguous(memory_format=torch.channels_last) if channels_last else r
+    return (x, w, b, [1, 1], [1, 1], [1, 1], groups, act, r)
+
+
+@interpreted
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interpreted_matches_reference(act, residual, channels_last):
+    tc.clear_caches()
+    args = _args("cpu", torch.float32, act, residual, channels_last)
+    got = tc.conv_bias_act(*args)
+    torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(*args), atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_interpreted_residual_in_another_layout_is_added_first():
+    x, w, b, *rest, act, r = _args("cpu", torch.float32, "silu", True, channels_last=True)
+    r = r.contiguous()  # NCHW residual, channels-last output
+    got = tc.conv_bias_act(x, w, b, *rest, act, r)
+    torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(x, w, b, *rest, act, r), atol=1e-5, rtol=1e-5)
+
+
+def test_bias_act_refuses_layouts_it_cannot_index():
+    y = torch.randn(2, 8, 4, 4)[:, :, :, ::2]
+    with pytest.raises(ValueError, match="dense NCHW or channels-last"):
+        tc.bias_act_(y, torch.randn(8), None, "relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("groups", [1, 8], ids=["dense", "depthwise"])
+def test_gpu_matches_reference(act, groups):
+    args = _args("cuda", torch.float16, act, act == "relu", channels_last=True, groups=groups, size=28)
+    got = KERNELS["triton.conv_epilogue"].make(OP, None)(args, {}, [])
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), torch.ops.kiln.conv_bias_act(*args).float(), atol=2e-2, rtol=2e-2)
