@@ -1,4 +1,4 @@
-"""cuBLASLt kernels for kiln's fused ops, against the ops' reference implementations."""
+"""cuBLASLt kernels for kiln's fused ops (linear epilogues, convolutions run as GEMMs) against the references."""
 
 import pytest
 import torch
