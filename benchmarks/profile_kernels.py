@@ -26,12 +26,59 @@ def top_kernels(fn, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
+def kernels_by_step(engine, inputs, rows: int, find: str | None = None) -> str:
+    """Each plan step's CUDA time and the kernels it launched, slowest steps first."""
+    from torch.profiler import record_function
+
+    steps, specs = engine._steps, engine.plan["steps"]
+    bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, engine.graph_inputs)]
+
+    def run(watch: int | None = None) -> list[str]:
+        vals = [None] * len(engine.plan["slots"])
+        vals[: len(bound)] = bound
+        kernels: list[str] = []
+        for i, step in enumerate(steps):
+            if i != watch:
+                with record_function(f"step{i}"):
+                    step(vals)
+                continue
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step(vals)
+                torch.cuda.synchronize()
+            kernels = [f"{e.key[:90]} {e.device_time_total:.1f}us" for e in prof.key_averages()
+                       if e.device_time_total > 0]
+        return kernels
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    times = {int(e.key[4:]): e.device_time_total for e in prof.key_averages()
+             if e.key.startswith("step") and e.key[4:].isdigit()}
+    lines = []
+    chosen = sorted(times.items(), key=lambda kv: -kv[1])[:rows]
+    if find:  # the steps that launch a kernel whose name contains `find`
+        chosen = [(i, us) for i, us in sorted(times.items()) if any(find in k for k in run(watch=i))][:rows]
+    for i, us in chosen:
+        spec = specs[i]
+        out = engine.plan["slots"][spec["outputs"][0]] if spec["outputs"] else {}
+        lines.append(f"{us:8.1f}us  #{i} {spec['op']} [{spec['kernel']}] {out.get('shape')} {out.get('stride')}")
+        lines += [f"              {k}" for k in run(watch=i)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precision", default="fp16")
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--compile", action="store_true", help="also profile torch.compile (default mode)")
+    parser.add_argument("--steps", action="store_true", help="also list kiln's steps with the kernels each launched")
+    parser.add_argument("--find", help="with --steps: list the steps launching a kernel whose name contains this")
     args = parser.parse_args()
     dtype = PRECISIONS[args.precision]
     entry = zoo.create(args.model, batch=args.batch)
@@ -43,8 +90,15 @@ def main() -> None:
     with torch.inference_mode():
         print(f"== kiln {args.model} batch {args.batch} {args.precision}: {len(engine.plan['steps'])} steps")
         print(top_kernels(lambda: engine(*inputs), args.rows))
+        if args.steps:
+            print(f"== kiln {args.model}: slowest steps and their kernels")
+            print(kernels_by_step(engine, inputs, args.rows, args.find))
         print(f"== eager {args.model}")
         print(top_kernels(lambda: eager(*eager_inputs), args.rows))
+        if args.compile:
+            compiled = torch.compile(eager)
+            print(f"== torch.compile {args.model}")
+            print(top_kernels(lambda: compiled(*eager_inputs), args.rows))
 
 
 if __name__ == "__main__":

@@ -286,6 +286,21 @@ def test_intermediates_used_outside_the_group_stay():
         torch.testing.assert_close(got, want, **FP32)
 
 
+def test_a_lone_op_fuses_only_when_it_broadcasts():
+    class Gate(nn.Module):
+        def forward(self, x, gate, y):
+            return x * gate, x + y
+
+    x, y = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    gate = torch.randn(2, 8, 1, 1)
+    before = capture(Gate().eval(), (x, gate, y), device=CPU)
+    after = fuse_pointwise(before)
+    ops = [str(n.target) for n in after.module.graph.nodes if n.op == "call_function"]
+    assert ops == ["kiln.pointwise.default", "aten.add.Tensor"], "the gate product fuses, the plain add stays"
+    for got, want in zip(after.run(x, gate, y), before.run(x, gate, y)):
+        torch.testing.assert_close(got, want, **FP32)
+
+
 def test_fused_node_keeps_the_roots_layout_and_source_line():
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     before = capture(Chain().eval(), (x,), device=CPU)

@@ -8,6 +8,7 @@ group is convex. Each group of two or more ops becomes one `kiln::pointwise` nod
 program (kiln.pointwise) the reference interprets and kiln.kernels.triton_pointwise
 compiles.
 
+A lone op is fused too when it broadcasts a smaller input over its output.
 Producers may be smaller than the group's output (a [B, C, 1, 1] gate feeding a
 [B, C, H, W] product); they are then recomputed for every output element, which costs
 arithmetic but no memory traffic.
@@ -261,9 +262,16 @@ def find_groups(graph: fx.Graph) -> list[list[fx.Node]]:
                         group.add(producer)
                         frontier.append(producer)
         taken |= group
-        if len(group) >= MIN_GROUP:
+        if len(group) >= MIN_GROUP or _broadcasts(root):
             groups.append(sorted(group, key=position.__getitem__))
     return groups
+
+
+def _broadcasts(node: fx.Node) -> bool:
+    """An op that stretches a smaller input over its output (the gate of a squeeze-excitation
+    block): ATen runs those with its slow strided kernel, so one op alone is worth a kernel."""
+    out = _val(node)
+    return any(_val(arg).numel() not in (1, out.numel()) for arg in node.all_input_nodes)
 
 
 # -- rewriting --------------------------------------------------------------------------------------
