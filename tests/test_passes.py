@@ -183,6 +183,37 @@ def test_fuse_conv_covers_bias_residual_and_activations():
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
 
 
+def test_fuse_conv_takes_silu_computed_in_fp32_between_casts():
+    x = torch.randn(2, 4, 8, 8)
+    before = capture(ConvBlock().eval(), (x,), device=torch.device("cpu"), compute_dtype=torch.float16)
+    assert "aten._to_copy.default" in _ops(before), "fp16 SiLU exports as cast → x·sigmoid(x) → cast"
+    after, _ = run_passes(before, ["fuse_conv"])
+    fused = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.conv_bias_act.default]
+    assert [n.args[7] for n in fused] == ["relu", "relu", "silu"]
+    assert "aten.sigmoid.default" not in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=2e-3, rtol=2e-3)
+
+
+def test_squeeze_excitation_gate_stays_for_the_pointwise_product():
+    class SqueezeExcite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return y * torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+
+    x = torch.randn(2, 4, 6, 6)
+    before = _capture(SqueezeExcite(), x)
+    after, _ = run_passes(before, ["fuse_conv", "fuse_pointwise"])
+    convs = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.conv_bias_act.default]
+    assert [n.args[7] for n in convs] == ["relu", "none"], "the gate's sigmoid is not the convolution's"
+    (gate,) = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.pointwise.default]
+    assert '"sigmoid"' in gate.args[1] and '"mul"' in gate.args[1]
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fuse_linear_takes_the_activation():
     x = torch.randn(2, 4, 8, 8)
     before = _capture(ConvBlock(), x)

@@ -40,10 +40,11 @@ def _args(device, dtype, act, residual, channels_last, groups=1, size=6):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_interpreted_matches_reference(act, residual, channels_last):
+@pytest.mark.parametrize("cudnn_bias", [False, True])
+def test_interpreted_matches_reference(act, residual, channels_last, cudnn_bias):
     tc.clear_caches()
     args = _args("cpu", torch.float32, act, residual, channels_last)
-    got = tc.conv_bias_act(*args)
+    got = tc.conv_bias_act(*args, cudnn_bias=cudnn_bias)
     torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(*args), atol=1e-5, rtol=1e-5)
 
 
@@ -62,10 +63,11 @@ def test_bias_act_refuses_layouts_it_cannot_index():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["triton.conv_epilogue", "triton.conv_act"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("groups", [1, 8], ids=["dense", "depthwise"])
-def test_gpu_matches_reference(act, groups):
+def test_gpu_matches_reference(kernel, act, groups):
     args = _args("cuda", torch.float16, act, act == "relu", channels_last=True, groups=groups, size=28)
-    got = KERNELS["triton.conv_epilogue"].make(OP, None)(args, {}, [])
+    got = KERNELS[kernel].make(OP, None)(args, {}, [])
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.float(), torch.ops.kiln.conv_bias_act(*args).float(), atol=2e-2, rtol=2e-2)

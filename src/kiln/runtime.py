@@ -112,7 +112,8 @@ def _view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark() -> Iterator[None]:
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN picks each convolution's algorithm by timing them, as engines run (and are tuned)."""
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -229,7 +230,7 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             # cuDNN times its algorithms for these exact shapes during warm-up; the graph keeps the winners.
-            with _cudnn_benchmark(), torch.inference_mode():
+            with cudnn_benchmark(), torch.inference_mode():
                 with torch.cuda.stream(stream):
                     for _ in range(2):  # warm-up: lazy cuBLAS/cuDNN init must not happen during capture
                         self.run_steps(self._static_inputs)

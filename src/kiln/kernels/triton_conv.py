@@ -4,7 +4,9 @@ cuDNN's fused kernels that PyTorch reaches cover bias + ReLU only. For SiLU, sig
 hardswish or GELU the alternative is convolution with bias (cuDNN adds the bias as a
 separate broadcast kernel), then the residual add, then the activation: up to three passes
 over the output. Here cuDNN convolves without bias and one Triton kernel applies
-bias (+ residual) + activation in place: one pass. The tuner keeps it where it is faster.
+bias (+ residual) + activation in place: one pass. cuDNN's choice of algorithm depends on
+whether it adds the bias itself (depthwise convolutions get a faster one with it), so a
+second kernel leaves the bias to cuDNN and the rest to Triton. The tuner keeps the faster.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ def _kernel() -> Any:
 
     @triton.jit
     def bias_act_kernel(y_ptr, b_ptr, r_ptr, n, channels, pixels, CHANNELS_LAST: tl.constexpr,
-                        HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        channel = offs % channels if CHANNELS_LAST else (offs // pixels) % channels
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            channel = offs % channels if CHANNELS_LAST else (offs // pixels) % channels
+            y += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT == "relu":
@@ -77,7 +80,7 @@ def _layout(y: torch.Tensor) -> bool | None:
     return False if y.is_contiguous() else None
 
 
-def bias_act_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str) -> torch.Tensor:
+def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, act: str) -> torch.Tensor:
     """y = act(y + bias[channel] (+ residual)), in place over a 4-D NCHW or channels-last y."""
     channels_last = _layout(y)
     if channels_last is None:
@@ -88,14 +91,23 @@ def bias_act_(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     n = y.numel()
     if n:
         _kernel()[(triton.cdiv(n, BLOCK),)](
-            y, bias, y if residual is None else residual, n, y.shape[1], y.shape[2] * y.shape[3],
-            CHANNELS_LAST=channels_last, HAS_RES=residual is not None, ACT=act, BLOCK=BLOCK,
+            y, y if bias is None else bias, y if residual is None else residual, n, y.shape[1],
+            y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, ACT=act, BLOCK=BLOCK,
         )
     return y
 
 
-def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, residual) -> torch.Tensor:
-    y = torch.ops.aten.convolution.default(x, weight, None, stride, padding, dilation, False, [0, 0], groups)
+def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, residual,
+                  cudnn_bias: bool = False) -> torch.Tensor:
+    """cuDNN convolution, then the epilogue in one Triton pass; with `cudnn_bias` the bias
+    goes to cuDNN (which then may pick another algorithm) and Triton does the rest."""
+    conv_bias = bias if cudnn_bias else None
+    y = torch.ops.aten.convolution.default(x, weight, conv_bias, stride, padding, dilation, False, [0, 0], groups)
+    if cudnn_bias:
+        bias = None
+        if _layout(y) is not None:
+            return bias_act_(y, None, residual, act)
     if bias is None or _layout(y) is None:
         from kiln.kernels.cudnn import INPLACE
 
@@ -119,3 +131,10 @@ def _supports(call: OpCall) -> bool:
 def make_conv_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution without bias, then bias (+ residual) + activation in one Triton pass."""
     return lambda args, kwargs, outs: conv_bias_act(*args)
+
+
+@register_kernel("triton.conv_act", provider="triton", implements=lambda op: op == OP,
+                 supports=_supports, writes_planned_outputs=False)
+def make_conv_act(name: str, out: OutVariant | None) -> StepFn:
+    """cuDNN convolution with its bias, then (residual +) activation in one Triton pass."""
+    return lambda args, kwargs, outs: conv_bias_act(*args, cudnn_bias=True)

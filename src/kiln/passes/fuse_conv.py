@@ -23,6 +23,15 @@ def _residual(conv_out: fx.Node, add: fx.Node | None) -> fx.Node | None:
     return other
 
 
+def _gate(act: str, result: fx.Node) -> bool:
+    """A sigmoid whose every use scales a larger tensor (a squeeze-excitation gate): it stays
+    outside the convolution, and fuse_pointwise computes it inside the product's kernel."""
+    size = result.meta["val"].numel()
+    return act == "sigmoid" and all(
+        u.target == aten.mul.Tensor and u.meta["val"].numel() > size for u in result.users
+    )
+
+
 @register_pass("fuse_conv")
 def fuse_conv(graph: CapturedGraph) -> CapturedGraph:
     """Fuse each 2-D convolution with the bias, residual add and activation that follow it."""
@@ -36,7 +45,7 @@ def fuse_conv(graph: CapturedGraph) -> CapturedGraph:
         if residual is not None:
             last = single_user(conv)
         found = following_activation(last)
-        if found is not None:
+        if found is not None and not _gate(*found):
             act, last = found
         replace_with(
             graph,

@@ -114,7 +114,11 @@ def activation(node: fx.Node) -> str | None:
 
 def following_activation(node: fx.Node) -> tuple[str, fx.Node] | None:
     """The activation applied to `node` and the node that yields its result: a single
-    activation op, or x * sigmoid(x) (how Core ATen spells SiLU)."""
+    activation op, or x * sigmoid(x) (how Core ATen spells SiLU), also computed in fp32
+    between casts (how it spells SiLU of fp16/bf16 tensors)."""
+    upcast = _upcast_silu(node)
+    if upcast is not None:
+        return "silu", upcast
     users = list(node.users)
     if len(users) == 1 and activation(users[0]) is not None and users[0].args[0] is node:
         return activation(users[0]), users[0]
@@ -124,6 +128,27 @@ def following_activation(node: fx.Node) -> tuple[str, fx.Node] | None:
         if sig is not None and mul is not None and set(mul.args) == {node, sig} and list(sig.users) == [mul]:
             return "silu", mul
     return None
+
+
+def _only_user_casts(node: fx.Node, dtype: torch.dtype) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) == 1 and users[0].target == aten._to_copy.default and set(users[0].kwargs) <= {"dtype"}:
+        val = users[0].meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype == dtype:
+            return users[0]
+    return None
+
+
+def _upcast_silu(node: fx.Node) -> fx.Node | None:
+    """The final cast of cast(x, fp32) → x·sigmoid(x) → cast back, for a half-precision x."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    up = _only_user_casts(node, torch.float32)
+    inner = following_activation(up) if up is not None else None
+    if inner is None or inner[0] != "silu" or inner[1].target != aten.mul.Tensor:
+        return None
+    return _only_user_casts(inner[1], val.dtype)
 
 
 def same_shape(a: fx.Node, b: object) -> bool:
