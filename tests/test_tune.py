@@ -39,3 +39,24 @@ def test_cache_key_names_the_timing_method():
     graph = capture(nn.ReLU().eval(), (torch.randn(2, 3),), device=torch.device("cpu"))
     node = next(n for n in graph.module.graph.nodes if n.op == "call_function")
     assert tune.TIMING_METHOD in tune.signature(node, torch.device("cuda"))
+
+
+def test_a_candidate_that_fails_in_any_way_is_dropped(monkeypatch):
+    from kiln.kernels import KERNELS, register_kernel
+
+    @register_kernel("test.broken_relu", provider="test", implements=lambda op: op == "aten.relu.default")
+    def make_broken(name, out):
+        def run(args, kwargs, outs):
+            raise ValueError("out of resources")  # not a RuntimeError, as Triton's compile errors are not
+
+        return run
+
+    try:
+        graph = capture(nn.ReLU().eval(), (torch.randn(2, 3),), device=torch.device("cpu"))
+        node = next(n for n in graph.module.graph.nodes if n.op == "call_function")
+        monkeypatch.setattr(tune, "time_kernel", lambda fn, args, kwargs: 1.0)
+        timings = tune.tune_node(node, "aten.relu.default", ["test.broken_relu", "aten"], graph.module,
+                                 torch.device("cpu"))
+        assert timings == {"aten": 1.0}
+    finally:
+        del KERNELS["test.broken_relu"]
