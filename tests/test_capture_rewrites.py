@@ -100,3 +100,24 @@ def test_build_reports_rewrites_and_engine_matches_eager():
         torch.testing.assert_close(engine(x), model(x), atol=1e-5, rtol=1e-5)
     off = kiln.build(model, (x,), config=kiln.BuildConfig(device="cpu", rewrites=[]))
     assert off.header["build"]["capture_rewrites"] == {}
+
+
+def test_unknown_rewrite_is_named():
+    with pytest.raises(ValueError, match="unknown capture rewrite.*nope.*batch_first_attention"):
+        _capture(SelfAttention(), torch.randn(2, 7, 32), rewrites=["nope"])
+
+
+def test_two_rewrites_of_one_module_are_both_undone():
+    from kiln import capture_rewrites
+
+    @capture_rewrites.register_rewrite(torch.nn.MultiheadAttention, name="test_second")
+    def second(module, original, note):
+        return original
+
+    try:
+        model = SelfAttention().eval()
+        graph = _capture(model, torch.randn(2, 7, 32))
+        assert graph.rewrites == {"batch_first_attention": 1}
+        assert "forward" not in model.att.__dict__
+    finally:
+        del capture_rewrites.REWRITES["test_second"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import kiln
 from kiln.capture import capture
 from kiln.passes import PASSES, copy_graph, count_ops, run_passes
 
@@ -65,6 +66,19 @@ def test_dead_code_bypasses_identities_and_eval_dropout():
     assert _ops(before).count("aten.clone.default") == 2 and kept.count("aten.clone.default") == 1
     for got, want in zip(after.run(x), before.run(x)):
         torch.testing.assert_close(got, want)
+
+
+def test_bypassed_clone_of_an_input_still_returns_fresh_memory():
+    class Copies(nn.Module):
+        def forward(self, x):
+            return x.clone(), x * 2
+
+    x = torch.randn(3, 4)
+    engine = kiln.build(Copies().eval(), (x,), device="cpu")
+    assert [s["op"] for s in engine.plan["steps"]] == ["aten.mul.Tensor"], "the clone is an identity"
+    same, doubled = engine(x)
+    assert torch.equal(same, x) and same.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(doubled, x * 2)
 
 
 def test_run_passes_reports_op_counts_per_pass():

@@ -45,6 +45,7 @@ def test_interpreted_other_layouts_and_dims_run_aten():
     cl = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(run((cl, [1], False), {}, []), cl.mean(1))
     torch.testing.assert_close(run((cl, [-1, -2], True), {}, []), cl.mean((2, 3), keepdim=True))
+    torch.testing.assert_close(run((cl, None, True), {}, []), cl.mean(None, keepdim=True))  # every dim
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
-from kiln.capture_rewrites import rewritten
+from kiln.capture_rewrites import check_names, rewritten
 from kiln.errors import CaptureError
 from kiln.specs import TensorSpec, build_structure, encode_structure
 
@@ -72,6 +72,7 @@ def capture(
 
     `rewrites` names the kiln.capture_rewrites to trace through (None: all of them)."""
     example_inputs = check_example_inputs(example_inputs)
+    check_names(rewrites)
     user_specs = [
         TensorSpec(f"input_{i}", tuple(x.shape), x.dtype) for i, x in enumerate(example_inputs)
     ]

@@ -47,9 +47,16 @@ def register_rewrite(module_type: type[nn.Module], name: str | None = None) -> C
     return deco
 
 
+def check_names(names: list[str] | None) -> None:
+    unknown = [n for n in names or [] if n not in REWRITES]
+    if unknown:
+        raise ValueError(f"unknown capture rewrite(s) {unknown}; known: {', '.join(REWRITES)}")
+
+
 @contextlib.contextmanager
 def rewritten(model: nn.Module, names: list[str] | None = None) -> Iterator[Counter]:
     """Within the block, matching submodules of `model` run their rewrite; yields applied counts."""
+    check_names(names)
     chosen = [REWRITES[n] for n in (REWRITES if names is None else names)]
     applied: Counter = Counter()
     patched: list[tuple[nn.Module, object]] = []
@@ -63,7 +70,7 @@ def rewritten(model: nn.Module, names: list[str] | None = None) -> Iterator[Coun
                     patched.append((module, own))
         yield applied
     finally:
-        for module, own in patched:
+        for module, own in reversed(patched):  # last patch first, so each module ends as it began
             if own is None:
                 del module.forward
             else:
@@ -90,7 +97,8 @@ def batch_first_attention(module: nn.MultiheadAttention, original: Forward, note
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not _plain_self_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask):
+        plain = _plain_self_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask)
+        if not plain or is_causal:
             return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         note()
@@ -107,7 +115,8 @@ def batch_first_attention(module: nn.MultiheadAttention, original: Forward, note
 
 def _plain_self_attention(module: nn.MultiheadAttention, query, key, value, key_padding_mask, need_weights,
                           attn_mask) -> bool:
-    """The cases the rewrite covers: unmasked batch-first self-attention, no weights returned."""
+    """The cases the rewrite covers: unmasked batch-first self-attention, no weights returned
+    (and is_causal off, checked by the caller)."""
     return (
         isinstance(query, torch.Tensor)
         and query is key is value

@@ -164,5 +164,7 @@ def tune_node(
             except Exception:  # any failure (a Triton kernel out of resources, say) drops the candidate
                 if name == reference:
                     raise
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # a fault that broke the CUDA context surfaces here, not later
                 continue
     return timings

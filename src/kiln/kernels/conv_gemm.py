@@ -26,6 +26,7 @@ def _pointwise_conv(call: OpCall) -> bool:
     implements=lambda op: op == CONV_OP,
     supports=_pointwise_conv,
     writes_planned_outputs=False,
+    priority=-2,  # a timed candidate only: never the untuned default
 )
 def make_conv1x1_gemm(name: str, out: OutVariant | None) -> StepFn:
     """A 1×1 convolution (stride 1, no padding, one group) over channels-last pixels as one
@@ -65,6 +66,7 @@ def _patch_conv(call: OpCall) -> bool:
     implements=lambda op: op == CONV_OP,
     supports=_patch_conv,
     writes_planned_outputs=False,
+    priority=-2,  # a timed candidate only: never the untuned default
 )
 def make_patch_conv_gemm(name: str, out: OutVariant | None) -> StepFn:
     """A convolution whose stride equals its kernel (ViT's patch embedding) as one GEMM: the

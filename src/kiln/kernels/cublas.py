@@ -56,14 +56,17 @@ def _half_precision(call: OpCall) -> bool:
     implements=lambda op: op == LINEAR_OP,
     supports=_half_precision,
     writes_planned_outputs=False,
+    priority=-2,  # a timed candidate only: never the untuned default
 )
 def make_gelu_tanh_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """fp16/bf16 only: exact GELU as cuBLASLt's tanh-approximated GELU epilogue, in the GEMM.
 
-    The two GELUs differ by at most 4.7e-4 (at x ≈ 2.7), under half an fp16 ulp wherever
-    |GELU(x)| ≥ 1, so an fp16 output changes by at most one ulp, and the separate pass over
-    the [rows, 4·hidden] activation disappears. The tuner keeps it only where it is faster
-    and agrees with the reference (kiln.tune.REL_TOL)."""
+    An approximation, offered as a timed candidate only: the two GELUs differ by at most
+    4.7e-4 in absolute terms (at |x| ≈ 2.7), under half an fp16 ulp wherever |GELU(x)| ≥ 1;
+    where GELU(x) is tiny (x ≲ -3) the relative difference is large while the absolute one
+    stays that small. In exchange the separate pass over the [rows, 4·hidden] activation
+    disappears. The tuner keeps it only where it is faster and the whole output agrees with
+    the reference within kiln.tune.REL_TOL (relative L2), which this bound always meets."""
     exact = make_epilogue(name, out)
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:

@@ -106,6 +106,8 @@ def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, resid
     y = torch.ops.aten.convolution.default(x, weight, conv_bias, stride, padding, dilation, False, [0, 0], groups)
     if cudnn_bias:
         bias = None
+        if residual is None and act == "none":
+            return y
         if _layout(y) is not None:
             return bias_act_(y, None, residual, act)
     if bias is None or _layout(y) is None:
@@ -127,14 +129,14 @@ def _supports(call: OpCall) -> bool:
 
 
 @register_kernel("triton.conv_epilogue", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False)
+                 supports=_supports, writes_planned_outputs=False, priority=-2)  # timed candidates only
 def make_conv_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution without bias, then bias (+ residual) + activation in one Triton pass."""
     return lambda args, kwargs, outs: conv_bias_act(*args)
 
 
 @register_kernel("triton.conv_act", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False)
+                 supports=_supports, writes_planned_outputs=False, priority=-2)
 def make_conv_act(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution with its bias, then (residual +) activation in one Triton pass."""
     return lambda args, kwargs, outs: conv_bias_act(*args, cudnn_bias=True)

@@ -62,7 +62,7 @@ def clear_caches() -> None:
 
 
 def _spatial(x: torch.Tensor, dims: Any) -> bool:
-    return x.dim() == 4 and sorted(d % 4 for d in dims) == [2, 3]
+    return x.dim() == 4 and dims is not None and sorted(d % 4 for d in dims) == [2, 3]
 
 
 def spatial_mean(x: torch.Tensor, keepdim: bool, splits: int | None = None) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _supports(call: OpCall) -> bool:
 
 
 @register_kernel("triton.spatial_mean", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False)
+                 supports=_supports, writes_planned_outputs=False, priority=-2)  # a timed candidate only
 def make_spatial_mean(name: str, out: OutVariant | None) -> StepFn:
     """Mean over H and W of a channels-last activation; anything else runs ATen's mean."""
 
