@@ -60,3 +60,25 @@ def test_a_candidate_that_fails_in_any_way_is_dropped(monkeypatch):
         assert timings == {"aten": 1.0}
     finally:
         del KERNELS["test.broken_relu"]
+
+
+def test_exact_builds_leave_approximate_kernels_out():
+    import kiln
+    from kiln.kernels import KERNELS, register_kernel
+
+    @register_kernel("test.approximate_relu", provider="test", implements=lambda op: op == "aten.relu.default",
+                     priority=5, approximate=True)
+    def make_approximate(name, out):
+        return lambda args, kwargs, outs: torch.clamp(args[0], min=0.0)
+
+    try:
+        x = torch.randn(2, 3)
+        default = kiln.build(nn.ReLU().eval(), (x,), device="cpu")
+        exact = kiln.build(nn.ReLU().eval(), (x,), config=kiln.BuildConfig(device="cpu", exact=True))
+        assert default.plan["steps"][0]["kernel"] == "test.approximate_relu"
+        assert exact.plan["steps"][0]["kernel"] == "aten"
+        assert "test.approximate_relu" not in exact.plan["steps"][0]["candidates"]
+        assert exact.header["build"]["exact"] is True
+    finally:
+        del KERNELS["test.approximate_relu"]
+    assert KERNELS["cublaslt.linear_gelu_tanh"].approximate

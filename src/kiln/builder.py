@@ -46,6 +46,7 @@ class BuildConfig:
     passes: list[str] | None = None  # None: every registered pass
     rewrites: list[str] | None = None  # capture-time module rewrites (kiln.capture_rewrites); None: all
     tune: bool = True  # time candidate kernels on CUDA and keep the fastest
+    exact: bool = False  # no approximate kernels (e.g. tanh-GELU for exact GELU in fp16)
     backend: str = "kiln"  # "tensorrt": supported regions become TensorRT engines inside the plan
     require_full: bool = False  # with backend="tensorrt": fail unless the whole graph converts
     timing_cache: str | None = None  # None: $KILN_TIMING_CACHE or ~/.cache/kiln/timing-cache.json
@@ -124,7 +125,7 @@ def build(
         cache = None
         if config.tune and target.type == "cuda":
             cache = TimingCache.open(Path(config.timing_cache) if config.timing_cache else default_cache_path())
-        selections = select_kernels(graph, cache)
+        selections = select_kernels(graph, cache, exact=config.exact)
         if cache is not None:
             cache.save()
     with stage("plan"):
@@ -133,6 +134,7 @@ def build(
     info = _build_info(model, config, target, used, times, time.perf_counter() - start)
     info["passes"] = pass_report
     info["capture_rewrites"] = graph.rewrites
+    info["exact"] = config.exact
     info["backend"] = config.backend
     info["tensorrt"] = tensorrt_report
     info["timing_cache"] = (

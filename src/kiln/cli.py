@@ -49,6 +49,7 @@ def build(
     backend: str = typer.Option("kiln", help="kiln, or tensorrt: supported regions run as TensorRT engines."),
     require_full: bool = typer.Option(False, help="With --backend tensorrt: fail unless every op converts."),
     timing_cache: Path = typer.Option(None, help="Kernel timing cache (default: ~/.cache/kiln/timing-cache.json)."),
+    exact: bool = typer.Option(False, help="No approximate kernels (such as tanh-GELU for exact GELU in fp16)."),
 ) -> None:
     """Build MODEL into an engine file."""
     import torch
@@ -69,7 +70,7 @@ def build(
     target = output or Path(f"{Path(model.split(':')[-1]).stem}.kiln")
     config = BuildConfig(precision=precision, device=device, model_name=entry.name, backend=backend,
                          require_full=require_full, timing_cache=None if timing_cache is None else str(timing_cache),
-                         extra_info={"pretrained": entry.pretrained})
+                         exact=exact, extra_info={"pretrained": entry.pretrained})
     console.print(f"building [bold]{entry.name}[/] (batch {batch}, {precision})")
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -53,16 +53,19 @@ def op_call(node: fx.Node, device_type: str) -> OpCall:
     )
 
 
-def select_kernels(graph: CapturedGraph, cache: TimingCache | None = None) -> dict[fx.Node, Selection]:
+def select_kernels(
+    graph: CapturedGraph, cache: TimingCache | None = None, exact: bool = False
+) -> dict[fx.Node, Selection]:
     """Each op node's kernel: the preferred candidate, or with a timing cache on CUDA the
-    fastest one that agrees with the reference (measured now, or remembered)."""
+    fastest one that agrees with the reference (measured now, or remembered). With `exact`,
+    kernels that compute an approximation of their op are not candidates."""
     chosen: dict[fx.Node, Selection] = {}
     problems: list[tuple[str, str, str]] = []
     for node in graph.module.graph.nodes:
         if node.op != "call_function" or node.target in PLANNER_OPS:
             continue
         call = op_call(node, graph.device.type)
-        found = candidates(call) if isinstance(node.target, torch._ops.OpOverload) else []
+        found = candidates(call, exact) if isinstance(node.target, torch._ops.OpOverload) else []
         if not found:
             problems.append((call.op, node.name, source_line(node)))
             continue

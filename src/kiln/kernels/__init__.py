@@ -40,6 +40,7 @@ class Kernel:
     writes_planned_outputs: bool = True
     doc: str = ""
     priority: int = 0  # the untimed choice: highest priority wins (reference kernels are -1)
+    approximate: bool = False  # computes a stated approximation of the op; BuildConfig(exact=True) skips it
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,26 @@ def register_kernel(
     supports: Callable[[OpCall], bool] = lambda call: True,
     writes_planned_outputs: bool = True,
     priority: int = 0,
+    approximate: bool = False,
 ) -> Callable[[Callable[[str, OutVariant | None], StepFn]], Callable[[str, OutVariant | None], StepFn]]:
     """Register a kernel factory under `name` (later registrations of a name replace earlier)."""
 
     def deco(make: Callable[[str, OutVariant | None], StepFn]) -> Callable[[str, OutVariant | None], StepFn]:
         doc = (make.__doc__ or "").strip()
-        KERNELS[name] = Kernel(name, provider, implements, supports, make, writes_planned_outputs, doc, priority)
+        KERNELS[name] = Kernel(
+            name, provider, implements, supports, make, writes_planned_outputs, doc, priority, approximate
+        )
         return make
 
     return deco
 
 
-def candidates(call: OpCall) -> list[Kernel]:
-    """Every registered kernel that implements and supports this call, preferred first."""
-    found = [k for k in KERNELS.values() if k.implements(call.op) and k.supports(call)]
+def candidates(call: OpCall, exact: bool = False) -> list[Kernel]:
+    """Every registered kernel that implements and supports this call, preferred first
+    (with `exact`, none that computes an approximation)."""
+    found = [
+        k for k in KERNELS.values() if k.implements(call.op) and k.supports(call) and not (exact and k.approximate)
+    ]
     order = {k.name: i for i, k in enumerate(found)}
     return sorted(found, key=lambda k: (-k.priority, -order[k.name]))
 
