@@ -62,6 +62,13 @@ def test_batch_first_attention_declines_what_it_does_not_cover(model):
         torch.testing.assert_close(graph.run(x), model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
+def test_is_causal_is_left_to_the_module():
+    # the module refuses is_causal without a mask; the rewrite must not quietly compute
+    # non-causal attention instead
+    with pytest.raises(CaptureError, match="is_causal|attn_mask"):
+        _capture(SelfAttention(is_causal=True), torch.randn(2, 7, 32))
+
+
 def test_cross_attention_is_left_alone():
     class Cross(nn.Module):
         def __init__(self):

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from kiln import ops  # noqa: F401  (defines kiln::conv_bias_act and kiln::linear_act)
-from kiln.kernels import KERNELS
+from kiln.kernels import KERNELS, OpCall
+from kiln.specs import TensorSpec
 
 CONV = "kiln.conv_bias_act.default"
 LINEAR = "kiln.linear_act.default"
 conv_bias_act = torch.ops.kiln.conv_bias_act.default
-linear_act = torch.ops.kiln.linear_act.default
 
 
 def _conv_args(batch, c_in, c_out, size, act, residual, stride=1, channels_last=True):
@@ -38,9 +38,8 @@ def test_conv1x1_gemm_matches_reference(act, size, residual):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stride,channels_last", [(2, True), (1, False)], ids=["strided", "nchw"])
-def test_conv1x1_gemm_falls_back_to_cudnn_outside_its_case(stride, channels_last):
-    args = _conv_args(4, 16, 32, 14, "relu", False, stride=stride, channels_last=channels_last)
+def test_conv1x1_gemm_falls_back_to_cudnn_for_nchw_pixels():
+    args = _conv_args(4, 16, 32, 14, "relu", False, channels_last=False)
     got = KERNELS["cublaslt.conv1x1_gemm"].make(CONV, None)(args, {}, [])
     torch.testing.assert_close(got.float(), conv_bias_act(*args).float(), atol=2e-2, rtol=2e-2)
 
@@ -62,16 +61,6 @@ def test_patch_conv_gemm_matches_reference(channels_last, act, residual):
 
 
 @pytest.mark.gpu
-def test_patch_conv_gemm_falls_back_for_overlapping_windows():
-    x = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.float16)
-    w = torch.randn(16, 3, 4, 4, device="cuda", dtype=torch.float16) / 7
-    b = torch.randn(16, device="cuda", dtype=torch.float16)
-    args = (x, w, b, [2, 2], [1, 1], [1, 1], 1, "none", None)
-    got = KERNELS["cublaslt.patch_conv_gemm"].make(CONV, None)(args, {}, [])
-    torch.testing.assert_close(got.float(), conv_bias_act(*args).float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
 def test_gelu_tanh_epilogue_stays_within_fp16_rounding_of_exact_gelu():
     x = torch.randn(256, 512, device="cuda", dtype=torch.float16)
     w_t = torch.randn(512, 1024, device="cuda", dtype=torch.float16) / 512**0.5
@@ -81,18 +70,56 @@ def test_gelu_tanh_epilogue_stays_within_fp16_rounding_of_exact_gelu():
     exact = F.gelu(torch.addmm(b.float(), x.float(), w_t.float()))
     # 4.7e-4 approximation error + fp16 rounding of the GEMM output and of the GELU
     torch.testing.assert_close(got.float(), exact, atol=3e-3, rtol=3e-3)
-    for act in ("none", "relu"):
-        torch.testing.assert_close(run((x, w_t, b, act), {}, []), linear_act(x, w_t, b, act), atol=2e-2, rtol=2e-2)
 
 
-def test_gelu_tanh_epilogue_is_offered_for_half_precision_only():
-    from kiln.kernels import OpCall
-    from kiln.specs import TensorSpec
+def _spec(name, shape, dtype=torch.float16):
+    return TensorSpec(name, shape, dtype)
 
-    def call(dtype):
-        x, w, b = (TensorSpec(n, s, dtype) for n, s in (("x", (8, 4)), ("w", (4, 4)), ("b", (4,))))
-        return OpCall(LINEAR, (x, w, b, None), (TensorSpec("y", (8, 4), dtype),), "cuda")
 
+def _linear_call(dtype, act):
+    x, w, b = _spec("x", (8, 4), dtype), _spec("w", (4, 4), dtype), _spec("b", (4,), dtype)
+    return OpCall(LINEAR, (x, w, b, None), (_spec("y", (8, 4), dtype),), "cuda", (None, None, None, act))
+
+
+def test_gelu_tanh_epilogue_is_offered_for_half_precision_gelu_only():
     supports = KERNELS["cublaslt.linear_gelu_tanh"].supports
-    assert supports(call(torch.float16)) and supports(call(torch.bfloat16))
-    assert not supports(call(torch.float32)), "fp32 engines keep exact GELU"
+    assert supports(_linear_call(torch.float16, "gelu")) and supports(_linear_call(torch.bfloat16, "gelu"))
+    assert not supports(_linear_call(torch.float32, "gelu")), "fp32 engines keep exact GELU"
+    assert not supports(_linear_call(torch.float16, "relu")), "other activations: the exact epilogue kernel"
+
+
+def _conv_call(x_shape, w_shape, stride, padding, dilation=(1, 1), groups=1, bias=True):
+    x, w = _spec("x", x_shape), _spec("w", w_shape)
+    b = _spec("b", (w_shape[0],)) if bias else None
+    constants = (None, None, None, list(stride), list(padding), list(dilation), groups, "relu", None)
+    return OpCall(CONV, (x, w, b, None, None, None, None, None, None), (_spec("y", (1,)),), "cuda", constants)
+
+
+@pytest.mark.parametrize(
+    "call,expected",
+    [
+        (_conv_call((2, 16, 14, 14), (32, 16, 1, 1), (1, 1), (0, 0)), True),
+        (_conv_call((2, 16, 14, 14), (32, 16, 1, 1), (2, 2), (0, 0)), False),
+        (_conv_call((2, 16, 14, 14), (32, 16, 1, 1), (1, 1), (0, 0), bias=False), False),
+        (_conv_call((2, 16, 14, 14), (16, 1, 1, 1), (1, 1), (0, 0), groups=16), False),
+        (_conv_call((2, 16, 14, 14), (32, 16, 3, 3), (1, 1), (1, 1)), False),
+    ],
+    ids=["1x1", "strided", "no bias", "grouped", "3x3"],
+)
+def test_conv1x1_gemm_takes_plain_pointwise_convolutions_only(call, expected):
+    assert KERNELS["cublaslt.conv1x1_gemm"].supports(call) == expected
+
+
+@pytest.mark.parametrize(
+    "call,expected",
+    [
+        (_conv_call((2, 3, 224, 224), (768, 3, 16, 16), (16, 16), (0, 0)), True),
+        (_conv_call((2, 3, 32, 32), (16, 3, 4, 4), (2, 2), (1, 1)), False),
+        (_conv_call((2, 3, 30, 30), (16, 3, 4, 4), (4, 4), (0, 0)), False),
+        (_conv_call((2, 3, 32, 32), (16, 3, 4, 4), (4, 4), (0, 0), dilation=(2, 2)), False),
+        (_conv_call((2, 3, 32, 32), (16, 3, 1, 1), (1, 1), (0, 0)), False),
+    ],
+    ids=["patches", "overlapping", "ragged image", "dilated", "1x1"],
+)
+def test_patch_conv_gemm_takes_non_overlapping_patches_only(call, expected):
+    assert KERNELS["cublaslt.patch_conv_gemm"].supports(call) == expected

@@ -71,3 +71,25 @@ def test_gpu_matches_reference(kernel, act, groups):
     got = KERNELS[kernel].make(OP, None)(args, {}, [])
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.float(), torch.ops.kiln.conv_bias_act(*args).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cudnn_bias_without_residual_or_activation_needs_no_triton_pass(monkeypatch):
+    def no_pass(*args):
+        raise AssertionError("no epilogue to run")
+
+    monkeypatch.setattr(tc, "bias_act_", no_pass)
+    args = _args("cpu", torch.float32, "none", False, channels_last=True)
+    got = tc.conv_bias_act(*args, cudnn_bias=True)
+    torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_new_conv_kernels_are_never_the_untuned_default():
+    from kiln.kernels import OpCall, candidates
+    from kiln.specs import TensorSpec
+
+    x, w, b = (TensorSpec(n, s, torch.float16) for n, s in (("x", (2, 8, 8, 8)), ("w", (8, 8, 1, 1)), ("b", (8,))))
+    constants = (None, None, None, [1, 1], [0, 0], [1, 1], 1, "silu", None)
+    call = OpCall(OP, (x, w, b) + (None,) * 6, (x,), "cuda", constants)
+    names = [k.name for k in candidates(call)]
+    assert names[0].startswith("cudnn."), names
+    assert "cublaslt.conv1x1_gemm" in names, "the GEMM form is still a timed candidate"

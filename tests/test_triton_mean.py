@@ -56,3 +56,13 @@ def test_gpu_matches_aten(shape):
     want = x.float().mean((2, 3), keepdim=True).half()
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dims,expected", [([2, 3], True), ([-1, -2], True), ([1], False), (None, False)])
+def test_offered_for_spatial_means_only(dims, expected):
+    from kiln.kernels import OpCall
+    from kiln.specs import TensorSpec
+
+    x = TensorSpec("x", (2, 8, 7, 7), torch.float16)
+    call = OpCall(OP, (x, None, None), (x,), "cuda", (None, dims, True))
+    assert KERNELS["triton.spatial_mean"].supports(call) == (expected and tm.triton is not None)

@@ -82,3 +82,17 @@ def test_exact_builds_leave_approximate_kernels_out():
     finally:
         del KERNELS["test.approximate_relu"]
     assert KERNELS["cublaslt.linear_gelu_tanh"].approximate
+
+
+def test_candidates_are_timed_with_cudnn_benchmark_on_as_engines_run(monkeypatch):
+    seen = []
+    def record(fn, args, kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return 1.0
+
+    monkeypatch.setattr(tune, "time_kernel", record)
+    graph = capture(nn.ReLU().eval(), (torch.randn(2, 3),), device=torch.device("cpu"))
+    node = next(n for n in graph.module.graph.nodes if n.op == "call_function")
+    before = torch.backends.cudnn.benchmark
+    tune.tune_node(node, "aten.relu.default", ["aten"], graph.module, torch.device("cpu"))
+    assert seen == [True] and torch.backends.cudnn.benchmark == before

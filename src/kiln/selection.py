@@ -50,6 +50,7 @@ def op_call(node: fx.Node, device_type: str) -> OpCall:
         tuple(spec(a) for a in node.args),
         tuple(TensorSpec(node.name, tuple(v.shape), v.dtype) for v in outs if isinstance(v, torch.Tensor)),
         device_type,
+        tuple(fx.node.map_arg(a, lambda n: None) for a in node.args),
     )
 
 

@@ -22,12 +22,17 @@ StepFn = Callable[[tuple[Any, ...], dict[str, Any], list[torch.Tensor]], Any]
 
 @dataclass(frozen=True)
 class OpCall:
-    """What selection knows about one call: the op, its tensor inputs, the device."""
+    """What selection knows about one call: the op, its tensor inputs, the device, and its
+    constant arguments (strides, activation names; None where an argument is a tensor)."""
 
     op: str
     inputs: tuple[TensorSpec | None, ...]
     outputs: tuple[TensorSpec, ...]
     device_type: str
+    constants: tuple[Any, ...] = ()
+
+    def constant(self, index: int, default: Any = None) -> Any:
+        return self.constants[index] if index < len(self.constants) else default
 
 
 @dataclass(frozen=True)

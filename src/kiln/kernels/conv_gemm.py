@@ -4,7 +4,7 @@ A 1×1 convolution over channels-last pixels and a convolution whose stride equa
 kernel (a ViT's patch embedding) are matrix products once the input is viewed the right
 way; cuBLASLt then runs them with the bias in the GEMM, where cuDNN would pick an implicit-
 GEMM convolution with layout conversions or a broadcast bias kernel around it. Each falls
-back to cuDNN outside its case; the tuner keeps whichever is faster per node.
+back to cuDNN for inputs laid out otherwise; the tuner keeps whichever is faster per node.
 """
 
 from __future__ import annotations
@@ -15,9 +15,25 @@ from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
 from kiln.kernels.cudnn import CONV_OP, INPLACE, _conv2d_on_cuda, _conv_then_inplace
 
 
+def _plain_conv(call: OpCall) -> bool:
+    """A 2-D convolution on CUDA with a bias, no dilation and one group."""
+    return (
+        _conv2d_on_cuda(call)
+        and call.inputs[1] is not None
+        and call.inputs[2] is not None
+        and tuple(call.constant(5, ())) == (1, 1)
+        and call.constant(6) == 1
+    )
+
+
 def _pointwise_conv(call: OpCall) -> bool:
-    w = call.inputs[1]
-    return _conv2d_on_cuda(call) and w is not None and tuple(w.shape[2:]) == (1, 1)
+    """1×1 kernel, stride 1, no padding."""
+    return (
+        _plain_conv(call)
+        and tuple(call.inputs[1].shape[2:]) == (1, 1)
+        and tuple(call.constant(3, ())) == (1, 1)
+        and tuple(call.constant(4, ())) == (0, 0)
+    )
 
 
 @register_kernel(
@@ -36,10 +52,8 @@ def make_conv1x1_gemm(name: str, out: OutVariant | None) -> StepFn:
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, w, b, stride, padding, dilation, groups, act, residual = args
         batch, c_in, height, width = x.shape
-        plain = tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1 and b is not None
-        pixels_last = height * width == 1 or x.is_contiguous(memory_format=torch.channels_last)
-        if not (plain and pixels_last):
-            return _conv_then_inplace(x, w, b, stride, padding, dilation, groups, act, residual)
+        if height * width != 1 and not x.is_contiguous(memory_format=torch.channels_last):
+            return _conv_then_inplace(*args)  # NCHW pixels are not GEMM rows
         rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)
         w_t = w.view(w.shape[0], c_in).t()
         if act == "relu" and residual is None:
@@ -56,8 +70,19 @@ def make_conv1x1_gemm(name: str, out: OutVariant | None) -> StepFn:
 
 
 def _patch_conv(call: OpCall) -> bool:
-    w = call.inputs[1]
-    return _conv2d_on_cuda(call) and w is not None and w.shape[2] == w.shape[3] > 1
+    """A square k×k kernel (k > 1), stride k, no padding, and an image that k divides."""
+    if not _plain_conv(call):
+        return False
+    k = call.inputs[1].shape[2]
+    height, width = call.inputs[0].shape[2:]
+    return (
+        k > 1
+        and tuple(call.inputs[1].shape[2:]) == (k, k)
+        and tuple(call.constant(3, ())) == (k, k)
+        and tuple(call.constant(4, ())) == (0, 0)
+        and height % k == 0
+        and width % k == 0
+    )
 
 
 @register_kernel(
@@ -78,10 +103,6 @@ def make_patch_conv_gemm(name: str, out: OutVariant | None) -> StepFn:
         x, w, b, stride, padding, dilation, groups, act, residual = args
         c_out, c_in, k, _ = w.shape
         batch, _, height, width = x.shape
-        fits = (tuple(stride) == (k, k) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
-                and groups == 1 and height % k == 0 and width % k == 0 and b is not None)
-        if not fits:
-            return _conv_then_inplace(x, w, b, stride, padding, dilation, groups, act, residual)
         rows, cols = height // k, width // k
         patches = x.view(batch, c_in, rows, k, cols, k).permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, -1)
         w2d = w.reshape(c_out, -1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.cudnn import INPLACE
 
 LINEAR_OP = "kiln.linear_act.default"
 EPILOGUES = {"relu", "gelu_tanh"}
@@ -41,20 +42,24 @@ def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
         y = torch.addmm(bias, x, w_t)
         if act == "gelu":
             return F.gelu(y)
-        return y if act == "none" else _inplace(y, act)
+        return y if act == "none" else INPLACE[act](y)
 
     return run
 
 
-def _half_precision(call: OpCall) -> bool:
-    return _epilogue_fits(call) and call.inputs[0].dtype in (torch.float16, torch.bfloat16)
+def _half_precision_gelu(call: OpCall) -> bool:
+    return (
+        _epilogue_fits(call)
+        and call.inputs[0].dtype in (torch.float16, torch.bfloat16)
+        and call.constant(3) == "gelu"
+    )
 
 
 @register_kernel(
     "cublaslt.linear_gelu_tanh",
     provider="cublaslt",
     implements=lambda op: op == LINEAR_OP,
-    supports=_half_precision,
+    supports=_half_precision_gelu,
     writes_planned_outputs=False,
     approximate=True,
     priority=-2,  # a timed candidate only: never the untuned default
@@ -68,19 +73,10 @@ def make_gelu_tanh_epilogue(name: str, out: OutVariant | None) -> StepFn:
     stays that small. In exchange the separate pass over the [rows, 4·hidden] activation
     disappears. The tuner keeps it only where it is faster and the whole output agrees with
     the reference within kiln.tune.REL_TOL (relative L2), which this bound always meets."""
-    exact = make_epilogue(name, out)
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-        x, w_t, bias, act = args
-        if act != "gelu":
-            return exact(args, kwargs, outs)
+        x, w_t, bias, _ = args
         return torch.ops.aten._addmm_activation(bias, x, w_t, use_gelu=True)
 
     return run
-
-
-def _inplace(y: torch.Tensor, act: str) -> torch.Tensor:
-    from kiln.kernels.cudnn import INPLACE
-
-    return INPLACE[act](y)
 

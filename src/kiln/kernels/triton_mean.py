@@ -61,8 +61,8 @@ def clear_caches() -> None:
     _kernel.cache_clear()
 
 
-def _spatial(x: torch.Tensor, dims: Any) -> bool:
-    return x.dim() == 4 and dims is not None and sorted(d % 4 for d in dims) == [2, 3]
+def _spatial(x: Any, dims: Any) -> bool:
+    return len(x.shape) == 4 and dims is not None and sorted(d % 4 for d in dims) == [2, 3]
 
 
 def spatial_mean(x: torch.Tensor, keepdim: bool, splits: int | None = None) -> torch.Tensor:
@@ -88,8 +88,13 @@ def spatial_mean(x: torch.Tensor, keepdim: bool, splits: int | None = None) -> t
 
 def _supports(call: OpCall) -> bool:
     x = call.inputs[0]
-    return triton is not None and call.device_type == "cuda" and x is not None and len(x.shape) == 4 and (
-        x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (
+        triton is not None
+        and call.device_type == "cuda"
+        and x is not None
+        and len(x.shape) == 4
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and _spatial(x, call.constant(1))
     )
 
 
