@@ -14,9 +14,10 @@ from interpreter import interpreted, run_interpreted_tests
 from kiln import ops  # noqa: F401  (defines kiln::conv_bias_act)
 from kiln.kernels import KERNELS
 from kiln.kernels import triton_conv as tc
+from kiln.kernels.triton_act import ACTIVATIONS
 
 OP = "kiln.conv_bias_act.default"
-ACTS = list(tc.ACTIVATIONS)
+ACTS = list(ACTIVATIONS)
 
 
 def test_triton_kernel_in_the_interpreter():
@@ -54,6 +55,23 @@ def test_interpreted_residual_in_another_layout_is_added_first():
     r = r.contiguous()  # NCHW residual, channels-last output
     got = tc.conv_bias_act(x, w, b, *rest, act, r)
     torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(x, w, b, *rest, act, r), atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 200, 5, 7), (2, 3, 33, 40)], ids=["wide", "tall"])
+def test_interpreted_bias_act_spans_tiles_in_both_directions(channels_last, shape):
+    """More channels than one column tile (channels-last) or pixels than one (NCHW), ragged edges."""
+    tc.clear_caches()
+    y = torch.randn(shape)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    bias, residual = torch.randn(shape[1]), torch.randn(shape)
+    if channels_last:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.silu(y + bias.view(1, -1, 1, 1) + residual)
+    got = tc.bias_act_(y.clone(memory_format=torch.preserve_format), bias, residual, "silu")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bias_act_refuses_layouts_it_cannot_index():

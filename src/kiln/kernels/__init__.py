@@ -122,6 +122,6 @@ def op_name(op: torch._ops.OpOverload) -> str:
 
 
 from kiln.kernels import (  # noqa: E402,F401,I001  (each registers its kernels)
-    aten, attention, conv_gemm, cublas, cudnn, reference, tensorrt, triton_conv, triton_layer_norm, triton_mean,
-    triton_pointwise,
+    aten, attention, conv_gemm, cublas, cudnn, reference, tensorrt, triton_conv, triton_gemm, triton_layer_norm,
+    triton_mean, triton_pointwise,
 )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.triton_act import activation
 
 try:
     import triton
@@ -25,8 +26,8 @@ except ImportError:  # CPU-only torch builds ship without Triton
     triton = tl = None
 
 OP = "kiln.conv_bias_act.default"
-ACTIVATIONS = ("none", "relu", "relu6", "silu", "sigmoid", "hardswish", "tanh", "gelu", "gelu_tanh")
-BLOCK = 1024
+TILE = 2048  # elements per program
+MAX_BLOCK_COLS = 128
 
 
 @functools.cache
@@ -36,33 +37,27 @@ def _kernel() -> Any:
         raise RuntimeError("the triton.conv_epilogue kernel needs Triton, which this torch build lacks")
 
     @triton.jit
-    def bias_act_kernel(y_ptr, b_ptr, r_ptr, n, channels, pixels, CHANNELS_LAST: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+    def bias_act_kernel(y_ptr, b_ptr, r_ptr, rows, cols, channels, BIAS_ON_COLS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y is a (rows x cols) matrix: (pixels x channels) channels-last, (batch*channels x
+        # pixels) NCHW. Tiles of it take the bias as a row or column vector, so no element
+        # computes its channel with a division.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = r < rows
+        col_ok = c < cols
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            channel = offs % channels if CHANNELS_LAST else (offs // pixels) % channels
-            y += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+            if BIAS_ON_COLS:
+                y += tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                y += tl.load(b_ptr + r % channels, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         if HAS_RES:
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT == "relu":
-            y = tl.maximum(y, 0.0)
-        elif ACT == "relu6":
-            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
-        elif ACT == "silu":
-            y = y * tl.sigmoid(y)
-        elif ACT == "sigmoid":
-            y = tl.sigmoid(y)
-        elif ACT == "hardswish":
-            y = y * tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
-        elif ACT == "tanh":
-            y = 2.0 * tl.sigmoid(2.0 * y) - 1.0
-        elif ACT == "gelu":
-            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        elif ACT == "gelu_tanh":
-            inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-            y = 0.5 * y * (1.0 + 2.0 * tl.sigmoid(2.0 * inner) - 1.0)
+        y = activation(y, ACT)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     return bias_act_kernel
@@ -88,12 +83,15 @@ def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     if residual is not None and residual.stride() != y.stride():
         y.add_(residual)
         residual = None
-    n = y.numel()
-    if n:
-        _kernel()[(triton.cdiv(n, BLOCK),)](
-            y, y if bias is None else bias, y if residual is None else residual, n, y.shape[1],
-            y.shape[2] * y.shape[3], CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, ACT=act, BLOCK=BLOCK,
+    if y.numel():
+        batch, channels, height, width = y.shape
+        rows, cols = (batch * height * width, channels) if channels_last else (batch * channels, height * width)
+        block_c = min(MAX_BLOCK_COLS, triton.next_power_of_2(cols))
+        block_r = max(1, TILE // block_c)
+        _kernel()[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+            y, y if bias is None else bias, y if residual is None else residual, rows, cols, channels,
+            BIAS_ON_COLS=channels_last, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act,
+            BLOCK_R=block_r, BLOCK_C=block_c,
         )
     return y
 
