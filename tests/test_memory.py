@@ -69,3 +69,4 @@ def test_views_keep_their_base_buffer_alive():
     reader = next(i for i, s in enumerate(steps) if {"slot": view_slot} in s["args"])
     buf = next(b for b in engine.plan["memory"]["buffers"] if b["slot"] == mul["outputs"][0])
     assert reader > 2 and buf["last"] >= reader, "the view's reads must extend its base buffer's lifetime"
+

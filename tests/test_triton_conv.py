@@ -74,6 +74,20 @@ def test_interpreted_bias_act_spans_tiles_in_both_directions(channels_last, shap
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("kernel", ["triton.conv_epilogue", "triton.conv_act"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw-falls-back-to-a-copy"])
+def test_interpreted_writes_into_a_slice_of_a_concatenation(kernel, channels_last):
+    tc.clear_caches()
+    args = _args("cpu", torch.float32, "silu", True, channels_last)
+    whole = torch.full((2, 20, 6, 6), 7.0)
+    whole = whole.contiguous(memory_format=torch.channels_last) if channels_last else whole
+    got = KERNELS[kernel].make(OP, None)(args, {}, [whole[:, 5:17]])
+    assert got.data_ptr() == whole[:, 5:17].data_ptr()
+    torch.testing.assert_close(whole[:, 5:17], torch.ops.kiln.conv_bias_act(*args), atol=1e-5, rtol=1e-5)
+    assert (whole[:, :5] == 7).all() and (whole[:, 17:] == 7).all(), "nothing outside the slice is written"
+
+
 def test_bias_act_refuses_layouts_it_cannot_index():
     y = torch.randn(2, 8, 4, 4)[:, :, :, ::2]
     with pytest.raises(ValueError, match="dense NCHW or channels-last"):

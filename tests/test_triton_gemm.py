@@ -72,6 +72,17 @@ def test_interpreted_squeeze_excitation_conv_over_one_pixel():
     torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(*args), atol=1e-4, rtol=1e-4)
 
 
+@interpreted
+@pytest.mark.parametrize("size", [5, 1])
+def test_interpreted_conv1x1_writes_into_a_slice_of_a_concatenation(size):
+    args = _conv_args("cpu", torch.float32, "relu", True, size=size)
+    whole = torch.full((3, 50, size, size), 7.0).contiguous(memory_format=torch.channels_last)
+    got = KERNELS["triton.conv1x1_act.narrow"].make(CONV, None)(args, {}, [whole[:, 4:44]])
+    assert got.data_ptr() == whole[:, 4:44].data_ptr()
+    torch.testing.assert_close(whole[:, 4:44], torch.ops.kiln.conv_bias_act(*args), atol=1e-4, rtol=1e-4)
+    assert (whole[:, :4] == 7).all() and (whole[:, 44:] == 7).all(), "nothing outside the slice is written"
+
+
 def test_nchw_input_runs_the_cudnn_path(monkeypatch):
     def no_gemm(*args, **kwargs):
         raise AssertionError("NCHW pixels are not GEMM rows")

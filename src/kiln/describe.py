@@ -20,6 +20,7 @@ def describe(engine: Engine) -> dict[str, Any]:
             "kernel": step["kernel"],
             "candidates": step["candidates"],
             "timings_ms": step["timings_ms"],
+            "concat_copy_ms": step.get("concat_copy_ms"),
             "precision": outs[0]["dtype"] if outs else None,
             "output_shape": outs[0]["shape"] if outs else None,
             "memory": outs[0]["kind"] if outs else None,

@@ -5,6 +5,11 @@ overload owns a *buffer* placed in the arena by kiln.memory; a view shares the
 buffer of the tensor it aliases, and keeps it alive as long as the view lives;
 ops with no `.out` overload allocate for themselves ("heap" slots). The plan is
 plain JSON: the runtime reads it without importing any of this.
+
+Concatenation elimination: where every input of an `aten.cat` is produced for the cat
+alone by a step that can write into a given view (an `.out` overload, or a kernel
+registered `writes_into`), the cat's output gets the buffer, each input becomes a "slice"
+slot inside it that its producer writes straight into, and the cat step launches nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from torch import fx
 
 from kiln import memory
 from kiln.capture import CapturedGraph, source_line
-from kiln.kernels import get_kernel
+from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
 from kiln.selection import PLANNER_OPS, Selection, node_op_name
 from kiln.specs import dtype_from_name, dtype_name, encode_value
@@ -63,6 +68,7 @@ class _Planner:
         self.alias = _UnionFind()
         self.owner: dict[int, int] = {}  # slot → step that writes its buffer
         self.uses: dict[int, int] = {}  # slot → last step reading it
+        self.producer: dict[int, int] = {}  # slot → step whose only output it is (not a view)
 
     def new_slot(self, val: torch.Tensor, kind: str) -> int:
         self.slots.append(
@@ -126,12 +132,15 @@ class _Planner:
                     if isinstance(src, int):
                         self.alias.union(slot, src)
         self.value[node] = outputs if multi else outputs[0]
+        if not multi and kind != "view":
+            self.producer[outputs[0]] = step_index
         self.steps.append({
             "name": node.name,
             "op": op,
             "kernel": kernel.name,
             "candidates": selection.candidates,
             "timings_ms": selection.timings_ms,
+            "concat_copy_ms": selection.concat_copy_ms,
             "args": args,
             "kwargs": kwargs,
             "outputs": outputs,
@@ -139,6 +148,43 @@ class _Planner:
             "out_variant": None if out is None else {"op": out.op, "out_args": list(out.out_args)},
             "source": source_line(node),
         })
+        if op == "aten.cat.default" and not multi:
+            self.concat_in_place(node, outputs[0])
+
+    def concat_in_place(self, node: fx.Node, cat_slot: int) -> bool:
+        """Let the cat's producers write into its output; False (nothing changed) where any cannot."""
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        val = node.meta["val"]
+        if not isinstance(val, torch.Tensor) or val.numel() == 0:
+            return False
+        if _dense_extent(tuple(val.shape), tuple(val.stride())) is None:
+            return False
+        dim %= val.dim()
+        found: list[tuple[int, int, int]] = []  # (slot, producing step, length along dim)
+        for t in tensors:
+            slot = self.value.get(t) if isinstance(t, fx.Node) else None
+            if not isinstance(slot, int) or len(t.users) != 1 or tensors.count(t) != 1 or slot not in self.producer:
+                return False
+            t_val = t.meta["val"]
+            step = self.steps[self.producer[slot]]
+            writes = step["out_variant"] is not None or get_kernel(step["kernel"]).writes_into
+            if not writes or t_val.dtype != val.dtype or t_val.numel() == 0 or step["kernel"] == concat.NAME:
+                return False
+            found.append((slot, self.producer[slot], t_val.shape[dim]))
+        start = 0
+        for slot, step_index, length in found:
+            self.slots[slot].update(kind="slice", stride=list(val.stride()), base=cat_slot,
+                                    base_offset=start * val.stride()[dim])
+            start += length
+            self.owner.pop(slot, None)
+            self.alias.union(slot, cat_slot)
+            self.steps[step_index]["writes_into"] = True
+        cat_step = self.steps[-1]
+        cat_step.update(kernel=concat.NAME, out_variant=None, writes_into=True)
+        self.slots[cat_slot]["kind"] = "buffer"
+        self.owner[cat_slot] = min(step_index for _, step_index, _ in found)
+        return True
 
     def on_output(self, node: fx.Node) -> None:
         self.output_refs = [encode_value(v, self.ref) for v in node.args[0]]
@@ -169,6 +215,12 @@ class _Planner:
         for slot, offset, buf in zip(buffer_slots, offsets, buffers):
             self.slots[slot]["offset"] = offset
             self.slots[slot]["nbytes"] = buf.nbytes
+        for spec in self.slots:
+            if spec["kind"] == "slice":
+                itemsize = dtype_from_name(spec["dtype"]).itemsize
+                span = 1 + sum((d - 1) * st for d, st in zip(spec["shape"], spec["stride"]))
+                spec["offset"] = self.slots[spec["base"]]["offset"] + spec["base_offset"] * itemsize
+                spec["nbytes"] = span * itemsize
         heap_bytes = sum(_nbytes(s) for s in self.slots if s["kind"] == "heap")
         return {
             "inputs": [s.to_json() for s in self.graph.inputs],

@@ -37,7 +37,7 @@ class _Step:
         }
         self.outputs: list[int] = step["outputs"]
         self.multi: bool = step["multi"]
-        self.planned = out is not None
+        self.planned = out is not None or bool(step.get("writes_into"))
         self.out_views: list[torch.Tensor] = []
 
     def __call__(self, vals: Vals) -> None:

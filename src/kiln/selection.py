@@ -15,9 +15,10 @@ from torch import fx
 
 from kiln.capture import CapturedGraph, source_line
 from kiln.errors import UnsupportedOpError
-from kiln.kernels import OpCall, candidates, op_name
+from kiln.kernels import OpCall, candidates, get_kernel, op_name
+from kiln.kernels.aten import out_variant
 from kiln.specs import TensorSpec
-from kiln.tune import TimingCache, signature, tune_node
+from kiln.tune import TimingCache, copy_signature, signature, time_copy, tune_node
 
 PLANNER_OPS = {operator.getitem}  # resolved by the planner, never a step
 
@@ -27,6 +28,7 @@ class Selection:
     kernel: str
     candidates: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    concat_copy_ms: float | None = None  # charged to candidates that cannot write into a concat slice
 
 
 def node_op_name(node: fx.Node) -> str:
@@ -90,4 +92,38 @@ def _tune(selection: Selection, node: fx.Node, op: str, graph: CapturedGraph, ca
         cache.entries[key] = entry
     if entry:
         selection.timings_ms = dict(entry)
-        selection.kernel = min(entry, key=entry.get)
+        writers = {k for k in entry if writes_into(k, op, graph.device.type)}
+        if writers and len(writers) < len(entry) and _concat_writable(node, graph.device.type):
+            selection.concat_copy_ms = _copy_ms(node, graph.device, cache)
+        extra = selection.concat_copy_ms or 0.0
+        selection.kernel = min(entry, key=lambda k: entry[k] + (0.0 if k in writers else extra))
+
+
+def writes_into(kernel: str, op: str, device_type: str) -> bool:
+    """Whether `kernel` can write its result into a view the planner gives it (kiln.plan)."""
+    k = get_kernel(kernel)
+    return k.writes_into or (k.writes_planned_outputs and out_variant(op, device_type) is not None)
+
+
+def _concat_writable(node: fx.Node, device_type: str) -> bool:
+    """`node` is read only by a concatenation whose inputs each have a kernel that could write
+    straight into its slice: the planner then drops the cat's copy if they all do (kiln.plan)."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target != torch.ops.aten.cat.default or users[0].args[0].count(node) != 1:
+        return False
+    for t in users[0].args[0]:
+        if not isinstance(t, fx.Node) or t.op != "call_function" or len(t.users) != 1:
+            return False
+        call = op_call(t, device_type)
+        if not any(writes_into(k.name, call.op, device_type) for k in candidates(call)):
+            return False
+    return True
+
+
+def _copy_ms(node: fx.Node, device: torch.device, cache: TimingCache) -> float:
+    """What the cat spends copying this input: one read and one write of it (timed, cached)."""
+    val = node.meta["val"]
+    key = copy_signature(tuple(val.shape), val.dtype, device)
+    if key not in cache.entries:
+        cache.entries[key] = {"copy": time_copy(tuple(val.shape), val.dtype, device)}
+    return cache.entries[key]["copy"]

@@ -81,6 +81,19 @@ def signature(node: fx.Node, device: torch.device) -> str:
     )
 
 
+def copy_signature(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> str:
+    """The timing-cache key of a plain copy of a tensor of this shape and dtype."""
+    gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    return json.dumps([gpu, torch.__version__, kiln.__version__, TIMING_METHOD, "copy", list(shape), str(dtype)])
+
+
+def time_copy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> float:
+    """Milliseconds to copy a dense tensor of this shape and dtype (what a concatenation spends per input)."""
+    src = torch.zeros(shape, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    return round(time_kernel(lambda args, kwargs, outs: dst.copy_(src), (), {}), 5)
+
+
 def materialize(node: fx.Node, module: torch.nn.Module, device: torch.device) -> tuple[tuple, dict]:
     """The node's arguments with real weights and random activations of the right layout."""
 

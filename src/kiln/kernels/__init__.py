@@ -46,6 +46,7 @@ class Kernel:
     doc: str = ""
     priority: int = 0  # the untimed choice: highest priority wins (reference kernels are -1)
     approximate: bool = False  # computes a stated approximation of the op; BuildConfig(exact=True) skips it
+    writes_into: bool = False  # given outs=[view], writes its one result there (any strides) and returns it
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,17 @@ def register_kernel(
     writes_planned_outputs: bool = True,
     priority: int = 0,
     approximate: bool = False,
+    writes_into: bool = False,
 ) -> Callable[[Callable[[str, OutVariant | None], StepFn]], Callable[[str, OutVariant | None], StepFn]]:
-    """Register a kernel factory under `name` (later registrations of a name replace earlier)."""
+    """Register a kernel factory under `name` (later registrations of a name replace earlier).
+
+    `writes_into`: the step function, when the plan hands it an output view (a slice of a
+    concatenation, see kiln.plan), writes its result there instead of allocating."""
 
     def deco(make: Callable[[str, OutVariant | None], StepFn]) -> Callable[[str, OutVariant | None], StepFn]:
         doc = (make.__doc__ or "").strip()
         KERNELS[name] = Kernel(
-            name, provider, implements, supports, make, writes_planned_outputs, doc, priority, approximate
+            name, provider, implements, supports, make, writes_planned_outputs, doc, priority, approximate, writes_into
         )
         return make
 
@@ -122,6 +127,6 @@ def op_name(op: torch._ops.OpOverload) -> str:
 
 
 from kiln.kernels import (  # noqa: E402,F401,I001  (each registers its kernels)
-    aten, attention, conv_gemm, cublas, cudnn, reference, tensorrt, triton_conv, triton_gemm, triton_layer_norm,
-    triton_mean, triton_pointwise,
+    aten, attention, concat, conv_gemm, cublas, cudnn, reference, tensorrt, triton_conv, triton_gemm,
+    triton_layer_norm, triton_mean, triton_pointwise,
 )

@@ -37,12 +37,13 @@ def _kernel() -> Any:
         raise RuntimeError("the triton.conv_epilogue kernel needs Triton, which this torch build lacks")
 
     @triton.jit
-    def bias_act_kernel(y_ptr, b_ptr, r_ptr, rows, cols, channels, BIAS_ON_COLS: tl.constexpr,
+    def bias_act_kernel(y_ptr, b_ptr, r_ptr, out_ptr, rows, cols, channels, out_row_stride, BIAS_ON_COLS: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # y is a (rows x cols) matrix: (pixels x channels) channels-last, (batch*channels x
         # pixels) NCHW. Tiles of it take the bias as a row or column vector, so no element
-        # computes its channel with a division.
+        # computes its channel with a division. The result goes to out (y itself, or the
+        # rows of another tensor: a slice of a concatenation, out_row_stride apart).
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         row_ok = r < rows
@@ -58,7 +59,8 @@ def _kernel() -> Any:
         if HAS_RES:
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = activation(y, ACT)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        out_offs = r.to(tl.int64)[:, None] * out_row_stride + c[None, :]
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     return bias_act_kernel
 
@@ -75,39 +77,55 @@ def _layout(y: torch.Tensor) -> bool | None:
     return False if y.is_contiguous() else None
 
 
-def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, act: str) -> torch.Tensor:
-    """y = act(y + bias[channel] (+ residual)), in place over a 4-D NCHW or channels-last y."""
+def pixel_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """A 4-D tensor as its [N·H·W, C] pixel rows with unit column stride, as a view (a
+    channels-last tensor, or a channel slice of one), else None."""
+    try:
+        rows = t.permute(0, 2, 3, 1).view(-1, t.shape[1])
+    except RuntimeError:
+        return None
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else None
+
+
+def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, act: str,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(y + bias[channel] (+ residual)) for a 4-D NCHW or channels-last y, in place, or
+    into `out` (a channels-last y's pixel rows go to out's, e.g. its slice of a concatenation)."""
     channels_last = _layout(y)
     if channels_last is None:
         raise ValueError(f"bias_act_ needs a dense NCHW or channels-last tensor, got strides {y.stride()}")
     if residual is not None and residual.stride() != y.stride():
         y.add_(residual)
         residual = None
+    out_rows = None if out is None or not channels_last else pixel_rows(out)
+    if out is not None and out_rows is None:
+        return out.copy_(bias_act_(y, bias, residual, act))
     if y.numel():
         batch, channels, height, width = y.shape
         rows, cols = (batch * height * width, channels) if channels_last else (batch * channels, height * width)
         block_c = min(MAX_BLOCK_COLS, triton.next_power_of_2(cols))
         block_r = max(1, TILE // block_c)
         _kernel()[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
-            y, y if bias is None else bias, y if residual is None else residual, rows, cols, channels,
-            BIAS_ON_COLS=channels_last, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act,
-            BLOCK_R=block_r, BLOCK_C=block_c,
+            y, y if bias is None else bias, y if residual is None else residual, y if out is None else out_rows,
+            rows, cols, channels, cols if out is None else out_rows.stride(0), BIAS_ON_COLS=channels_last,
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, BLOCK_R=block_r, BLOCK_C=block_c,
         )
-    return y
+    return y if out is None else out
 
 
 def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, residual,
-                  cudnn_bias: bool = False) -> torch.Tensor:
-    """cuDNN convolution, then the epilogue in one Triton pass; with `cudnn_bias` the bias
-    goes to cuDNN (which then may pick another algorithm) and Triton does the rest."""
+                  cudnn_bias: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """cuDNN convolution, then the epilogue in one Triton pass (writing into `out` if given);
+    with `cudnn_bias` the bias goes to cuDNN (which then may pick another algorithm) and
+    Triton does the rest."""
     conv_bias = bias if cudnn_bias else None
     y = torch.ops.aten.convolution.default(x, weight, conv_bias, stride, padding, dilation, False, [0, 0], groups)
     if cudnn_bias:
         bias = None
-        if residual is None and act == "none":
+        if residual is None and act == "none" and out is None:
             return y
         if _layout(y) is not None:
-            return bias_act_(y, None, residual, act)
+            return bias_act_(y, None, residual, act, out)
     if bias is None or _layout(y) is None:
         from kiln.kernels.cudnn import INPLACE
 
@@ -115,8 +133,9 @@ def conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, resid
             y.add_(bias.view(1, -1, 1, 1))
         if residual is not None:
             y.add_(residual)
-        return INPLACE[act](y)
-    return bias_act_(y, bias, residual, act)
+        y = INPLACE[act](y)
+        return y if out is None else out.copy_(y)
+    return bias_act_(y, bias, residual, act, out)
 
 
 def _supports(call: OpCall) -> bool:
@@ -127,14 +146,15 @@ def _supports(call: OpCall) -> bool:
 
 
 @register_kernel("triton.conv_epilogue", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False, priority=-2)  # timed candidates only
+                 supports=_supports, writes_planned_outputs=False, priority=-2,  # timed candidates only
+                 writes_into=True)
 def make_conv_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution without bias, then bias (+ residual) + activation in one Triton pass."""
-    return lambda args, kwargs, outs: conv_bias_act(*args)
+    return lambda args, kwargs, outs: conv_bias_act(*args, out=outs[0] if outs else None)
 
 
 @register_kernel("triton.conv_act", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False, priority=-2)
+                 supports=_supports, writes_planned_outputs=False, priority=-2, writes_into=True)
 def make_conv_act(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution with its bias, then (residual +) activation in one Triton pass."""
-    return lambda args, kwargs, outs: conv_bias_act(*args, cudnn_bias=True)
+    return lambda args, kwargs, outs: conv_bias_act(*args, cudnn_bias=True, out=outs[0] if outs else None)

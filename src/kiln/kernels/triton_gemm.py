@@ -21,6 +21,7 @@ from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
 from kiln.kernels.conv_gemm import _pointwise_conv
 from kiln.kernels.cudnn import _conv_then_inplace
 from kiln.kernels.triton_act import activation
+from kiln.kernels.triton_conv import pixel_rows
 
 try:
     import triton
@@ -50,7 +51,7 @@ if triton is not None:
 
     @triton.jit
     def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am, stride_wk, stride_wn,
-                        stride_rm, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                        stride_rm, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP: tl.constexpr):
         pid = tl.program_id(0)
@@ -83,7 +84,7 @@ if triton is not None:
         if HAS_RES:
             acc += tl.load(res_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = activation(acc, ACT)
-        tl.store(out_ptr + rows * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rows * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile(size: int, largest: int) -> int:
@@ -91,44 +92,42 @@ def _tile(size: int, largest: int) -> int:
 
 
 def gemm_act(a: torch.Tensor, w_kn: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-             act: str, tiles: Tiles = CONFIGS["wide"]) -> torch.Tensor:
-    """act(a @ w_kn + bias (+ residual)) for a 2-D `a` with unit column stride; the result is a
-    fresh dense [M, N] tensor. `residual`, if given, is [M, N] with unit column stride."""
+             act: str, tiles: Tiles = CONFIGS["wide"], out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(a @ w_kn + bias (+ residual)) for a 2-D `a` with unit column stride, into `out`
+    (an [M, N] view with unit column stride) or a fresh dense [M, N] tensor. `residual`, if
+    given, is [M, N] with unit column stride."""
     m, k = a.shape
     n = w_kn.shape[1]
-    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     block_m, block_n, block_k = _tile(m, tiles.m), _tile(n, tiles.n), _tile(k, tiles.k)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     gemm_act_kernel[grid](
         a, w_kn, a if bias is None else bias, a if residual is None else residual, out, m, n, k,
-        a.stride(0), w_kn.stride(0), w_kn.stride(1), 0 if residual is None else residual.stride(0),
+        a.stride(0), w_kn.stride(0), w_kn.stride(1), 0 if residual is None else residual.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP=GROUP_M, num_warps=tiles.warps, num_stages=tiles.stages,
     )
     return out
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """A channels-last [N, C, H, W] tensor as its [N·H·W, C] rows (a view), else None."""
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def conv1x1_act(x, weight, bias, stride, padding, dilation, groups, act, residual,
-                tiles: Tiles = CONFIGS["wide"]) -> torch.Tensor:
-    """A 1×1 stride-1 convolution over channels-last x as one GEMM with the op's epilogue;
-    other layouts run cuDNN."""
+                tiles: Tiles = CONFIGS["wide"], out: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 stride-1 convolution over channels-last x as one GEMM with the op's epilogue,
+    stored into `out`'s pixel rows if given (its slice of a concatenation); other layouts
+    run cuDNN."""
     batch, c_in, height, width = x.shape
-    rows = _rows(x) if height * width != 1 else x.reshape(batch, c_in)
-    res_rows = None if residual is None else _rows(residual) if height * width != 1 else residual.reshape(batch, -1)
-    if rows is None or (residual is not None and (res_rows is None or res_rows.stride(1) != 1)):
-        return _conv_then_inplace(x, weight, bias, stride, padding, dilation, groups, act, residual)
+    rows = pixel_rows(x)
+    res_rows = None if residual is None else pixel_rows(residual)
+    out_rows = None if out is None else pixel_rows(out)
+    if rows is None or (residual is not None and res_rows is None) or (out is not None and out_rows is None):
+        y = _conv_then_inplace(x, weight, bias, stride, padding, dilation, groups, act, residual)
+        return y if out is None else out.copy_(y)
     c_out = weight.shape[0]
-    y = gemm_act(rows, weight.view(c_out, c_in).t(), bias, res_rows, act, tiles)
-    return y.view(batch, height, width, c_out).permute(0, 3, 1, 2)
+    y = gemm_act(rows, weight.view(c_out, c_in).t(), bias, res_rows, act, tiles, out_rows)
+    return out if out is not None else y.view(batch, height, width, c_out).permute(0, 3, 1, 2)
 
 
 def linear_act(x, w_t, bias, act, tiles: Tiles = CONFIGS["wide"]) -> torch.Tensor:
@@ -152,11 +151,12 @@ def _linear_fits(call: OpCall) -> bool:
 
 def _register(config: str, tiles: Tiles) -> None:
     @register_kernel(f"triton.conv1x1_act.{config}", provider="triton", implements=lambda op: op == CONV_OP,
-                     supports=_conv_fits, writes_planned_outputs=False, priority=-2)  # timed candidates only
+                     supports=_conv_fits, writes_planned_outputs=False, priority=-2,  # timed candidates only
+                     writes_into=True)
     def make_conv(name: str, out: OutVariant | None) -> StepFn:
         """A 1×1 convolution over channels-last pixels as one Triton GEMM ending in the
         op's bias, residual and activation."""
-        return lambda args, kwargs, outs: conv1x1_act(*args, tiles=tiles)
+        return lambda args, kwargs, outs: conv1x1_act(*args, tiles=tiles, out=outs[0] if outs else None)
 
     @register_kernel(f"triton.linear_act.{config}", provider="triton", implements=lambda op: op == LINEAR_OP,
                      supports=_linear_fits, writes_planned_outputs=False, priority=-2)

@@ -1,0 +1,60 @@
+"""What concatenation elimination saves: one engine with the cats done in place, one with
+the planner's elimination switched off (same kernel choices, from one timing cache), timed
+side by side in one process.
+
+    python benchmarks/concat_in_place.py squeezenet1_1 --batch 1,32 --precision fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import kiln
+from kiln import plan, zoo
+from kiln.timing import measure
+
+
+def build(name: str, batch: int, precision: str, cache: Path, in_place: bool) -> kiln.Engine:
+    entry = zoo.create(name, batch=batch)
+    config = kiln.BuildConfig(precision=precision, device="cuda", timing_cache=str(cache), model_name=name)
+    if in_place:
+        return kiln.build(entry.model, entry.example_inputs, config=config)
+    with mock.patch.object(plan._Planner, "concat_in_place", lambda self, node, slot: False):
+        return kiln.build(entry.model, entry.example_inputs, config=config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--iters", type=int, default=200)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, kiln {kiln.__version__}, {args.precision}\n")
+    print("| model | batch | cats | in place | copy kept ms | in place ms | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "timing-cache.json"
+        for name in args.models:
+            for batch in (int(b) for b in args.batch.split(",")):
+                engines = {flag: build(name, batch, args.precision, cache, flag) for flag in (False, True)}
+                inputs = [x.to(device) for x in zoo.create(name, batch=batch).example_inputs]
+                ms = {}
+                with torch.inference_mode():
+                    for flag, engine in engines.items():
+                        run = lambda e=engine, xs=inputs: e(*xs)  # noqa: E731
+                        ms[flag] = measure(run, device, warmup=20, iters=args.iters).median
+                cats = [s for s in engines[True].plan["steps"] if s["op"] == "aten.cat.default"]
+                in_place = sum(s["kernel"] == "planner.concat_in_place" for s in cats)
+                print(f"| {name} | {batch} | {len(cats)} | {in_place} | {ms[False]:.3f} | {ms[True]:.3f} "
+                      f"| {ms[False] / ms[True]:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()
