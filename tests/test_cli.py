@@ -84,6 +84,24 @@ def test_inspect_table(engine_path, monkeypatch):
     assert "memory plan" in result.output and "kiln.conv_bias_act.default" in result.output
 
 
+def test_inspect_timings_lists_each_tuned_steps_candidates():
+    from rich.console import Console
+
+    from kiln.cli import _timings_table
+
+    steps = [
+        {"index": 0, "name": "conv", "kernel": "b", "candidates": ["a", "b", "c"],
+         "timings_ms": {"a": 0.01, "b": 0.02}, "concat_copy_ms": 0.015},
+        {"index": 1, "name": "relu", "kernel": "aten", "candidates": ["aten"], "timings_ms": {}},
+    ]
+    console = Console(width=200, record=True)
+    console.print(_timings_table(steps))
+    text = console.export_text()
+    assert "b 0.0200, a 0.0100" in text, "the chosen kernel comes first, even when the copy made it win"
+    assert "failed or disagreed: c" in text and "0.0150" in text
+    assert "relu" not in text, "untuned steps are left out"
+
+
 def test_unknown_model_is_an_error_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["build", "resnet5O", "-o", str(tmp_path / "x.kiln")])
     assert result.exit_code == 1

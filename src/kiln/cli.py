@@ -184,13 +184,32 @@ def run(
         )
 
 
+def _timings_table(steps: list[dict]) -> Table:
+    """Per tuned step: every candidate's measured time, the chosen one first and in bold."""
+    table = Table("#", "step", "candidates, ms (chosen in bold)", "cat copy ms", title="kernel timings")
+    for s in steps:
+        times = s["timings_ms"] or {}
+        if not times:
+            continue
+        ranked = sorted(times, key=lambda k: (k != s["kernel"], times[k]))
+        cells = ", ".join(f"[bold]{k} {times[k]:.4f}[/]" if k == s["kernel"] else f"{k} {times[k]:.4f}" for k in ranked)
+        untimed = [k for k in s["candidates"] if k not in times]
+        if untimed:
+            cells += f" (failed or disagreed: {', '.join(untimed)})"
+        copy = s.get("concat_copy_ms")
+        table.add_row(str(s["index"]), s["name"], cells, "-" if copy is None else f"{copy:.4f}")
+    return table
+
+
 @app.command()
 def inspect(
     engine_path: Path = typer.Argument(..., metavar="ENGINE"),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
     device: str = typer.Option(None, help="Device to load onto [default: the kind it was built for]."),
+    timings: bool = typer.Option(False, "--timings", help="Also list each tuned step's candidates and times."),
 ) -> None:
-    """Show an engine's inputs/outputs, steps (op, kernel, precision, shape), memory plan and build info."""
+    """Show an engine's inputs/outputs, steps (op, kernel, precision, shape), memory plan and build info;
+    with --timings, the candidate kernels timed for each step."""
     from kiln import load
     from kiln.describe import describe
     from kiln.errors import KilnError
@@ -214,6 +233,8 @@ def inspect(
         steps.add_row(str(s["index"]), s["name"], s["op"], s["kernel"], str(s["precision"]),
                       str(tuple(s["output_shape"] or ())), str(s["memory"]))
     console.print(steps)
+    if timings:
+        console.print(_timings_table(info["steps"]))
     m = info["memory"]
     console.print(
         f"memory plan: arena [bold]{m['arena_bytes'] / 2**20:.2f} MiB[/] for "
