@@ -39,6 +39,9 @@ class _Quiet:
         yield
 
 
+STREAM_GAIN = 0.98  # side streams are kept only where the build times them at least 2% faster
+
+
 @dataclass
 class BuildConfig:
     precision: str = "fp32"
@@ -50,6 +53,7 @@ class BuildConfig:
     backend: str = "kiln"  # "tensorrt": supported regions become TensorRT engines inside the plan
     require_full: bool = False  # with backend="tensorrt": fail unless the whole graph converts
     timing_cache: str | None = None  # None: $KILN_TIMING_CACHE or ~/.cache/kiln/timing-cache.json
+    streams: str = "auto"  # side streams for independent branches: "auto" (kept where timed faster), "on", "off"
     model_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
 
@@ -128,10 +132,27 @@ def build(
         selections = select_kernels(graph, cache, exact=config.exact)
         if cache is not None:
             cache.save()
+    weights = dict(graph.module.named_buffers())
     with stage("plan"):
         plan = make_plan(graph, selections)
-    weights = dict(graph.module.named_buffers())
+        streams_info = {"mode": config.streams, "side_branches": 0, "used": False}
+        if config.streams not in ("auto", "on", "off"):
+            raise ValueError(f"streams must be 'auto', 'on' or 'off', got {config.streams!r}")
+        if config.streams != "off" and target.type == "cuda":
+            multi = make_plan(graph, selections, multi_stream=True)
+            streams_info["side_branches"] = multi["side_branches"]
+            if multi["side_branches"] and config.streams == "on":
+                plan, streams_info["used"] = multi, True
+            elif multi["side_branches"]:
+                trial = _build_info(model, config, target, used, {}, 0.0)
+                inputs = [x.to(target) for x in check_example_inputs(example_inputs)]
+                one, two = (_replay_ms(Engine({"plan": p, "build": trial}, weights, target), inputs)
+                            for p in (plan, multi))
+                faster = two < one * STREAM_GAIN
+                streams_info.update(single_stream_ms=round(one, 5), side_stream_ms=round(two, 5), used=faster)
+                plan = multi if faster else plan
     info = _build_info(model, config, target, used, times, time.perf_counter() - start)
+    info["streams"] = streams_info
     info["passes"] = pass_report
     info["capture_rewrites"] = graph.rewrites
     info["exact"] = config.exact
@@ -142,6 +163,14 @@ def build(
     )
     info["input_ranges"] = _int_ranges(check_example_inputs(example_inputs))
     return Engine({"plan": plan, "build": info}, weights, target)
+
+
+def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> float:
+    """Median ms per call of an engine's CUDA-graph replay, timed by CUDA events."""
+    from kiln.timing import measure
+
+    with torch.inference_mode():
+        return measure(lambda: engine(*inputs), inputs[0].device, warmup=5, iters=iters).median
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, **options: Any) -> EngineModule:  # noqa: A001

@@ -50,6 +50,8 @@ def build(
     require_full: bool = typer.Option(False, help="With --backend tensorrt: fail unless every op converts."),
     timing_cache: Path = typer.Option(None, help="Kernel timing cache (default: ~/.cache/kiln/timing-cache.json)."),
     exact: bool = typer.Option(False, help="No approximate kernels (such as tanh-GELU for exact GELU in fp16)."),
+    streams: str = typer.Option("auto", help="Side streams for independent branches: auto (kept where timed "
+                                "faster at build), on or off."),
 ) -> None:
     """Build MODEL into an engine file."""
     import torch
@@ -70,7 +72,7 @@ def build(
     target = output or Path(f"{Path(model.split(':')[-1]).stem}.kiln")
     config = BuildConfig(precision=precision, device=device, model_name=entry.name, backend=backend,
                          require_full=require_full, timing_cache=None if timing_cache is None else str(timing_cache),
-                         exact=exact, extra_info={"pretrained": entry.pretrained})
+                         exact=exact, streams=streams, extra_info={"pretrained": entry.pretrained})
     console.print(f"building [bold]{entry.name}[/] (batch {batch}, {precision})")
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -252,11 +254,15 @@ def inspect(
         )
     passes = " → ".join(f"{p['pass']} ({p['ops']} ops)" for p in b.get("passes", []))
     rewrites = ", ".join(f"{name} ×{n}" for name, n in b.get("capture_rewrites", {}).items()) or "none"
+    st = b.get("streams") or {}
+    side = f"{st.get('side_branches', 0)} side branch(es), {'used' if st.get('used') else 'not used'}"
+    if "side_stream_ms" in st:
+        side += f" (timed at build: {st['side_stream_ms']:.4f} ms with, {st['single_stream_ms']:.4f} ms without)"
     console.print(
         f"build: kiln {b['kiln_version']}, torch {b['torch_version']}, {b['device_name']} "
         f"(compute capability {b['compute_capability']}), {b['precision']} "
         f"(asked {b['precision_requested']}), {b['build_seconds']} s on {b['created']}\n"
-        f"capture rewrites: {rewrites}\npasses: {passes}"
+        f"capture rewrites: {rewrites}\npasses: {passes}\nstreams: {side}"
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln import memory
+from kiln import memory, streams
 from kiln.capture import CapturedGraph, source_line
 from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
@@ -59,8 +59,11 @@ def _dense_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int | None
 
 
 class _Planner:
-    def __init__(self, graph: CapturedGraph, selections: dict[fx.Node, Selection]):
+    def __init__(self, graph: CapturedGraph, selections: dict[fx.Node, Selection], multi_stream: bool = False):
         self.graph = graph
+        self.multi_stream = multi_stream
+        self.first: dict[int, int] = {}  # owner slot → earliest step its buffer may be written (side streams)
+        self.side_branches = 0
         self.selections = selections
         self.slots: list[dict[str, Any]] = []
         self.value: dict[fx.Node, Any] = {}  # node → slot id, list of slot ids, or weight ref
@@ -90,7 +93,26 @@ class _Planner:
     def run(self) -> dict[str, Any]:
         for node in self.graph.module.graph.nodes:
             getattr(self, f"on_{node.op}")(node)
+        if self.multi_stream:
+            self.use_side_streams()
         return self.finish()
+
+    def use_side_streams(self) -> None:
+        """Put short independent branches on a side stream (kiln.streams), keeping every slot
+        they touch alive, and apart in the arena, over their whole fork → join span."""
+        outputs = {r["slot"] for r in self.output_refs if isinstance(r, dict) and "slot" in r}
+        branches = [
+            b for b in streams.side_branches(self.steps, outputs)
+            if not any(self.slots[o]["kind"] == "slice" for i in b.chain for o in self.steps[i]["outputs"])
+        ]
+        streams.mark(self.steps, branches)
+        for b in branches:
+            for i in b.chain:
+                for slot in streams.reads(self.steps[i]) | set(self.steps[i]["outputs"]):
+                    self.uses[slot] = max(self.uses.get(slot, i), b.join)
+                    if self.owner.get(slot) == i:
+                        self.first[slot] = b.fork + 1
+        self.side_branches = len(branches)
 
     def on_placeholder(self, node: fx.Node) -> None:
         self.value[node] = self.new_slot(node.meta["val"], "input")
@@ -209,7 +231,7 @@ class _Planner:
             itemsize = dtype_from_name(spec["dtype"]).itemsize
             extent = _dense_extent(tuple(spec["shape"]), tuple(spec["stride"]))
             last = max(self.uses.get(s, self.owner[slot]) for s in members)
-            buffers.append(memory.Buffer(extent * itemsize, self.owner[slot], last))
+            buffers.append(memory.Buffer(extent * itemsize, self.first.get(slot, self.owner[slot]), last))
             buffer_slots.append(slot)
         offsets, arena = memory.place(buffers)
         for slot, offset, buf in zip(buffer_slots, offsets, buffers):
@@ -231,6 +253,7 @@ class _Planner:
             "slots": self.slots,
             "steps": self.steps,
             "last_use": [self.uses.get(s, -1) for s in range(len(self.slots))],
+            "side_branches": self.side_branches,
             "memory": {
                 "arena_bytes": arena,
                 "alignment": memory.ALIGNMENT,
@@ -252,6 +275,9 @@ def _nbytes(slot: dict[str, Any]) -> int:
     return numel * dtype_from_name(slot["dtype"]).itemsize
 
 
-def make_plan(graph: CapturedGraph, selections: dict[fx.Node, Selection]) -> dict[str, Any]:
-    """The JSON plan for `graph` with the chosen kernels (see docs/engine-format.md)."""
-    return _Planner(graph, selections).run()
+def make_plan(
+    graph: CapturedGraph, selections: dict[fx.Node, Selection], multi_stream: bool = False
+) -> dict[str, Any]:
+    """The JSON plan for `graph` with the chosen kernels (see docs/engine-format.md); with
+    `multi_stream`, short independent branches run on a side stream (kiln.streams)."""
+    return _Planner(graph, selections, multi_stream).run()

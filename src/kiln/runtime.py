@@ -38,6 +38,9 @@ class _Step:
         self.outputs: list[int] = step["outputs"]
         self.multi: bool = step["multi"]
         self.planned = out is not None or bool(step.get("writes_into"))
+        self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.streams)
+        self.fork = bool(step.get("fork"))  # the side stream first waits for the main stream
+        self.join = bool(step.get("join"))  # the main stream first waits for the side stream
         self.out_views: list[torch.Tensor] = []
 
     def __call__(self, vals: Vals) -> None:
@@ -150,6 +153,8 @@ class Engine:
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
         self._steps = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
+        side = self.device.type == "cuda" and any(s.side for s in self._steps)
+        self._side_stream = torch.cuda.Stream(self.device) if side else None
         self._bind_arena()
         self._free_after = self._release_schedule()
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -169,8 +174,18 @@ class Engine:
         """Execute every step in order; returns the flat graph outputs (not yet cast or copied)."""
         vals: Vals = [None] * len(self.plan["slots"])
         vals[: len(graph_inputs)] = graph_inputs
+        side = self._side_stream
+        main = torch.cuda.current_stream(self.device) if side is not None else None
         for step, free in zip(self._steps, self._free_after):
-            step(vals)
+            if side is not None and step.side:
+                if step.fork:
+                    side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    step(vals)
+            else:
+                if side is not None and step.join:
+                    main.wait_stream(side)
+                step(vals)
             for slot in free:
                 vals[slot] = None
         return [self._output(ref, vals) for ref in self.plan["output_refs"]]
