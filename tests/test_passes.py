@@ -6,7 +6,7 @@ from torch import nn
 
 import kiln
 from kiln.capture import capture
-from kiln.passes import PASSES, copy_graph, count_ops, run_passes
+from kiln.passes import PASSES, copy_graph, count_ops, default_passes, run_passes
 
 
 class Tiny(nn.Module):
@@ -85,7 +85,8 @@ def test_run_passes_reports_op_counts_per_pass():
     x = torch.randn(2, 4)
     graph = with_dead_code(capture(Tiny().eval(), (x,), device=torch.device("cpu")))
     _, report = run_passes(graph)
-    assert report[0]["pass"] == "capture" and [r["pass"] for r in report[1:]] == list(PASSES)
+    assert report[0]["pass"] == "capture" and [r["pass"] for r in report[1:]] == default_passes()
+    assert set(default_passes()) < set(PASSES), "opt-in passes are registered but not run by default"
     assert report[-1]["ops"] < report[0]["ops"]
 
 
@@ -341,6 +342,37 @@ def test_horizontal_fuse_merges_sibling_linears(widths, act, wide_op):
     assert _ops(before).count("kiln.linear_act.default") == 3
     assert _ops(after).count("kiln.linear_act.default") == (1 if wide_op.startswith("kiln") else 0)
     assert wide_op in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+class InceptionBranches(nn.Module):
+    """Inception's 1×1 branches on one input; one with another kernel size stays apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2, self.b3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1)
+        self.b4, self.after = nn.Conv2d(8, 5, 3, padding=1), nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, x):
+        b1, b2, b3 = (torch.relu(c(x)) for c in (self.b1, self.b2, self.b3))
+        return torch.cat([b1, torch.relu(self.after(b2)), b3.flatten(1).view(2, 6, 5, 5), self.b4(x)], 1)
+
+
+def test_opt_in_passes_run_only_when_named():
+    x = torch.randn(2, 8, 5, 5)
+    graph, report = run_passes(_capture(InceptionBranches(), x))
+    assert "horizontal_fuse_conv" not in [r["pass"] for r in report]
+    assert _ops(graph).count("kiln.conv_bias_act.default") == 5
+
+
+def test_horizontal_fuse_merges_sibling_convolutions():
+    x = torch.randn(2, 8, 5, 5)
+    before, _ = run_passes(_capture(InceptionBranches(), x), ["fuse_conv"])
+    after, _ = run_passes(before, ["horizontal_fuse_conv"])
+    convs = [n for n in after.module.graph.nodes if n.target == torch.ops.kiln.conv_bias_act.default]
+    widths = sorted(n.args[1].meta["val"].shape[0] for n in convs)
+    assert widths == [3, 5, 16], "the three 1×1 branches became one 16-channel convolution"
+    assert "aten.split_with_sizes.default" in _ops(after)
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
 
 

@@ -2,7 +2,8 @@
 
 Register one with `@register_pass("name")` in its own module; `run_passes` applies
 them in registration order (or the order a BuildConfig names) and records how many
-op nodes each one left, for `kiln inspect`.
+op nodes each one left, for `kiln inspect`. A pass registered with `default=False`
+runs only where a BuildConfig names it (measured not to pay everywhere).
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ class RegisteredPass:
     name: str
     fn: Pass
     doc: str
+    default: bool = True
 
 
 PASSES: dict[str, RegisteredPass] = {}
 
 
-def register_pass(name: str) -> Callable[[Pass], Pass]:
+def register_pass(name: str, default: bool = True) -> Callable[[Pass], Pass]:
     def deco(fn: Pass) -> Pass:
-        PASSES[name] = RegisteredPass(name, fn, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        PASSES[name] = RegisteredPass(name, fn, doc, default)
         return fn
 
     return deco
@@ -49,9 +52,13 @@ def count_ops(graph: CapturedGraph) -> int:
     return sum(1 for n in graph.module.graph.nodes if n.op == "call_function" and n.target is not operator.getitem)
 
 
+def default_passes() -> list[str]:
+    return [name for name, p in PASSES.items() if p.default]
+
+
 def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[CapturedGraph, list[dict]]:
-    """Apply the named passes (default: all, in registration order); report op counts."""
-    chosen = list(PASSES) if names is None else names
+    """Apply the named passes (default: every default pass, in registration order); report op counts."""
+    chosen = default_passes() if names is None else names
     unknown = [n for n in chosen if n not in PASSES]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
