@@ -7,11 +7,11 @@ side by side in one process.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from unittest import mock
 
+import ab_args
 import torch
 
 import kiln
@@ -29,14 +29,8 @@ def build(name: str, batch: int, precision: str, cache: Path, in_place: bool) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--batch", default="1,32")
-    parser.add_argument("--precision", default="fp16")
-    parser.add_argument("--iters", type=int, default=200)
-    args = parser.parse_args()
+    args = ab_args.parse(__doc__.splitlines()[0])
     device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, kiln {kiln.__version__}, {args.precision}\n")
     print("| model | batch | cats | in place | copy kept ms | in place ms | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,10 +6,10 @@ the default passes and with the opt-in `horizontal_fuse_conv` added (one timing 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import ab_args
 import torch
 
 import kiln
@@ -19,17 +19,11 @@ from kiln.timing import measure
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--batch", default="1,32")
-    parser.add_argument("--precision", default="fp16")
-    parser.add_argument("--iters", type=int, default=200)
-    args = parser.parse_args()
+    args = ab_args.parse(__doc__.splitlines()[0])
     device = torch.device("cuda")
     without = default_passes()
     with_convs = [*without[: without.index("horizontal_fuse") + 1], "horizontal_fuse_conv",
                   *without[without.index("horizontal_fuse") + 1 :]]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, kiln {kiln.__version__}, {args.precision}\n")
     print("| model | batch | convs without | convs with | without ms | with ms | ratio | max abs diff to eager fp32 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,12 +62,17 @@ def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
             split = g.call_function(aten.split_with_sizes.default, (wide, widths, 1))
             new_nodes = [wide, split]
             parts = [g.call_function(operator.getitem, (split, i)) for i in range(len(siblings))]
+    _hand_over(siblings, new_nodes, parts, first)
+
+
+def _hand_over(siblings: list[fx.Node], new_nodes: list[fx.Node], parts: list[fx.Node], first: fx.Node) -> None:
+    """Give each sibling's uses to its part of the merged result."""
     for node in new_nodes + parts:
         node.meta["stack_trace"] = first.meta.get("stack_trace")
         infer_meta(node)
     for node, part in zip(siblings, parts):
         node.replace_all_uses_with(part)
-        for user in part.users:  # a column slice is not contiguous: views become reshapes
+        for user in part.users:  # a column or channel slice is not contiguous: views become reshapes
             if user.target in VIEWS:
                 user.target = aten.reshape.default
 
@@ -100,14 +105,7 @@ def _fuse_convs(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
         wide = g.call_function(CONV, (x, w, b, stride, padding, dilation, 1, act, None))
         split = g.call_function(aten.split_with_sizes.default, (wide, widths, 1))
         parts = [g.call_function(operator.getitem, (split, i)) for i in range(len(siblings))]
-    for node in [wide, split, *parts]:
-        node.meta["stack_trace"] = first.meta.get("stack_trace")
-        infer_meta(node)
-    for node, part in zip(siblings, parts):
-        node.replace_all_uses_with(part)
-        for user in part.users:  # a channel slice is not contiguous: views become reshapes
-            if user.target in VIEWS:
-                user.target = aten.reshape.default
+    _hand_over(siblings, [wide, split], parts, first)
 
 
 @register_pass("horizontal_fuse")
