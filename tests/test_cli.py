@@ -102,6 +102,19 @@ def test_inspect_timings_lists_each_tuned_steps_candidates():
     assert "relu" not in text, "untuned steps are left out"
 
 
+def test_build_streams_option_reaches_the_build(tmp_path):
+    factory = tmp_path / "tiny.py"
+    factory.write_text(FACTORY)
+    out = tmp_path / "tiny.kiln"
+    args = ["build", f"{factory}:make", "--device", "cpu", "--precision", "fp32", "-o", str(out)]
+    result = runner.invoke(app, [*args, "--streams", "off"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    assert info["build"]["streams"]["mode"] == "off"
+    result = runner.invoke(app, [*args, "--streams", "two"])
+    assert result.exit_code == 1 and "streams must be" in result.output
+
+
 def test_unknown_model_is_an_error_not_a_traceback(tmp_path):
     result = runner.invoke(app, ["build", "resnet5O", "-o", str(tmp_path / "x.kiln")])
     assert result.exit_code == 1

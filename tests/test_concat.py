@@ -12,7 +12,7 @@ from torch import nn
 import kiln
 from kiln.capture import capture
 from kiln.kernels import KERNELS
-from kiln.selection import _concat_writable
+from kiln.selection import _concat_writable, concat_inputs, fastest
 
 
 class Concatenates(torch.nn.Module):
@@ -88,6 +88,27 @@ def test_selection_knows_which_concat_inputs_could_be_written_in_place():
     graph = capture(Concatenates(shared=True).eval(), (x,), device=torch.device("cpu"))
     first = next(n for n in graph.module.graph.nodes if n.op == "call_function")
     assert not _concat_writable(first, "cpu"), "an input read elsewhere keeps the cat"
+
+
+def test_a_kernel_that_leaves_the_copy_is_charged_for_it():
+    times = {"cudnn": 0.010, "triton": 0.013}
+    assert fastest(times, {"triton"}, copy_ms=0.0) == "cudnn"
+    assert fastest(times, {"triton"}, copy_ms=0.005) == "triton", "0.010 + 0.005 copy > 0.013"
+    assert fastest(times, {"cudnn", "triton"}, copy_ms=0.005) == "cudnn"
+
+
+def test_concat_of_mixed_dtypes_is_not_placed():
+    class Promotes(nn.Module):
+        def forward(self, x):
+            return torch.cat([x + 1, (x * 2).half()], 1)
+
+    x = torch.randn(2, 3)
+    graph = capture(Promotes().eval(), (x,), device=torch.device("cpu"))
+    cat = next(n for n in graph.module.graph.nodes if n.target == torch.ops.aten.cat.default)
+    assert concat_inputs(cat) is None, "cat promotes the half input: it is not written in place"
+    engine = kiln.build(Promotes().eval(), (x,), device="cpu")
+    assert not _slots_of_kind(engine, "slice")
+    torch.testing.assert_close(engine(x), Promotes()(x))
 
 
 @pytest.mark.gpu

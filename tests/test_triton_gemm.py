@@ -83,15 +83,20 @@ def test_interpreted_conv1x1_writes_into_a_slice_of_a_concatenation(size):
     assert (whole[:, :4] == 7).all() and (whole[:, 44:] == 7).all(), "nothing outside the slice is written"
 
 
-def test_nchw_input_runs_the_cudnn_path(monkeypatch):
+@pytest.mark.parametrize("into_slice", [False, True])
+def test_nchw_input_runs_the_cudnn_path(monkeypatch, into_slice):
     def no_gemm(*args, **kwargs):
         raise AssertionError("NCHW pixels are not GEMM rows")
 
     monkeypatch.setattr(tg, "gemm_act", no_gemm)
     x, *rest = _conv_args("cpu", torch.float32, "relu", True)
     x = x.contiguous()
-    got = tg.conv1x1_act(x, *rest)
+    whole = torch.zeros(3, 50, 5, 5)
+    out = whole[:, 4:44] if into_slice else None
+    got = tg.conv1x1_act(x, *rest, out=out)
     torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(x, *rest), atol=1e-5, rtol=1e-5)
+    if into_slice:
+        assert got.data_ptr() == out.data_ptr(), "the result is copied into the slice it was given"
 
 
 def _specs(dtype, *shapes):

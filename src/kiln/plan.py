@@ -23,7 +23,7 @@ from kiln import memory, streams
 from kiln.capture import CapturedGraph, source_line
 from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
-from kiln.selection import PLANNER_OPS, Selection, node_op_name
+from kiln.selection import PLANNER_OPS, Selection, concat_inputs, node_op_name
 from kiln.specs import dtype_from_name, dtype_name, encode_value
 
 
@@ -175,25 +175,21 @@ class _Planner:
 
     def concat_in_place(self, node: fx.Node, cat_slot: int) -> bool:
         """Let the cat's producers write into its output; False (nothing changed) where any cannot."""
-        tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        tensors = concat_inputs(node)
         val = node.meta["val"]
-        if not isinstance(val, torch.Tensor) or val.numel() == 0:
+        if tensors is None or _dense_extent(tuple(val.shape), tuple(val.stride())) is None:
             return False
-        if _dense_extent(tuple(val.shape), tuple(val.stride())) is None:
-            return False
-        dim %= val.dim()
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % val.dim()
         found: list[tuple[int, int, int]] = []  # (slot, producing step, length along dim)
         for t in tensors:
-            slot = self.value.get(t) if isinstance(t, fx.Node) else None
-            if not isinstance(slot, int) or len(t.users) != 1 or tensors.count(t) != 1 or slot not in self.producer:
+            slot = self.value.get(t)
+            if not isinstance(slot, int) or slot not in self.producer:
                 return False
-            t_val = t.meta["val"]
             step = self.steps[self.producer[slot]]
             writes = step["out_variant"] is not None or get_kernel(step["kernel"]).writes_into
-            if not writes or t_val.dtype != val.dtype or t_val.numel() == 0 or step["kernel"] == concat.NAME:
+            if not writes or step["kernel"] == concat.NAME:
                 return False
-            found.append((slot, self.producer[slot], t_val.shape[dim]))
+            found.append((slot, self.producer[slot], t.meta["val"].shape[dim]))
         start = 0
         for slot, step_index, length in found:
             self.slots[slot].update(kind="slice", stride=list(val.stride()), base=cat_slot,

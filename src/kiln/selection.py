@@ -95,8 +95,13 @@ def _tune(selection: Selection, node: fx.Node, op: str, graph: CapturedGraph, ca
         writers = {k for k in entry if writes_into(k, op, graph.device.type)}
         if writers and len(writers) < len(entry) and _concat_writable(node, graph.device.type):
             selection.concat_copy_ms = _copy_ms(node, graph.device, cache)
-        extra = selection.concat_copy_ms or 0.0
-        selection.kernel = min(entry, key=lambda k: entry[k] + (0.0 if k in writers else extra))
+        selection.kernel = fastest(entry, writers, selection.concat_copy_ms or 0.0)
+
+
+def fastest(timings_ms: dict[str, float], writers: set[str], copy_ms: float) -> str:
+    """The candidate with the least time, charging `copy_ms` to those not in `writers` (the
+    concatenation's copy they leave behind)."""
+    return min(timings_ms, key=lambda k: timings_ms[k] + (0.0 if k in writers else copy_ms))
 
 
 def writes_into(kernel: str, op: str, device_type: str) -> bool:
@@ -105,19 +110,32 @@ def writes_into(kernel: str, op: str, device_type: str) -> bool:
     return k.writes_into or (k.writes_planned_outputs and out_variant(op, device_type) is not None)
 
 
+def concat_inputs(cat: fx.Node) -> list[fx.Node] | None:
+    """The inputs of an `aten.cat` the planner may place in its output (kiln.plan): each the
+    result of an op, read by this cat alone and once, non-empty and of the cat's dtype.
+    None where any is not."""
+    val = cat.meta.get("val")
+    if cat.target != torch.ops.aten.cat.default or not isinstance(val, torch.Tensor) or val.numel() == 0:
+        return None
+    tensors = list(cat.args[0])
+    for t in tensors:
+        if not isinstance(t, fx.Node) or t.op != "call_function" or len(t.users) != 1 or tensors.count(t) != 1:
+            return None
+        t_val = t.meta.get("val")
+        if not isinstance(t_val, torch.Tensor) or t_val.dtype != val.dtype or t_val.numel() == 0:
+            return None
+    return tensors
+
+
 def _concat_writable(node: fx.Node, device_type: str) -> bool:
     """`node` is read only by a concatenation whose inputs each have a kernel that could write
     straight into its slice: the planner then drops the cat's copy if they all do (kiln.plan)."""
     users = list(node.users)
-    if len(users) != 1 or users[0].target != torch.ops.aten.cat.default or users[0].args[0].count(node) != 1:
+    tensors = concat_inputs(users[0]) if len(users) == 1 else None
+    if tensors is None:
         return False
-    for t in users[0].args[0]:
-        if not isinstance(t, fx.Node) or t.op != "call_function" or len(t.users) != 1:
-            return False
-        call = op_call(t, device_type)
-        if not any(writes_into(k.name, call.op, device_type) for k in candidates(call)):
-            return False
-    return True
+    calls = [op_call(t, device_type) for t in tensors]
+    return all(any(writes_into(k.name, c.op, device_type) for k in candidates(c)) for c in calls)
 
 
 def _copy_ms(node: fx.Node, device: torch.device, cache: TimingCache) -> float:
