@@ -15,7 +15,8 @@ import ab_args
 import torch
 
 import kiln
-from kiln import plan, zoo
+from kiln import zoo
+from kiln.plan import planner as plan
 from kiln.timing import measure
 
 

@@ -12,9 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 import kiln
-from kiln import bench
-from kiln.bench_cli import app
-from kiln.bench_peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared
+from kiln.bench import runner as bench
+from kiln.bench.peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared
+from kiln.cli.bench import app
 from kiln.timing import Latency
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

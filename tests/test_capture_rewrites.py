@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.capture import capture
+from kiln.capture.export import capture
 from kiln.errors import CaptureError
 
 COPIES = {"aten.clone.default", "aten.copy.default", "aten._unsafe_view.default", "aten.expand.default"}
@@ -115,7 +115,7 @@ def test_unknown_rewrite_is_named():
 
 
 def test_two_rewrites_of_one_module_are_both_undone():
-    from kiln import capture_rewrites
+    from kiln.capture import rewrites as capture_rewrites
 
     @capture_rewrites.register_rewrite(torch.nn.MultiheadAttention, name="test_second")
     def second(module, original, note):

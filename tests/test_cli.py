@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kiln.cli import app
+from kiln.cli.commands import app
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_inspect_json(engine_path):
 
 
 def test_inspect_table(engine_path, monkeypatch):
-    from kiln import cli
+    from kiln.cli import commands as cli
 
     monkeypatch.setattr(cli.console, "width", 200)
     result = runner.invoke(app, ["inspect", str(engine_path)])
@@ -87,7 +87,7 @@ def test_inspect_table(engine_path, monkeypatch):
 def test_inspect_timings_lists_each_tuned_steps_candidates():
     from rich.console import Console
 
-    from kiln.cli import _timings_table
+    from kiln.cli.commands import _timings_table
 
     steps = [
         {"index": 0, "name": "conv", "kernel": "b", "candidates": ["a", "b", "c"],
@@ -129,7 +129,7 @@ def test_damaged_engine_is_an_error_not_a_traceback(tmp_path):
 
 
 def test_run_profile_lists_the_slowest_steps(engine_path, monkeypatch):
-    from kiln import cli
+    from kiln.cli import commands as cli
 
     monkeypatch.setattr(cli.console, "width", 200)
     result = runner.invoke(app, ["run", str(engine_path), "--profile", "2"])

@@ -1,4 +1,4 @@
-"""Concatenation elimination (kiln.plan): producers write straight into their slices of the
+"""Concatenation elimination (kiln.plan.planner): producers write straight into their slices of the
 cat's output buffer and the cat launches nothing. CPU: ATen ops writing through `.out`;
 GPU: kiln's Triton conv kernels writing into slices of a channels-last output (fp16
 tolerance 2e-2 against eager fp32, as for the zoo engines)."""
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.capture import capture
+from kiln.capture.export import capture
 from kiln.kernels import KERNELS
-from kiln.selection import _concat_writable, concat_inputs, fastest
+from kiln.select.selection import _concat_writable, concat_inputs, fastest
 
 
 class Concatenates(torch.nn.Module):

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import kiln
-from kiln import engine_file
+from kiln.runtime import engine_file
 
 
 @pytest.fixture(scope="module")

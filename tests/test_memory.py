@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kiln
-from kiln import memory, zoo
+from kiln import zoo
+from kiln.plan import memory
 
 buffers = st.lists(
     st.tuples(st.integers(1, 10_000), st.integers(0, 40), st.integers(0, 10)).map(

@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx", reason="needs kiln[onnx]: onnx")
 ort = pytest.importorskip("onnxruntime", reason="needs kiln[onnx]: onnxruntime")
 pytest.importorskip("onnxscript", reason="needs kiln[onnx]: onnxscript (torch.onnx dynamo)")
 
-from kiln import onnx as konnx  # noqa: E402
+from kiln.onnx import export as konnx  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -142,7 +142,7 @@ def test_cli_export_onnx(tmp_path) -> None:
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from kiln.onnx_cli import export_onnx_command
+    from kiln.cli.onnx import export_onnx_command
 
     factory = tmp_path / "net.py"
     factory.write_text(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.capture import capture
+from kiln.capture.export import capture
 from kiln.passes import PASSES, copy_graph, count_ops, default_passes, run_passes
 
 

@@ -18,12 +18,12 @@ from torch import fx, nn
 
 import kiln
 from interpreter import interpreted, run_interpreted_tests
-from kiln.capture import capture
+from kiln.capture.export import capture
 from kiln.kernels import KERNELS, OpCall
 from kiln.kernels import triton_pointwise as tp
+from kiln.ops.pointwise import OPS, Const, PointwiseProgramError, ProgramBuilder, parse_program, run_program
 from kiln.passes import count_ops
 from kiln.passes.fuse_pointwise import POINTWISE, find_groups, fuse_pointwise
-from kiln.pointwise import OPS, Const, PointwiseProgramError, ProgramBuilder, parse_program, run_program
 
 CPU = torch.device("cpu")
 FP32 = dict(rtol=1e-5, atol=1e-5)

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 import kiln
-from kiln import predict as P
 from kiln import zoo
-from kiln.bench_cli import app
 from kiln.builder import BuildConfig
+from kiln.cli.bench import app
+from kiln.debug import predict as P
 
 
 @pytest.fixture(scope="module")

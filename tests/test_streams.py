@@ -1,4 +1,4 @@
-"""Side streams for independent branches (kiln.streams): which steps go to the side stream,
+"""Side streams for independent branches (kiln.plan.streams): which steps go to the side stream,
 that the memory plan keeps both streams' bytes apart, and that answers do not change.
 CPU: plans and fp32 engines (streams are ignored on the CPU). GPU: fp16 engines against
 eager fp32 at 2e-2, with and without CUDA-graph replay."""
@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import kiln
-from kiln import memory
 from kiln.builder import STREAM_GAIN
-from kiln.capture import capture
+from kiln.capture.export import capture
 from kiln.passes import run_passes
-from kiln.plan import make_plan
-from kiln.selection import select_kernels
-from kiln.streams import side_branches
+from kiln.plan import memory
+from kiln.plan.planner import make_plan
+from kiln.plan.streams import side_branches
+from kiln.select.selection import select_kernels
 
 
 class DownsampleBlock(nn.Module):

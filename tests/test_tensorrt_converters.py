@@ -26,7 +26,7 @@ if not api.available():
     )
 
 import kiln.tensorrt as kt  # noqa: E402
-from kiln.capture import capture  # noqa: E402
+from kiln.capture.export import capture  # noqa: E402
 from kiln.tensorrt.engine import torch_dtypes  # noqa: E402
 
 aten = torch.ops.aten
@@ -202,7 +202,7 @@ def _cases() -> list[Case]:
 def _kiln_op_cases() -> list[Case]:
     """kiln's fused ops (what the build passes produce)."""
     try:
-        import kiln.ops  # noqa: F401 - registers torch.ops.kiln.*
+        import kiln.ops.fused  # noqa: F401 - registers torch.ops.kiln.*
     except ImportError:
         return []
     kiln = torch.ops.kiln
@@ -223,7 +223,7 @@ def _kiln_op_cases() -> list[Case]:
 def _pointwise_cases() -> list[Case]:
     """kiln::pointwise programs (what the pointwise fusion pass produces), every op kind."""
     try:
-        import kiln.pointwise  # noqa: F401 - registers torch.ops.kiln.pointwise
+        import kiln.ops.pointwise  # noqa: F401 - registers torch.ops.kiln.pointwise
     except ImportError:
         return []
     floats = json.dumps({"kiln_pointwise": 1, "inputs": 2, "body": [
@@ -279,7 +279,7 @@ def test_converter_builds_engine(case: Case) -> None:
 def test_zoo_core_aten_ops_have_converters() -> None:
     # Counted with torch.export + run_decompositions on resnet18/50, alexnet, vgg11,
     # squeezenet1_1, densenet121, mobilenet_v2, efficientnet_b0 (timm), vit_b_16, BERT, plus
-    # kiln's fused ops (kiln.ops) that the build passes put in their place.
+    # kiln's fused ops (kiln.ops.fused) that the build passes put in their place.
     zoo_ops = [
         aten._adaptive_avg_pool2d.default,
         aten._native_batch_norm_legit_no_training.default,
@@ -313,7 +313,7 @@ def test_zoo_core_aten_ops_have_converters() -> None:
         aten.native_layer_norm.default,
         aten.permute.default,
         aten.relu.default,
-        aten.scaled_dot_product_attention.default,  # kept whole by kiln.capture
+        aten.scaled_dot_product_attention.default,  # kept whole by kiln.capture.export
         aten.select.int,
         aten.sigmoid.default,
         aten.slice.Tensor,

@@ -29,7 +29,7 @@ import kiln.tensorrt.engine as trt_engine  # noqa: E402
 import kiln.tensorrt.partition as trt_partition  # noqa: E402
 from kiln import zoo  # noqa: E402
 from kiln.builder import BuildConfig  # noqa: E402
-from kiln.cli import app  # noqa: E402
+from kiln.cli.commands import app  # noqa: E402
 from kiln.tensorrt import IncompleteConversionError, RegionRuntimeError  # noqa: E402
 from kiln.tensorrt.region import REGION_OP, parse_spec  # noqa: E402
 

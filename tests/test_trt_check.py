@@ -49,7 +49,7 @@ def _bad_onnx(path):
 
 def _good_onnx(path):
     pytest.importorskip("onnxscript")
-    from kiln.onnx import export_onnx
+    from kiln.onnx.export import export_onnx
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     export_onnx(model.eval(), (torch.randn(1, 3, 8, 8),), path)
@@ -129,7 +129,7 @@ def _cli():
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from kiln.onnx_cli import trt_check_command
+    from kiln.cli.onnx import trt_check_command
 
     app = typer.Typer()
     app.command("trt-check")(trt_check_command)

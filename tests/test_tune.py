@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kiln import tune
-from kiln.capture import capture
+from kiln.capture.export import capture
+from kiln.select import tune
 
 
 @pytest.mark.gpu

@@ -15,13 +15,13 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.capture import capture, check_example_inputs
+from kiln.capture.export import capture, check_example_inputs
 from kiln.errors import KilnWarning
 from kiln.passes import run_passes
-from kiln.plan import make_plan
-from kiln.runtime import Engine, EngineModule, default_device
-from kiln.selection import select_kernels
-from kiln.tune import TimingCache, default_cache_path
+from kiln.plan.planner import make_plan
+from kiln.runtime.engine import Engine, EngineModule, default_device
+from kiln.select.selection import select_kernels
+from kiln.select.tune import TimingCache, default_cache_path
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("capture", "passes", "select", "plan")
@@ -47,7 +47,7 @@ class BuildConfig:
     precision: str = "fp32"
     device: str | None = None  # None: CUDA when available, else CPU
     passes: list[str] | None = None  # None: every registered pass
-    rewrites: list[str] | None = None  # capture-time module rewrites (kiln.capture_rewrites); None: all
+    rewrites: list[str] | None = None  # capture-time module rewrites (kiln.capture.rewrites); None: all
     tune: bool = True  # time candidate kernels on CUDA and keep the fastest
     exact: bool = False  # no approximate kernels (e.g. tanh-GELU for exact GELU in fp16)
     backend: str = "kiln"  # "tensorrt": supported regions become TensorRT engines inside the plan

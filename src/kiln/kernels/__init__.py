@@ -74,7 +74,7 @@ def register_kernel(
     """Register a kernel factory under `name` (later registrations of a name replace earlier).
 
     `writes_into`: the step function, when the plan hands it an output view (a slice of a
-    concatenation, see kiln.plan), writes its result there instead of allocating."""
+    concatenation, see kiln.plan.planner), writes its result there instead of allocating."""
 
     def deco(make: Callable[[str, OutVariant | None], StepFn]) -> Callable[[str, OutVariant | None], StepFn]:
         doc = (make.__doc__ or "").strip()

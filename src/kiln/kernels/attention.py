@@ -1,6 +1,6 @@
 """scaled_dot_product_attention with each of PyTorch's fused backends pinned: flash,
 memory-efficient and cuDNN attention. Which is fastest depends on the GPU, the shapes and
-whether there is a mask, so the build times them (kiln.tune) instead of guessing."""
+whether there is a mask, so the build times them (kiln.select.tune) instead of guessing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The concatenation the memory planner has already done: each input was written straight
-into its slice of the output buffer (kiln.plan), so the step only hands the buffer on.
+into its slice of the output buffer (kiln.plan.planner), so the step only hands the buffer on.
 Never a selection candidate; the planner puts it in place of `aten.cat`."""
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def make_gelu_tanh_epilogue(name: str, out: OutVariant | None) -> StepFn:
     where GELU(x) is tiny (x ≲ -3) the relative difference is large while the absolute one
     stays that small. In exchange the separate pass over the [rows, 4·hidden] activation
     disappears. The tuner keeps it only where it is faster and the whole output agrees with
-    the reference within kiln.tune.REL_TOL (relative L2), which this bound always meets."""
+    the reference within kiln.select.tune.REL_TOL (relative L2), which this bound always meets."""
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, w_t, bias, _ = args

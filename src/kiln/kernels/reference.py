@@ -3,7 +3,7 @@ implementations, which run anywhere PyTorch does."""
 
 from __future__ import annotations
 
-from kiln import ops, pointwise  # noqa: F401  (define the kiln:: ops this kernel resolves)
+from kiln import ops  # noqa: F401  (defines the kiln:: ops this kernel resolves)
 from kiln.kernels import OutVariant, StepFn, register_kernel, resolve_op
 
 

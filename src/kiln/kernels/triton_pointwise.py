@@ -1,12 +1,12 @@
 """Triton kernels generated from `kiln::pointwise` programs: one launch per fused elementwise chain.
 
-The source is written by kiln from a program that `kiln.pointwise.parse_program` has
+The source is written by kiln from a program that `kiln.ops.pointwise.parse_program` has
 validated, op by op from the templates below, so loading an engine never runs code that
 came from the file. One kernel is generated per (program, input dtypes, operand layout
 kinds, rank) and cached; Triton caches the compiled binaries per specialization.
 
 Each program instance handles BLOCK consecutive elements of the output in its memory
-order (the output is dense and laid out like `kiln.pointwise.layout_template`). Dims are
+order (the output is dense and laid out like `kiln.ops.pointwise.layout_template`). Dims are
 put in that order and merged where every operand allows, so same-layout operands read at
 the output's own offset, broadcast ones through per-dim strides (0 on broadcast dims).
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
-from kiln.pointwise import (
+from kiln.ops.pointwise import (
     DTYPES,
     Const,
     Instr,
@@ -278,7 +278,7 @@ def _broadcast_strides(shape: Sequence[int], stride: Sequence[int], out_shape: S
 
 
 def _output_stride(metas: Sequence[Meta], shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, ...]:
-    """The strides kiln.pointwise.run_program gives its result (torch decides, on meta)."""
+    """The strides kiln.ops.pointwise.run_program gives its result (torch decides, on meta)."""
     inputs = [torch.empty_strided(s, st, dtype=d, device="meta") for s, st, d in metas]
     template = layout_template(inputs, shape)
     if template is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph
 
 Pass = Callable[[CapturedGraph], CapturedGraph]
 

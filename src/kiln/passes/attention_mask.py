@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, aten, finish, op_nodes
 from kiln.passes import register_pass
-from kiln.passes.util import aten, finish, op_nodes
 
 SDPA = aten.scaled_dot_product_attention.default
 # Views that only repeat or rearrange values: "masks nothing" holds through them. (An

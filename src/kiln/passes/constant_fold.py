@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, add_weight, finish, is_weight, op_nodes, weight
 from kiln.passes import register_pass
-from kiln.passes.util import add_weight, finish, is_weight, op_nodes, weight
 
 MAX_GROWTH = 2  # never fold an op whose result is much larger than its inputs (e.g. an expand)
 MIN_ALLOWED = 1 << 16

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, finish, op_nodes
 from kiln.passes import register_pass
-from kiln.passes.util import finish, op_nodes
 
 
 def _key(node: fx.Node) -> Any:

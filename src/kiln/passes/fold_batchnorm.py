@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, add_weight, aten, finish, getitem_user, is_weight, op_nodes, single_user, weight
 from kiln.passes import register_pass
-from kiln.passes.util import add_weight, aten, finish, getitem_user, is_weight, op_nodes, single_user, weight
 
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 

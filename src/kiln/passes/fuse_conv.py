@@ -8,9 +8,17 @@ import torch
 from torch import fx
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops used below)
-from kiln.capture import CapturedGraph
+from kiln.graph import (
+    CapturedGraph,
+    aten,
+    finish,
+    following_activation,
+    op_nodes,
+    replace_with,
+    same_shape,
+    single_user,
+)
 from kiln.passes import register_pass
-from kiln.passes.util import aten, finish, following_activation, op_nodes, replace_with, same_shape, single_user
 
 
 def _residual(conv_out: fx.Node, add: fx.Node | None) -> fx.Node | None:

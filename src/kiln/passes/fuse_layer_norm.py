@@ -8,9 +8,8 @@ import operator
 import torch
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops used below)
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, aten, finish, getitem_user, infer_meta, op_nodes, same_shape
 from kiln.passes import register_pass
-from kiln.passes.util import aten, finish, getitem_user, infer_meta, op_nodes, same_shape
 
 
 @register_pass("fuse_layer_norm")

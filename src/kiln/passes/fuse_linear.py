@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops used below)
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, aten, finish, following_activation, op_nodes, replace_with, single_user
 from kiln.passes import register_pass
-from kiln.passes.util import aten, finish, following_activation, op_nodes, replace_with, single_user
 
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 

@@ -5,7 +5,7 @@ read and write a whole activation per op; fused they do it once. A group is grow
 elementwise node up through its elementwise producers, taking a producer only when all of
 its users are already in the group, so no intermediate value is needed outside it and the
 group is convex. Each group of two or more ops becomes one `kiln::pointwise` node whose
-program (kiln.pointwise) the reference interprets and kiln.kernels.triton_pointwise
+program (kiln.ops.pointwise) the reference interprets and kiln.kernels.triton_pointwise
 compiles.
 
 A lone op is fused too when it broadcasts a smaller input over its output.
@@ -25,9 +25,9 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph
+from kiln.ops.pointwise import DTYPES, MAX_INPUTS, MAX_INSTRUCTIONS, Const, Program, ProgramBuilder, Var
 from kiln.passes import register_pass
-from kiln.pointwise import DTYPES, MAX_INPUTS, MAX_INSTRUCTIONS, Const, Program, ProgramBuilder, Var
 from kiln.specs import dtype_name
 
 aten = torch.ops.aten

@@ -13,9 +13,8 @@ import torch
 from torch import fx
 
 from kiln import ops  # noqa: F401  (defines kiln::linear_act)
-from kiln.capture import CapturedGraph
+from kiln.graph import CapturedGraph, add_weight, aten, finish, infer_meta, is_weight, op_nodes, weight
 from kiln.passes import register_pass
-from kiln.passes.util import add_weight, aten, finish, infer_meta, is_weight, op_nodes, weight
 
 LINEAR = torch.ops.kiln.linear_act.default
 CONV = torch.ops.kiln.conv_bias_act.default

@@ -29,7 +29,7 @@ class ConversionError(KilnError):
 def node_source(node: fx.Node) -> str:
     """'file:line in fn: code' of the model source that produced ``node``, when recorded."""
     try:
-        from kiln.capture import source_line
+        from kiln.capture.export import source_line
     except ImportError:  # pragma: no cover
         return "unknown source line"
     return source_line(node)

@@ -1,6 +1,6 @@
-"""Converters for kiln's own fused ops (``kiln.ops``), what the build passes leave in a graph.
+"""Converters for kiln's own fused ops (``kiln.ops.fused``), what the build passes leave in a graph.
 
-Keyed by qualified name, so registering them does not import ``kiln.ops``.
+Keyed by qualified name, so registering them does not import ``kiln.ops.fused``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def _named_activation(ctx: ConversionContext, x: Any, act: str) -> Any:
-    """kiln.ops.ACTIVATIONS by name, on an ITensor."""
+    """kiln.ops.fused.ACTIVATIONS by name, on an ITensor."""
     gates = {"silu": ("SIGMOID", None, None), "hardswish": ("HARD_SIGMOID", 1.0 / 6.0, 0.5)}
     if act == "none":
         return x

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph, source_line
 from kiln.errors import KilnWarning
-from kiln.passes.util import finish
+from kiln.graph import CapturedGraph, finish, source_line
 from kiln.tensorrt import api
 from kiln.tensorrt.build import EngineBuild, build_engine
 from kiln.tensorrt.context import ConversionError, op_name
@@ -246,7 +245,7 @@ def _tensorrt_timing_cache(timing_cache: str | None) -> tuple[str | None, str]:
     """TensorRT's timing cache file, kept beside kiln's (a different format), and a note."""
     if api.flavor() == "tensorrt-rtx":
         return None, f"none: {api.flavor()} {api.version()} picks kernels at run time and has no timing cache"
-    from kiln.tune import default_cache_path
+    from kiln.select.tune import default_cache_path
 
     base = Path(timing_cache) if timing_cache else default_cache_path()
     path = base.with_name(f"{base.stem}.{api.flavor()}-{api.version()}.trtcache")

@@ -1,7 +1,7 @@
 """Converter for ``kiln::pointwise``: a fused elementwise program, one TensorRT layer per instruction.
 
-The program (``kiln.pointwise``) is validated by its own parser; each value's dtype is what
-torch's promotion gives (``kiln.pointwise.value_dtypes``), so operands are cast exactly where
+The program (``kiln.ops.pointwise``) is validated by its own parser; each value's dtype is what
+torch's promotion gives (``kiln.ops.pointwise.value_dtypes``), so operands are cast exactly where
 the reference implementation casts them. TensorRT fuses the resulting elementwise layers again.
 """
 
@@ -38,9 +38,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @converter("kiln::pointwise")
 def _pointwise(ctx: ConversionContext) -> Any:
     try:
-        from kiln.pointwise import Const, PointwiseProgramError, parse_program, value_dtypes
-    except ImportError as exc:  # kiln.pointwise is optional to this converter
-        raise Decline(f"kiln.pointwise is unavailable ({exc})") from None
+        from kiln.ops.pointwise import Const, PointwiseProgramError, parse_program, value_dtypes
+    except ImportError as exc:  # kiln.ops.pointwise is optional to this converter
+        raise Decline(f"kiln.ops.pointwise is unavailable ({exc})") from None
     inputs, text = ctx.args[0], ctx.args[1]
     try:
         program = parse_program(text)

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph
-from kiln.passes.util import add_weight, infer_meta
+from kiln.graph import CapturedGraph, add_weight, infer_meta
 from kiln.specs import TensorSpec
 from kiln.tensorrt import api
 from kiln.tensorrt.context import ConversionError

@@ -1,4 +1,4 @@
-"""`kiln export-onnx` and `kiln trt-check`: command functions for kiln.cli to register.
+"""`kiln export-onnx` and `kiln trt-check`: command functions for kiln.cli.commands to register.
 
 app.command("export-onnx")(export_onnx_command)
 app.command("trt-check")(trt_check_command)
@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli_common import console, fail, parse_shape
+from kiln.cli.common import console, fail, parse_shape
 
 
 def _resolve(model: str, batch: int, input_shape: str | None) -> Any:
@@ -51,7 +51,7 @@ def export_onnx_command(
 ) -> None:
     """Export MODEL to ONNX with torch.onnx, check it, and validate it with ONNX Runtime."""
     from kiln.errors import KilnError
-    from kiln.onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, validate_onnx
+    from kiln.onnx.export import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, validate_onnx
 
     entry = _resolve(model, batch, input_shape)
     try:
@@ -172,7 +172,7 @@ def _export_for_check(
     model: str, batch: int, input_shape: str | None, opset: int | None, dynamic: bool, tmp: Path
 ) -> Path:
     from kiln.errors import KilnError
-    from kiln.onnx import export_onnx
+    from kiln.onnx.export import export_onnx
 
     entry = _resolve(model, batch, input_shape)
     out = tmp / f"{Path(model.split(':')[-1]).stem}.onnx"
@@ -222,7 +222,7 @@ def _print_rejections(rejections: list[Any], total: int | None, target: str) -> 
     console.print(table)
 
 
-if __name__ == "__main__":  # python -m kiln.onnx_cli export-onnx|trt-check …
+if __name__ == "__main__":  # python -m kiln.cli.onnx export-onnx|trt-check …
     _app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     _app.command("export-onnx")(export_onnx_command)
     _app.command("trt-check")(trt_check_command)

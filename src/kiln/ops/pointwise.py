@@ -372,7 +372,7 @@ def value_dtypes(program: Program, signature: tuple[tuple[torch.dtype, bool], ..
 
 @torch.library.custom_op("kiln::pointwise", mutates_args=())
 def pointwise(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
-    """A fused chain of elementwise ops over broadcast inputs (see kiln.pointwise)."""
+    """A fused chain of elementwise ops over broadcast inputs (see kiln.ops.pointwise)."""
     return run_program(parse_program(program), inputs)
 
 

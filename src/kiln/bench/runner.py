@@ -3,7 +3,7 @@
 Measuring (`bench_model`, `bench_zoo`) is kept apart from the statistics and the report
 writers, which are pure functions of what was measured: tests drive the runner with a fake
 `timer` and `clock`. This module holds the settings and result types, the statistics and the
-runner; the JSON/markdown/PNG writers live in `kiln.bench_report` and are re-exported here.
+runner; the JSON/markdown/PNG writers live in `kiln.bench.report` and are re-exported here.
 The method is written down in docs/benchmarking.md.
 """
 
@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.bench_peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared, first_line
-from kiln.bench_report import (  # noqa: F401 (re-exported: callers import the report writers from kiln.bench)
+from kiln.bench.peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared, first_line
+from kiln.bench.report import (  # noqa: F401 (re-exported: callers import the report writers from kiln.bench.runner)
     COLUMNS,
     SCHEMA,
     fmt_ms,
@@ -412,7 +412,7 @@ def _zoo_source(target: str, settings: BenchSettings) -> ModelSource:
 
 
 def _engine_source(path: Path, settings: BenchSettings, device: str | None) -> ModelSource:
-    from kiln.runtime import load as load_engine
+    from kiln.runtime.engine import load as load_engine
 
     engine = load_engine(path, device=device)
     info = engine.build_info

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
-from kiln.capture_rewrites import check_names, rewritten
+from kiln.capture.rewrites import check_names, rewritten
 from kiln.errors import CaptureError
-from kiln.specs import TensorSpec, build_structure, encode_structure
+from kiln.graph import CapturedGraph, source_line  # noqa: F401  (re-exported)
+from kiln.specs import TensorSpec, encode_structure
 
 DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 # Kept whole instead of decomposed: at run time they dispatch to fused kernels
@@ -34,32 +34,6 @@ def _decompositions() -> dict:
     return table
 
 
-@dataclass
-class CapturedGraph:
-    """A captured model: the graph, what goes in, and how outputs are shaped."""
-
-    module: fx.GraphModule
-    inputs: list[TensorSpec]  # what the user passes (names, shapes, the model's own dtypes)
-    graph_inputs: list[TensorSpec]  # what the graph's placeholders take (compute dtype)
-    outputs: list[TensorSpec | None]  # flat outputs as the user receives them; None: not a tensor
-    structure: dict[str, Any]  # JSON-safe nesting of the flat outputs
-    device: torch.device
-    compute_dtype: torch.dtype
-    # fp32 originals of weights stored in a lower precision, for passes that fold weights
-    masters: dict[str, torch.Tensor] = field(default_factory=dict)
-    rewrites: dict[str, int] = field(default_factory=dict)  # capture-time rewrites applied, with counts
-
-    def run(self, *inputs: torch.Tensor) -> Any:
-        """Run the graph eagerly, casting like an engine does; returns the model's structure."""
-        cast = [x.to(s.dtype) for x, s in zip(inputs, self.graph_inputs)]
-        flat = self.module(*cast)
-        flat = [
-            t.to(spec.dtype) if spec is not None else t
-            for t, spec in zip(flat, self.outputs)
-        ]
-        return build_structure(self.structure, flat)
-
-
 def capture(
     model: torch.nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -70,7 +44,7 @@ def capture(
 ) -> CapturedGraph:
     """Export `model` on `device` with floating weights and inputs in `compute_dtype`.
 
-    `rewrites` names the kiln.capture_rewrites to trace through (None: all of them)."""
+    `rewrites` names the kiln.capture.rewrites to trace through (None: all of them)."""
     example_inputs = check_example_inputs(example_inputs)
     check_names(rewrites)
     user_specs = [
@@ -127,16 +101,6 @@ def check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
                 "nn.Module) before building."
             )
     return tuple(example_inputs)
-
-
-def source_line(node: fx.Node) -> str:
-    """The innermost 'file:line in function' of the model source that produced `node`."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
-    if not frames:
-        return "unknown source line (no stack trace recorded)"
-    file, line, func, code = frames[-1]
-    return f"{file}:{line} in {func}: {code.strip()}"
 
 
 def _on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from torch import fx
 
 import kiln
 from kiln.kernels import get_kernel
-from kiln.runtime import cudnn_benchmark
+from kiln.runtime.engine import cudnn_benchmark
 
 REL_TOL = 2e-2  # a candidate farther than this from the reference kernel is rejected
 REFERENCE_PROVIDERS = ("aten", "reference")

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kiln.cli_common import console, fail, parse_shape
+from kiln.cli.common import console, fail, parse_shape
 
 app = typer.Typer(
     help="kiln: build a PyTorch model into an inference engine file and run it fast.",
@@ -213,7 +213,7 @@ def inspect(
     """Show an engine's inputs/outputs, steps (op, kernel, precision, shape), memory plan and build info;
     with --timings, the candidate kernels timed for each step."""
     from kiln import load
-    from kiln.describe import describe
+    from kiln.cli.describe import describe
     from kiln.errors import KilnError
 
     try:
@@ -276,8 +276,8 @@ def list_zoo() -> None:
 
 def _add_commands() -> None:
     """Commands defined beside the features they drive."""
-    from kiln.bench_cli import bench_command, predict_command
-    from kiln.onnx_cli import export_onnx_command, trt_check_command
+    from kiln.cli.bench import bench_command, predict_command
+    from kiln.cli.onnx import export_onnx_command, trt_check_command
 
     app.command("bench")(bench_command)
     app.command("predict")(predict_command)

@@ -1,7 +1,7 @@
 """Kernel selection: for every op node, the catalog's candidates and the one chosen.
 
 With one candidate the choice is trivial; where several can run a node, the
-fastest measured one wins (see kiln.tune once timing lands). Ops that no kernel
+fastest measured one wins (see kiln.select.tune once timing lands). Ops that no kernel
 implements are all reported together, each with the model source line it came from.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from kiln.capture import CapturedGraph, source_line
 from kiln.errors import UnsupportedOpError
+from kiln.graph import CapturedGraph, source_line
 from kiln.kernels import OpCall, candidates, get_kernel, op_name
 from kiln.kernels.aten import out_variant
+from kiln.select.tune import TimingCache, copy_signature, signature, time_copy, tune_node
 from kiln.specs import TensorSpec
-from kiln.tune import TimingCache, copy_signature, signature, time_copy, tune_node
 
 PLANNER_OPS = {operator.getitem}  # resolved by the planner, never a step
 
@@ -105,13 +105,13 @@ def fastest(timings_ms: dict[str, float], writers: set[str], copy_ms: float) -> 
 
 
 def writes_into(kernel: str, op: str, device_type: str) -> bool:
-    """Whether `kernel` can write its result into a view the planner gives it (kiln.plan)."""
+    """Whether `kernel` can write its result into a view the planner gives it (kiln.plan.planner)."""
     k = get_kernel(kernel)
     return k.writes_into or (k.writes_planned_outputs and out_variant(op, device_type) is not None)
 
 
 def concat_inputs(cat: fx.Node) -> list[fx.Node] | None:
-    """The inputs of an `aten.cat` the planner may place in its output (kiln.plan): each the
+    """The inputs of an `aten.cat` the planner may place in its output (kiln.plan.planner): each the
     result of an op, read by this cat alone and once, non-empty and of the cat's dtype.
     None where any is not."""
     val = cat.meta.get("val")
@@ -129,7 +129,7 @@ def concat_inputs(cat: fx.Node) -> list[fx.Node] | None:
 
 def _concat_writable(node: fx.Node, device_type: str) -> bool:
     """`node` is read only by a concatenation whose inputs each have a kernel that could write
-    straight into its slice: the planner then drops the cat's copy if they all do (kiln.plan)."""
+    straight into its slice: the planner then drops the cat's copy if they all do (kiln.plan.planner)."""
     users = list(node.users)
     tensors = concat_inputs(users[0]) if len(users) == 1 else None
     if tensors is None:

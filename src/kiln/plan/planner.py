@@ -1,7 +1,7 @@
 """Planning: an optimized graph and its kernel choices → ordered steps + a memory plan.
 
 Every tensor an op produces is a *slot*. A slot written through an op's `.out`
-overload owns a *buffer* placed in the arena by kiln.memory; a view shares the
+overload owns a *buffer* placed in the arena by kiln.plan.memory; a view shares the
 buffer of the tensor it aliases, and keeps it alive as long as the view lives;
 ops with no `.out` overload allocate for themselves ("heap" slots). The plan is
 plain JSON: the runtime reads it without importing any of this.
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln import memory, streams
-from kiln.capture import CapturedGraph, source_line
+from kiln.graph import CapturedGraph, source_line
 from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
-from kiln.selection import PLANNER_OPS, Selection, concat_inputs, node_op_name
+from kiln.plan import memory, streams
+from kiln.select.selection import PLANNER_OPS, Selection, concat_inputs, node_op_name
 from kiln.specs import dtype_from_name, dtype_name, encode_value
 
 
@@ -98,7 +98,7 @@ class _Planner:
         return self.finish()
 
     def use_side_streams(self) -> None:
-        """Put short independent branches on a side stream (kiln.streams), keeping every slot
+        """Put short independent branches on a side stream (kiln.plan.streams), keeping every slot
         they touch alive, and apart in the arena, over their whole fork → join span."""
         outputs = {r["slot"] for r in self.output_refs if isinstance(r, dict) and "slot" in r}
         branches = [
@@ -275,5 +275,5 @@ def make_plan(
     graph: CapturedGraph, selections: dict[fx.Node, Selection], multi_stream: bool = False
 ) -> dict[str, Any]:
     """The JSON plan for `graph` with the chosen kernels (see docs/engine-format.md); with
-    `multi_stream`, short independent branches run on a side stream (kiln.streams)."""
+    `multi_stream`, short independent branches run on a side stream (kiln.plan.streams)."""
     return _Planner(graph, selections, multi_stream).run()

@@ -1,7 +1,7 @@
 """The runtime: bind inputs, run the plan's steps, replay a CUDA graph on the GPU.
 
 Reads the JSON plan and the weights; imports nothing from the build side.
-A deployment needs this module, kiln.kernels, kiln.specs, kiln.engine_file and the file.
+A deployment needs this module, kiln.kernels, kiln.specs, kiln.runtime.engine_file and the file.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from kiln import engine_file
 from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnWarning
 from kiln.kernels import OutVariant, get_kernel
+from kiln.runtime import engine_file
 from kiln.specs import TensorSpec, build_structure, decode_value, dtype_from_name
 
 Vals = list[Any]
@@ -38,7 +38,7 @@ class _Step:
         self.outputs: list[int] = step["outputs"]
         self.multi: bool = step["multi"]
         self.planned = out is not None or bool(step.get("writes_into"))
-        self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.streams)
+        self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.plan.streams)
         self.fork = bool(step.get("fork"))  # the side stream first waits for the main stream
         self.join = bool(step.get("join"))  # the main stream first waits for the side stream
         self.out_views: list[torch.Tensor] = []

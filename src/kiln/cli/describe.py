@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.runtime import Engine
+from kiln.runtime.engine import Engine
 
 
 def describe(engine: Engine) -> dict[str, Any]:

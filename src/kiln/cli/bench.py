@@ -1,9 +1,9 @@
-"""`kiln bench` and `kiln predict`: command functions for kiln.cli to register.
+"""`kiln bench` and `kiln predict`: command functions for kiln.cli.commands to register.
 
     app.command("bench")(bench_command)
     app.command("predict")(predict_command)
 
-`python -m kiln.bench_cli bench|predict …` runs them without the main CLI.
+`python -m kiln.cli.bench bench|predict …` runs them without the main CLI.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from kiln.cli_common import console, fail
+from kiln.cli.common import console, fail
 
 
 def _csv(text: str | None) -> list[str]:
@@ -35,7 +35,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 
 
 def _peer_names(text: str | None) -> tuple[str, ...] | None:
-    from kiln.bench_peers import PEERS
+    from kiln.bench.peers import PEERS
 
     names = _csv(text)
     if not names:
@@ -82,7 +82,7 @@ def bench_command(
     models: str = typer.Option(None, "--models", help="With --zoo: these models, comma-separated."),
 ) -> None:
     """Benchmark MODEL or ENGINE side by side with eager PyTorch, torch.compile, ONNX Runtime, …"""
-    from kiln import bench
+    from kiln.bench import runner as bench
     from kiln.errors import KilnError
 
     settings = bench.BenchSettings(
@@ -125,7 +125,7 @@ def result_table(report: Any) -> Table:
     """The terminal's view of the markdown table: fewer, shorter columns; notes go below."""
     from rich import box
 
-    from kiln import bench
+    from kiln.bench import runner as bench
 
     short = {
         "batch": "batch",
@@ -158,7 +158,7 @@ def _mark(index: int, note: str) -> str:
 
 
 def _footer(report: Any) -> list[str]:
-    from kiln import bench
+    from kiln.bench import runner as bench
 
     lines = [
         f"[{i}] {r.peer} {r.precision} batch {r.batch}: {cells[-1]}"
@@ -173,7 +173,7 @@ def _footer(report: Any) -> list[str]:
 
 
 def _write(report: Any, outputs: dict[str, Path | None]) -> None:
-    from kiln import bench
+    from kiln.bench import runner as bench
 
     zoo = isinstance(report, bench.ZooReport)
     if outputs["json"]:
@@ -186,7 +186,7 @@ def _write(report: Any, outputs: dict[str, Path | None]) -> None:
 
 
 def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -> None:
-    from kiln import bench
+    from kiln.bench import runner as bench
     from kiln.errors import KilnError
 
     def on_model(zoo_report: Any) -> None:
@@ -231,8 +231,8 @@ def predict_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the zoo's random weights."),
 ) -> None:
     """Top-k ImageNet labels for IMAGE(s) from eager and from the engine, side by side."""
+    from kiln.debug.predict import SKIMAGE_PREFIX, predict
     from kiln.errors import KilnError
-    from kiln.predict import SKIMAGE_PREFIX, predict
 
     specs = [*(images or []), *(SKIMAGE_PREFIX + s for s in sample or [])]
     try:

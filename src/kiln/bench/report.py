@@ -1,7 +1,7 @@
 """Reports of `kiln bench` runs: table cells, JSON, markdown and PNG plots.
 
-Pure functions of what `kiln.bench` measured (a `BenchReport` or a `ZooReport`); nothing here
-measures or touches a device. `kiln.bench` re-exports every public name, so callers keep
+Pure functions of what `kiln.bench.runner` measured (a `BenchReport` or a `ZooReport`); nothing here
+measures or touches a device. `kiln.bench.runner` re-exports every public name, so callers keep
 importing them from there.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln.bench import BenchReport, Environment, PeerResult, ZooReport
+    from kiln.bench.runner import BenchReport, Environment, PeerResult, ZooReport
 
-SCHEMA = "kiln.bench/1"
+SCHEMA = "kiln.bench.runner/1"
 
 
 # --- reports (pure) -------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def zoo_columns(zoo_report: ZooReport) -> list[tuple[str, str]]:
 
 
 def _zoo_precisions(zoo_report: ZooReport) -> list[str]:
-    from kiln.bench import BASELINE  # at call time: kiln.bench imports this module
+    from kiln.bench.runner import BASELINE  # at call time: kiln.bench.runner imports this module
 
     seen = [
         r.precision

@@ -1,18 +1,58 @@
-"""Shared helpers for passes: weights, new constants, clean-up, and fresh shape metadata."""
+"""The FX graph toolkit every stage shares: the captured graph, weights, new constants,
+clean-up, fresh shape metadata, and where a node came from in the model's source."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from kiln.capture import CapturedGraph
+from kiln.specs import TensorSpec, build_structure
 
 aten = torch.ops.aten
+
+
+@dataclass
+class CapturedGraph:
+    """A captured model: the graph, what goes in, and how outputs are shaped."""
+
+    module: fx.GraphModule
+    inputs: list[TensorSpec]  # what the user passes (names, shapes, the model's own dtypes)
+    graph_inputs: list[TensorSpec]  # what the graph's placeholders take (compute dtype)
+    outputs: list[TensorSpec | None]  # flat outputs as the user receives them; None: not a tensor
+    structure: dict[str, Any]  # JSON-safe nesting of the flat outputs
+    device: torch.device
+    compute_dtype: torch.dtype
+    # fp32 originals of weights stored in a lower precision, for passes that fold weights
+    masters: dict[str, torch.Tensor] = field(default_factory=dict)
+    rewrites: dict[str, int] = field(default_factory=dict)  # capture-time rewrites applied, with counts
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """Run the graph eagerly, casting like an engine does; returns the model's structure."""
+        cast = [x.to(s.dtype) for x, s in zip(inputs, self.graph_inputs)]
+        flat = self.module(*cast)
+        flat = [
+            t.to(spec.dtype) if spec is not None else t
+            for t, spec in zip(flat, self.outputs)
+        ]
+        return build_structure(self.structure, flat)
+
+
+def source_line(node: fx.Node) -> str:
+    """The innermost 'file:line in function' of the model source that produced `node`."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return "unknown source line (no stack trace recorded)"
+    file, line, func, code = frames[-1]
+    return f"{file}:{line} in {func}: {code.strip()}"
 
 
 def op_nodes(graph: CapturedGraph, *targets: object) -> Iterator[fx.Node]:
@@ -95,7 +135,7 @@ def refresh_meta(graph: CapturedGraph) -> None:
 
 
 def activation(node: fx.Node) -> str | None:
-    """The kiln activation name of an ATen activation node (see kiln.ops.ACTIVATIONS)."""
+    """The kiln activation name of an ATen activation node (see kiln.ops.fused.ACTIVATIONS)."""
     target, args, kwargs = node.target, node.args, node.kwargs
     if target == aten.relu.default:
         return "relu"

@@ -240,7 +240,7 @@ def _from_zoo(name: str, batch: int, precision: str, device: str | None, seed: i
 
 def _from_engine(path: Path, device: str | None, seed: int) -> _Source:
     from kiln import zoo
-    from kiln.runtime import load
+    from kiln.runtime.engine import load
 
     engine = load(path, device=device)
     info = engine.build_info

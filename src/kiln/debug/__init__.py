@@ -1,0 +1,1 @@
+"""Accuracy tools: compare an engine with the model it came from."""

@@ -1,0 +1,4 @@
+"""kiln's own ops (torch.library, each with a reference implementation) and the pointwise
+expression IR that generated kernels are built from."""
+
+from kiln.ops import fused, pointwise  # noqa: F401  (defines the kiln:: ops)
