@@ -4,9 +4,13 @@ clean-up, fresh shape metadata, and where a node came from in the model's source
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
-from collections.abc import Iterator
+import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,13 +50,73 @@ class CapturedGraph:
 
 
 def source_line(node: fx.Node) -> str:
-    """The innermost 'file:line in function' of the model source that produced `node`."""
+    """The innermost 'file:line in function: code' of the model's own source that produced `node`.
+
+    Frames inside torch, kiln and the standard library are skipped (nn.Module plumbing,
+    F.conv2d, kiln's capture rewrites), so the line is the model's (`out = self.conv1(x)`),
+    not torch/nn/modules/conv.py. Only when every frame is such plumbing is the innermost kept.
+    """
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
     if not frames:
         return "unknown source line (no stack trace recorded)"
-    file, line, func, code = frames[-1]
+    own = [f for f in frames if not _plumbing(f[0])]
+    file, line, func, code = (own or frames)[-1]
     return f"{file}:{line} in {func}: {code.strip()}"
+
+
+@functools.cache
+def _plumbing_dirs() -> tuple[str, ...]:
+    import kiln
+
+    dirs = [Path(torch.__file__).parent, Path(kiln.__file__).parent, Path(sysconfig.get_paths()["stdlib"])]
+    return tuple(str(d.resolve()) + os.sep for d in dirs)
+
+
+def _plumbing(file: str) -> bool:
+    """A frame of torch, kiln or the standard library, not of the model."""
+    try:
+        path = str(Path(file).resolve())
+    except (OSError, ValueError):
+        return False
+    return path.startswith(_plumbing_dirs())
+
+
+_INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """The model's nn.Module path that produced `node`, e.g. 'layer2.0.conv1' ('' for the root or unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = path.removeprefix("L['self']").removeprefix("L__self__")
+    path = _INDEX.sub(lambda m: "." + (m.group(1) or m.group(2)), path)  # layer2[0] → layer2.0
+    return path.strip(".")
+
+
+ORIGIN_META = ("stack_trace", "nn_module_stack")  # where a node came from: source line and module
+
+
+def copy_origin(new: fx.Node, old: fx.Node) -> None:
+    """Give `new` the source line and module path of `old` (a node it replaces)."""
+    for key in ORIGIN_META:
+        if old.meta.get(key) is not None:
+            new.meta[key] = old.meta[key]
+
+
+def chain_start(last: fx.Node, inputs: Sequence[object]) -> fx.Node:
+    """The first node of the chain that ends at `last` and reads `inputs` (the convolution of
+    conv → add → relu): a fused op's origin, so its module path names the layer it computes."""
+    given = {a for a in inputs if isinstance(a, fx.Node)}
+    node = last
+    for _ in range(16):  # fused chains are short; never walk the whole graph
+        earlier = [n for n in node.all_input_nodes if n.op == "call_function" and n not in given]
+        if len(earlier) != 1 or len(earlier[0].users) != 1:  # a chain's inner nodes feed only the chain
+            break
+        node = earlier[0]
+    return node
 
 
 def op_nodes(graph: CapturedGraph, *targets: object) -> Iterator[fx.Node]:
@@ -201,11 +265,12 @@ def same_shape(a: fx.Node, b: object) -> bool:
 
 
 def replace_with(graph: CapturedGraph, last: fx.Node, target: object, args: tuple) -> fx.Node:
-    """Insert target(*args) before `last`, give it `last`'s uses and source line."""
+    """Insert target(*args) before `last` and give it `last`'s uses; its source line and module
+    are those of the chain's first node (the convolution of conv → add → relu)."""
     g = graph.module.graph
     with g.inserting_before(last):
         new = g.call_function(target, args)
-    new.meta["stack_trace"] = last.meta.get("stack_trace")
+    copy_origin(new, chain_start(last, args))
     infer_meta(new)
     last.replace_all_uses_with(new)
     return new

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln.graph import CapturedGraph, source_line
+from kiln.graph import CapturedGraph, module_path, source_line
 from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
 from kiln.plan import memory, streams
@@ -169,6 +169,7 @@ class _Planner:
             "multi": multi,
             "out_variant": None if out is None else {"op": out.op, "out_args": list(out.out_args)},
             "source": source_line(node),
+            "module": module_path(node),
         })
         if op == "aten.cat.default" and not multi:
             self.concat_in_place(node, outputs[0])
