@@ -164,3 +164,128 @@ def test_buffer_mutation_is_refused():
 
     with pytest.raises(kiln.CaptureError, match="mutates"):
         kiln.build(Counter(), (torch.randn(3),))
+
+
+# -- inputs users pass ----------------------------------------------------------------------
+
+@pytest.fixture
+def structured():
+    model = Structured().eval()
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    return model, kiln.build(model, (x, y)), x, y
+
+
+def test_keyword_inputs_bind_like_the_models_forward(structured):
+    model, engine, x, y = structured
+    assert engine.input_names == ["x", "y"]
+    expected = engine(x, y)
+    for out in (engine(x, y=y), engine(y=y, x=x), engine(x=x, y=y)):
+        assert torch.equal(out["sum"], expected["sum"])
+    assert_close(engine(y=y, x=x), model(x, y))
+    module = kiln.compile(model, (x, y))
+    assert_close(module(x, y=y), model(x, y))
+    assert_close(module(y=y, x=x), model(x, y))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e, x, y: e(x), r"takes 2 input\(s\) \(x, y\), got 1 \(missing 'y'\)"),
+        (lambda e, x, y: e(x=x), r"missing input\(s\) 'y'; the engine's inputs are \(x, y\)"),
+        (lambda e, x, y: e(x, z=y), r"unexpected keyword input\(s\) 'z'; the engine's inputs are \(x, y\)"),
+        (lambda e, x, y: e(x, y, x=x), r"given both by position and by keyword"),
+        (lambda e, x, y: e(x, y, x, y=y), r"takes 2 input\(s\) \(x, y\), got 3 positional and 1 keyword"),
+        (lambda e, x, y: e(x, x=y), r"'x' is given both by position and by keyword"),
+    ],
+)
+def test_keyword_input_errors_name_the_inputs(structured, call, message):
+    _, engine, x, y = structured
+    with pytest.raises(kiln.InputError, match=message):
+        call(engine, x, y)
+
+
+def test_transformers_model_takes_input_ids_and_attention_mask_by_name():
+    pytest.importorskip("transformers")
+    from kiln import zoo
+
+    entry = zoo.create("bert-tiny", batch=2, input_shape=(8,))
+    ids = entry.example_inputs[0]
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    model = entry.model.eval()
+    engine = kiln.build(model, (ids, mask))
+    assert engine.input_names[:2] == ["input_ids", "attention_mask"]
+    out = engine(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+    assert_close(out.last_hidden_state, ref.last_hidden_state)
+    assert torch.equal(out.last_hidden_state, engine(ids, mask).last_hidden_state)
+    with pytest.raises(kiln.InputError, match="missing input.*'attention_mask'"):
+        engine(input_ids=ids)
+
+
+@pytest.mark.parametrize("make", [lambda x: x.clone().requires_grad_(), lambda x: nn.Parameter(x.clone())])
+def test_inputs_that_require_grad_run_and_outputs_are_detached(small, make):
+    model, x = small
+    engine = kiln.build(model, (x,))
+    leaf = make(x)
+    with torch.enable_grad():
+        out = engine(leaf)
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.equal(out, engine(x))
+    assert leaf.grad is None and leaf.requires_grad  # the caller's tensor is left as it was
+    assert not kiln.compile(model, (x,))(leaf).requires_grad
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda x: x.to_sparse(), r"input 0 \('x'\) is a sparse tensor \(layout torch.sparse_coo\).*to_dense\(\)"),
+        (lambda x: x.reshape(6, -1).to_sparse_csr(), r"sparse tensor \(layout torch.sparse_csr\)"),
+        (lambda x: torch.empty_like(x, device="meta"), r"is a meta tensor \(a shape without data\)"),
+        (lambda x: torch.quantize_per_tensor(x, 0.1, 0, torch.quint8),
+         r"is a quantized tensor \(torch.quint8\).*dequantize\(\)"),
+        (lambda x: x.tolist(), "must be a tensor, got list"),
+        (lambda x: None, "must be a tensor, got NoneType"),
+    ],
+)
+def test_unusable_tensors_are_input_errors(small, make, message):
+    model, x = small
+    engine = kiln.build(model, (x,))
+    with pytest.raises(kiln.InputError, match=message):
+        engine(make(x))
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+def test_outputs_keep_the_dtype_the_graph_produced():
+    class Mixed(nn.Module):
+        def forward(self, x, ids):
+            return (x * 2).half(), x.sum(dim=1), ids + 1, (ids > 2)
+
+    x, ids = torch.randn(3, 4), torch.randint(0, 5, (3,))
+    engine = kiln.build(Mixed().eval(), (x, ids))
+    out = engine(x, ids)
+    ref = Mixed()(x, ids)
+    assert [o.dtype for o in out] == [r.dtype for r in ref] == [torch.float16, torch.float32, torch.int64, torch.bool]
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+
+
+def test_outputs_never_alias_inputs_weights_or_engine_memory():
+    class PassThrough(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(4.0))
+
+        def forward(self, x):
+            return x, self.table, x.view(2, 2) * 1
+
+    x = torch.randn(4)
+    engine = kiln.build(PassThrough().eval(), (x,))
+    a, table, b = engine(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in (a, table, b)}
+    assert len(ptrs) == 3 and x.untyped_storage().data_ptr() not in ptrs
+    assert all(w.untyped_storage().data_ptr() not in ptrs for w in engine.weights.values())
+    a.add_(1), table.add_(1)
+    assert torch.equal(engine(x)[0], x) and torch.equal(engine(x)[1], torch.arange(4.0))

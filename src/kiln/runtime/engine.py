@@ -2,35 +2,44 @@
 
 Reads the JSON plan and the weights; imports nothing from the build side.
 A deployment needs this module, kiln.kernels, kiln.specs, kiln.runtime.engine_file and the file.
+
+An Engine holds what all calls share and none writes (plan, weights, steps); each call runs
+in an execution context (kiln.runtime.context: arena, CUDA graph, stream) lent from a pool,
+so one engine serves many threads at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnWarning
-from kiln.kernels import OutVariant, get_kernel
+from kiln.kernels import OutVariant, StepFn, get_kernel
 from kiln.runtime import engine_file
-from kiln.specs import TensorSpec, build_structure, decode_value, dtype_from_name
+from kiln.runtime.context import ContextPool, ExecutionContext, cudnn_benchmark
+from kiln.specs import TensorSpec, build_structure, decode_value
 
 Vals = list[Any]
 
+__all__ = ["Engine", "EngineModule", "ExecutionContext", "cudnn_benchmark", "default_device", "load"]
+
 
 class _Step:
-    """One plan step, compiled to closures over slots, weights and arena views."""
+    """One plan step as every execution context shares it: its kernel and closures binding its
+    arguments to slots and weights. Each context makes its own kernel function (make())."""
 
     def __init__(self, step: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device):
         self.name = step["name"]
         out = step.get("out_variant")
-        kernel = get_kernel(step["kernel"])
-        self.fn = kernel.make(step["op"], OutVariant(out["op"], tuple(out["out_args"])) if out else None)
+        self.kernel = get_kernel(step["kernel"])
+        self.op: str = step["op"]
+        self.out_variant = OutVariant(out["op"], tuple(out["out_args"])) if out else None
         self.args = _binder(decode_value(step["args"], lambda r: _resolve(r, weights), device))
         self.kwargs = {
             k: _binder(decode_value(v, lambda r: _resolve(r, weights), device)) for k, v in step["kwargs"].items()
@@ -41,17 +50,11 @@ class _Step:
         self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.plan.streams)
         self.fork = bool(step.get("fork"))  # the side stream first waits for the main stream
         self.join = bool(step.get("join"))  # the main stream first waits for the side stream
-        self.out_views: list[torch.Tensor] = []
 
-    def __call__(self, vals: Vals) -> None:
-        args = self.args(vals)
-        kwargs = {k: b(vals) for k, b in self.kwargs.items()}
-        result = self.fn(tuple(args), kwargs, self.out_views)
-        if self.multi:
-            for slot, r in zip(self.outputs, result):
-                vals[slot] = r
-        else:
-            vals[self.outputs[0]] = result
+    def make(self) -> StepFn:
+        """This step's kernel function for one execution context (a kernel may keep per-call
+        state in it, as the TensorRT kernel keeps its execution context)."""
+        return self.kernel.make(self.op, self.out_variant)
 
 
 class _Slot:
@@ -67,7 +70,7 @@ class _StepTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def __call__(self, step: _Step, vals: Vals) -> Callable[[], float]:
+    def __call__(self, step: Callable[[Vals], None], vals: Vals) -> Callable[[], float]:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -108,39 +111,51 @@ def _has_slot(template: Any) -> bool:
     return isinstance(template, (list, tuple)) and any(_has_slot(t) for t in template)
 
 
-def _view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:
-    dtype = dtype_from_name(slot["dtype"])
-    offset, nbytes = slot["offset"], slot["nbytes"]
-    return arena[offset : offset + nbytes].view(dtype).as_strided(slot["shape"], slot["stride"])
-
-
-@contextlib.contextmanager
-def cudnn_benchmark() -> Iterator[None]:
-    """cuDNN picks each convolution's algorithm by timing them, as engines run (and are tuned)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
 def default_device(device_type: str) -> torch.device:
     if device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device_type)
 
 
+def _nbytes(spec: TensorSpec) -> int:
+    count = 1
+    for d in spec.shape:
+        count *= d
+    return count * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def _unusable_tensor(x: torch.Tensor, spec: TensorSpec) -> str | None:
+    """Why a tensor cannot be an engine input whatever its shape, or None."""
+    if x.is_nested:
+        return "a nested tensor; engines take dense (strided) tensors of the shape they were built for"
+    if x.layout != torch.strided:
+        return f"a sparse tensor (layout {x.layout}); engines take dense tensors: pass x.to_dense()"
+    if x.is_quantized:
+        return (f"a quantized tensor ({x.dtype}); the engine takes {spec.dtype}: pass x.dequantize()"
+                " (or build a quantized engine)")
+    if x.is_meta:
+        return "a meta tensor (a shape without data); pass a tensor holding the input's values"
+    return None
+
+
 class Engine:
     """A built model: call it like the original module.
 
-    `engine(*inputs)` checks the inputs against what the engine was built for, runs
-    the plan (replaying a CUDA graph on the GPU) and returns fresh tensors in the
-    structure the model returns.
+    `engine(*args, **kwargs)` binds the inputs as the model's forward(...) would (keyword
+    inputs by its parameter names), checks them against what the engine was built for, runs
+    the plan (replaying a CUDA graph on the GPU) and returns fresh tensors in the structure
+    the model returns. Calls from many threads run at once: each borrows an execution context
+    (arena, CUDA graph, stream) from a pool that grows to the number of concurrent calls
+    (at most `max_contexts`, when set; further calls wait); weights are shared.
     """
 
     def __init__(
-        self, header: dict[str, Any], weights: dict[str, torch.Tensor], device: str | torch.device | None = None
+        self,
+        header: dict[str, Any],
+        weights: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        *,
+        max_contexts: int | None = None,
     ):
         build = header["build"]
         self.header = header
@@ -149,130 +164,148 @@ class Engine:
         self.device = _check_device(build, device)
         self.weights = {k: v.to(self.device) for k, v in weights.items()}
         self.inputs = [TensorSpec.from_json(s) for s in self.plan["inputs"]]
+        self.input_names = [s.name for s in self.inputs]
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
-        self._steps = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
-        side = self.device.type == "cuda" and any(s.side for s in self._steps)
-        self._side_stream = torch.cuda.Stream(self.device) if side else None
-        self._bind_arena()
-        self._free_after = self._release_schedule()
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
+        self.free_after = self._release_schedule()
+        self._lock = threading.Lock()
+        self._pool = ContextPool(self.create_context)
+        self.max_contexts = max_contexts
+        self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
 
     # -- running ---------------------------------------------------------------------------
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
-        self.check_inputs(inputs)
-        if self.use_cuda_graph:
-            flat = self._replay(inputs)
-        else:
-            bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)]
-            flat = self.run_steps(bound)
-        return build_structure(self.plan["structure"], self._deliver(flat))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self.bind_inputs(args, kwargs)
+        with self._pool.lend() as context:
+            return context.run(inputs)
 
-    def run_steps(self, graph_inputs: list[torch.Tensor]) -> list[Any]:
-        """Execute every step in order; returns the flat graph outputs (not yet cast or copied)."""
-        vals: Vals = [None] * len(self.plan["slots"])
-        vals[: len(graph_inputs)] = graph_inputs
-        side = self._side_stream
-        main = torch.cuda.current_stream(self.device) if side is not None else None
-        for step, free in zip(self._steps, self._free_after):
-            if side is not None and step.side:
-                if step.fork:
-                    side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    step(vals)
-            else:
-                if side is not None and step.join:
-                    main.wait_stream(side)
-                step(vals)
-            for slot in free:
-                vals[slot] = None
-        return [self._output(ref, vals) for ref in self.plan["output_refs"]]
+    def create_context(self) -> ExecutionContext:
+        """A new execution context of your own (arena, and on CUDA its CUDA graph and stream),
+        callable like the engine. It runs one call at a time: using it from two threads at
+        once raises KilnError. Calling the engine itself lends each call a pooled context."""
+        return ExecutionContext(self)
+
+    @property
+    def contexts(self) -> tuple[ExecutionContext, ...]:
+        """The pooled execution contexts created so far (idle or busy)."""
+        return self._pool.contexts
+
+    @property
+    def max_contexts(self) -> int | None:
+        """At most this many pooled contexts (None: as many as calls ever ran at once)."""
+        return self._pool.limit
+
+    @max_contexts.setter
+    def max_contexts(self, limit: int | None) -> None:
+        self._pool.set_limit(limit)
+
+    def release_contexts(self) -> int:
+        """Drop the idle pooled contexts, returning their memory; later calls create new ones."""
+        return self._pool.clear()
+
+    @property
+    def context_bytes(self) -> int:
+        """Device memory each execution context adds, known from the plan: its arena, plus on
+        CUDA the CUDA graph's static inputs. A captured graph also keeps a private pool for the
+        buffers of kernels that allocate for themselves (ExecutionContext.graph_pool_bytes)."""
+        statics = 0
+        if self.device.type == "cuda":
+            statics = sum(_nbytes(s) for s in self.graph_inputs)
+        return int(self.plan["memory"]["arena_bytes"]) + statics
 
     def profile(self, *inputs: torch.Tensor, iters: int = 10) -> list[dict[str, Any]]:
         """Median time of every step (step by step, no CUDA graph), slowest first: where the time goes."""
-        self.check_inputs(inputs)
-        bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)]
-        timer = _StepTimer(self.device)
-        samples: list[list[float]] = [[] for _ in self._steps]
-        for _ in range(iters + 2):
-            vals: Vals = [None] * len(self.plan["slots"])
-            vals[: len(bound)] = bound
-            times = [timer(step, vals) for step in self._steps]
-            for i, t in enumerate(times):
-                samples[i].append(t())
+        bound = self.bind_inputs(inputs, {})
+        with self._pool.lend() as context:
+            samples = context.time_steps(bound, _StepTimer(self.device), iters)
         rows = []
-        for step, spec, ts in zip(self._steps, self.plan["steps"], samples):
+        for step, spec, ts in zip(self.step_specs, self.plan["steps"], samples):
             ts = sorted(ts[2:])
             out = self.plan["slots"][spec["outputs"][0]] if spec["outputs"] else {}
             rows.append({"step": step.name, "op": spec["op"], "kernel": spec["kernel"], "ms": ts[len(ts) // 2],
                          "shape": out.get("shape"), "stride": out.get("stride")})
         return sorted(rows, key=lambda r: -r["ms"])
 
-    def _output(self, ref: Any, vals: Vals) -> Any:
+    def output_value(self, ref: Any, vals: Vals) -> Any:
+        """One flat graph output of a run: a slot's value, a weight, or a constant."""
         if isinstance(ref, dict) and "slot" in ref:
             return vals[ref["slot"]]
         if isinstance(ref, dict) and "weight" in ref:
             return self.weights[ref["weight"]]
         return decode_value(ref, lambda r: None, self.device)
 
-    def _deliver(self, flat: list[Any]) -> list[Any]:
-        """Outputs the caller owns: cast to the model's dtype, never aliasing engine memory."""
+    def deliver(self, flat: list[Any]) -> list[Any]:
+        """Outputs the caller owns. Each tensor gets its output spec's dtype, the dtype the
+        model's graph produced (so only kiln's own precision lowering is cast back), in fresh
+        memory: never a view of an arena, a static output, a weight or an input. Run under
+        no_grad, none requires grad."""
         out = []
         for value, spec in zip(flat, self.outputs):
-            if spec is None:
+            if not isinstance(value, torch.Tensor):
                 out.append(value)
-            elif value.dtype != spec.dtype:
+            elif spec is not None and value.dtype != spec.dtype:
                 out.append(value.to(spec.dtype))
             else:
                 out.append(value.clone())
         return out
 
-    def _replay(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-        if self._graph is None:
-            self._capture()
-            if self._graph is None:
-                return self.run_steps([x.to(s.dtype).contiguous() for x, s in zip(inputs, self.graph_inputs)])
-        for static, x in zip(self._static_inputs, inputs):
-            static.copy_(x)
-        self._graph.replay()
-        return self._static_outputs
+    def structure(self, flat: list[Any]) -> Any:
+        """The model's output structure around delivered flat outputs."""
+        return build_structure(self.plan["structure"], flat)
 
-    def _capture(self) -> None:
-        self._static_inputs = [torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in self.graph_inputs]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        try:
-            # cuDNN times its algorithms for these exact shapes during warm-up; the graph keeps the winners.
-            with cudnn_benchmark(), torch.inference_mode():
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # warm-up: lazy cuBLAS/cuDNN init must not happen during capture
-                        self.run_steps(self._static_inputs)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._static_outputs = self.run_steps(self._static_inputs)
-            self._graph = graph
-        except RuntimeError as exc:
-            torch.cuda.synchronize(self.device)
-            self.use_cuda_graph = False
-            warnings.warn(
-                f"CUDA graph capture failed ({str(exc).splitlines()[0]}); running step by step",
-                KilnWarning,
-                stacklevel=3,
-            )
+    def capture_failed(self, exc: BaseException) -> None:
+        """A context's CUDA graph capture failed: every call runs step by step from now on."""
+        with self._lock:
+            first, self.use_cuda_graph = self.use_cuda_graph, False
+        if first:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"CUDA graph capture failed ({reason}); running step by step", KilnWarning, stacklevel=5)
 
     # -- checking --------------------------------------------------------------------------
+
+    def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The inputs in the engine's order from positional and keyword arguments, bound as
+        Python binds a call to the model's forward (keywords by its parameter names), checked."""
+        if kwargs:
+            args = self._by_name(tuple(args), kwargs)
+        self.check_inputs(args)
+        return tuple(args)
+
+    def _by_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        names = self.input_names
+        expected = f"the engine's inputs are ({', '.join(names)})"
+        if len(args) > len(names):
+            raise InputError(f"the engine takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} "
+                             f"positional and {len(kwargs)} keyword")
+        bound = dict(zip(names, args))
+        unexpected = [k for k in kwargs if k not in names]
+        if unexpected:
+            raise InputError(f"unexpected keyword input(s) {', '.join(map(repr, unexpected))}; {expected}")
+        twice = [k for k in kwargs if k in bound]
+        if twice:
+            raise InputError(f"input {twice[0]!r} is given both by position and by keyword; {expected}")
+        bound.update(kwargs)
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; {expected}")
+        return tuple(bound[n] for n in names)
 
     def check_inputs(self, inputs: tuple[Any, ...]) -> None:
         if len(inputs) != len(self.inputs):
             names = ", ".join(s.name for s in self.inputs)
-            raise InputError(f"the engine takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
+            missing = [repr(n) for n in self.input_names[len(inputs):]]
+            hint = f" (missing {', '.join(missing)})" if missing else ""
+            raise InputError(f"the engine takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}{hint}")
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             where = f"input {i} ({spec.name!r})"
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"{where} must be a tensor, got {type(x).__name__}")
+            problem = _unusable_tensor(x, spec)
+            if problem is not None:
+                raise InputError(f"{where} is {problem}")
             if x.dim() != len(spec.shape):
                 raise InputError(
                     f"{where} has rank {x.dim()} (shape {tuple(x.shape)}); the engine expects rank "
@@ -294,15 +327,8 @@ class Engine:
 
     # -- memory ----------------------------------------------------------------------------
 
-    def _bind_arena(self) -> None:
-        slots = self.plan["slots"]
-        self.arena = torch.empty(self.plan["memory"]["arena_bytes"], dtype=torch.uint8, device=self.device)
-        for step in self._steps:
-            if step.planned:
-                step.out_views = [_view(self.arena, slots[o]) for o in step.outputs]
-
     def _release_schedule(self) -> list[list[int]]:
-        free: list[list[int]] = [[] for _ in self._steps]
+        free: list[list[int]] = [[] for _ in self.step_specs]
         for slot, last in enumerate(self.plan["last_use"]):
             if 0 <= last < len(free):
                 free[last].append(slot)
@@ -318,10 +344,13 @@ class Engine:
         b, m = self.build_info, self.plan["memory"]
         ins = ", ".join(f"{s.name}: {s.describe()}" for s in self.inputs)
         outs = ", ".join(s.describe() for s in self.outputs if s is not None)
+        contexts = len(self.contexts)
         return (
             f"kiln Engine({b.get('model', '?')}, {b['precision']} on {self.device}, "
-            f"{len(self._steps)} steps, arena {m['arena_bytes'] / 2**20:.1f} MiB)\n"
+            f"{len(self.step_specs)} steps, arena {m['arena_bytes'] / 2**20:.1f} MiB)\n"
             f"  inputs:  {ins}\n  outputs: {outs}\n"
+            f"  execution contexts: {contexts} ({self.context_bytes / 2**20:.1f} MiB each: arena"
+            f"{' + static inputs' if self.device.type == 'cuda' else ''})\n"
             f"  built with kiln {b['kiln_version']}, torch {b['torch_version']} on {b['device_name']}"
         )
 
@@ -371,8 +400,8 @@ class EngineModule(torch.nn.Module):
         super().__init__()
         self.engine = engine
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.engine(*inputs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
         self.engine.save(path)

@@ -1,0 +1,387 @@
+"""Execution contexts: the state one call of an engine writes, as TensorRT's IExecutionContext.
+
+An Engine holds what every call shares and nobody writes: the plan, the weights and each
+step's argument binders. An ExecutionContext holds what one call writes: the arena (every
+planned intermediate and output), each step's views into it, each kernel's own per-call
+state (its step function is made per context: a TensorRT region gets an execution context
+of its own), and on CUDA a stream, a side stream, a CUDA graph and the graph's static
+inputs. A context runs one call at a time and says so when used by two threads at once;
+`Engine.__call__` lends each call a context from a ContextPool, so concurrent calls never
+share state and steady-state calls create nothing.
+
+CUDA specifics. All of a context's GPU work runs on its stream, which first waits for the
+caller's current stream; the caller's stream waits for it before the call returns, and the
+fresh output tensors are recorded on the caller's stream. The results are copied out of the
+arena (and the graph's static outputs) on the context's stream before the context goes back
+to the pool, so the next call on it cannot overwrite them. Streams come from PyTorch's stream
+pool and may be shared between contexts (ordering stays right); a CUDA graph capture, which
+would record any work enqueued on the capturing stream by any thread, therefore runs alone:
+`_GATE` lets calls enqueue work together but a capture only while no call enqueues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.specs import dtype_from_name
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import Engine, _Step
+
+Vals = list[Any]
+
+
+def arena_view(arena: torch.Tensor, slot: dict[str, Any]) -> torch.Tensor:
+    """The tensor a planned slot is: a dtype/shape/stride view of its bytes in the arena."""
+    dtype = dtype_from_name(slot["dtype"])
+    offset, nbytes = slot["offset"], slot["nbytes"]
+    return arena[offset : offset + nbytes].view(dtype).as_strided(slot["shape"], slot["stride"])
+
+
+# -- process-wide CUDA state, shared safely ---------------------------------------------------
+
+_BENCHMARK_LOCK = threading.Lock()
+_BENCHMARK_USERS = 0
+_BENCHMARK_SAVED = False
+
+
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN picks each convolution's algorithm by timing them, as engines run (and are tuned).
+
+    The flag is process-wide: overlapping uses (threads capturing at once) count, and the
+    last one out restores the value the first one found."""
+    global _BENCHMARK_USERS, _BENCHMARK_SAVED
+    with _BENCHMARK_LOCK:
+        if _BENCHMARK_USERS == 0:
+            _BENCHMARK_SAVED = torch.backends.cudnn.benchmark
+        _BENCHMARK_USERS += 1
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        with _BENCHMARK_LOCK:
+            _BENCHMARK_USERS -= 1
+            if _BENCHMARK_USERS == 0:
+                torch.backends.cudnn.benchmark = _BENCHMARK_SAVED
+
+
+class _LaunchGate:
+    """Many calls may enqueue CUDA work at once; a graph capture waits until none does and
+    keeps new ones out until it ends (writers first, so a busy engine still captures)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._launching = 0
+        self._capturing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def launching(self) -> Iterator[None]:
+        with self._cond:
+            while self._capturing or self._waiting:
+                self._cond.wait()
+            self._launching += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._launching -= 1
+                if not self._launching:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._capturing or self._launching:
+                self._cond.wait()
+            self._waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._capturing = False
+                self._cond.notify_all()
+
+
+_GATE = _LaunchGate()
+
+
+# -- the context ------------------------------------------------------------------------------
+
+
+class BoundStep:
+    """One plan step as one context runs it: the shared step, this context's kernel function
+    and its output views into this context's arena."""
+
+    __slots__ = ("step", "fn", "out_views")
+
+    def __init__(self, step: _Step, arena: torch.Tensor | None, slots: list[dict[str, Any]]):
+        self.step = step
+        self.fn = step.make()
+        self.out_views = [arena_view(arena, slots[o]) for o in step.outputs] if step.planned else []
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    def __call__(self, vals: Vals) -> None:
+        step = self.step
+        result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
+        if step.multi:
+            for slot, r in zip(step.outputs, result):
+                vals[slot] = r
+        else:
+            vals[step.outputs[0]] = result
+
+
+class ExecutionContext:
+    """The per-call state of an engine: arena, output views, kernel state and (CUDA) stream,
+    CUDA graph and static inputs. Call it like the engine; one call at a time.
+
+    Contexts come from `engine.create_context()` (yours to keep) or from the engine's pool
+    (what `engine(...)` uses). Using one context from two threads at once raises KilnError
+    instead of mixing their results; give each thread its own context."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        device = engine.device
+        cuda = device.type == "cuda"
+        self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
+        side = cuda and any(s.side for s in engine.step_specs)
+        self.side_stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if side else None
+        with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
+            # allocated on the context's stream, the only one that ever touches it
+            self.arena = torch.empty(engine.plan["memory"]["arena_bytes"], dtype=torch.uint8, device=device)
+        self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_pool_bytes: int | None = None  # the CUDA graph's private memory pool, measured at capture
+        self._static_inputs: list[torch.Tensor] = []
+        self._static_outputs: list[Any] = []
+        self._busy = threading.Lock()
+        self.calls = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory this context holds: its arena, the graph's static inputs once captured,
+        and the graph's private pool (intermediates kernels allocate for themselves)."""
+        statics = sum(t.numel() * t.element_size() for t in self._static_inputs)
+        return self.arena.numel() + statics + (self.graph_pool_bytes or 0)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(self.engine.bind_inputs(args, kwargs))
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run checked positional inputs (Engine.bind_inputs) and return the model's structure."""
+        with self._exclusive():
+            self.calls += 1
+            return self.engine.structure(self._run(inputs))
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise KilnError(
+                "this execution context is already running a call (in another thread): a context runs one "
+                "call at a time. Give each thread its own (engine.create_context()), or call the engine "
+                "itself, which lends every call a context of its own."
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+        engine = self.engine
+        if self.stream is None:
+            with torch.no_grad():
+                return engine.deliver(self.run_steps(self._bind(inputs)))
+        if engine.use_cuda_graph and self.graph is None:
+            self._capture()
+        caller = torch.cuda.current_stream(engine.device)
+        with _GATE.launching(), torch.cuda.stream(self.stream), torch.no_grad():
+            self.stream.wait_stream(caller)  # the inputs are ready
+            if engine.use_cuda_graph and self.graph is not None:
+                for static, x in zip(self._static_inputs, inputs):
+                    static.copy_(x)
+                self.graph.replay()
+                flat = self._static_outputs
+            else:
+                flat = self.run_steps(self._bind(inputs))
+            out = engine.deliver(flat)  # copied out on this stream, before any later call here
+            for value in out:
+                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                    value.record_stream(caller)
+            caller.wait_stream(self.stream)
+        return out
+
+    def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [x.detach().to(s.dtype).contiguous() for x, s in zip(inputs, self.engine.graph_inputs)]
+
+    def run_steps(self, graph_inputs: list[torch.Tensor]) -> list[Any]:
+        """Execute every step in order on the current stream; the flat graph outputs, not yet
+        cast or copied (they may be views of this context's arena)."""
+        engine = self.engine
+        vals: Vals = [None] * len(engine.plan["slots"])
+        vals[: len(graph_inputs)] = graph_inputs
+        side = self.side_stream
+        main = torch.cuda.current_stream(engine.device) if side is not None else None
+        for bound, free in zip(self.steps, engine.free_after):
+            step = bound.step
+            if side is not None and step.side:
+                if step.fork:
+                    side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    bound(vals)
+            else:
+                if side is not None and step.join:
+                    main.wait_stream(side)
+                bound(vals)
+            for slot in free:
+                vals[slot] = None
+        return [engine.output_value(ref, vals) for ref in engine.plan["output_refs"]]
+
+    def time_steps(
+        self, inputs: tuple[torch.Tensor, ...], timer: Callable[[Callable[[Vals], None], Vals], Callable[[], float]],
+        iters: int,
+    ) -> list[list[float]]:
+        """Each step's duration (ms) over iters + 2 step-by-step runs (Engine.profile)."""
+        with self._exclusive():
+            samples: list[list[float]] = [[] for _ in self.steps]
+            with contextlib.ExitStack() as scope:
+                scope.enter_context(torch.no_grad())
+                if self.stream is not None:
+                    caller = torch.cuda.current_stream(self.engine.device)
+                    scope.enter_context(_GATE.launching())
+                    scope.enter_context(torch.cuda.stream(self.stream))
+                    self.stream.wait_stream(caller)
+                bound = self._bind(inputs)
+                for _ in range(iters + 2):
+                    vals: Vals = [None] * len(self.engine.plan["slots"])
+                    vals[: len(bound)] = bound
+                    times = [timer(step, vals) for step in self.steps]
+                    for i, t in enumerate(times):
+                        samples[i].append(t())
+                if self.stream is not None:
+                    caller.wait_stream(self.stream)
+            return samples
+
+    def _capture(self) -> None:
+        """Capture this context's CUDA graph on its stream; on failure run step by step from now on."""
+        engine = self.engine
+        device = engine.device
+        try:
+            with torch.cuda.stream(self.stream):  # (not inference tensors: each call copies its inputs in)
+                statics = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in engine.graph_inputs]
+            with torch.cuda.stream(self.stream), cudnn_benchmark(), torch.inference_mode():
+                # cuDNN times its algorithms for these exact shapes during warm-up; the graph keeps the
+                # winners. Warm-up also does lazy cuBLAS/cuDNN/Triton/TensorRT set-up outside the capture.
+                with _GATE.launching():
+                    for _ in range(2):
+                        self.run_steps(statics)
+                graph = torch.cuda.CUDAGraph()
+                with _GATE.capturing():
+                    with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                        outputs = self.run_steps(statics)
+                    self.graph_pool_bytes = _pool_bytes(graph)
+        except RuntimeError as exc:
+            self.stream.synchronize()
+            engine.capture_failed(exc)
+            return
+        self._static_inputs, self._static_outputs, self.graph = statics, outputs, graph
+
+
+def _pool_bytes(graph: torch.cuda.CUDAGraph) -> int | None:
+    """Bytes of the segments in a captured graph's private memory pool."""
+    try:
+        segments = torch.cuda.memory_snapshot(mempool_id=graph.pool(), include_traces=False)
+        return int(sum(s["total_size"] for s in segments))
+    except Exception:  # a diagnostic only: an allocator without snapshots reports nothing
+        return None
+
+
+# -- the pool ---------------------------------------------------------------------------------
+
+
+class ContextPool:
+    """Idle contexts, lent one per call and given back after it (thread-safe).
+
+    A call takes an idle context or creates one, so the pool grows to the largest number of
+    calls that ever ran at once and then stays that size. With `limit` set, a call that finds
+    `limit` contexts all busy waits for one instead of creating another."""
+
+    def __init__(self, create: Callable[[], ExecutionContext], limit: int | None = None):
+        self._create = create
+        self._cond = threading.Condition()
+        self._idle: list[ExecutionContext] = []
+        self._all: list[ExecutionContext] = []
+        self._pending = 0  # being created outside the lock
+        self.limit = limit
+
+    @property
+    def contexts(self) -> tuple[ExecutionContext, ...]:
+        with self._cond:
+            return tuple(self._all)
+
+    def set_limit(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_contexts must be at least 1 (or None: no limit), got {limit}")
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    def add(self, context: ExecutionContext) -> None:
+        with self._cond:
+            self._all.append(context)
+            self._idle.append(context)
+            self._cond.notify()
+
+    def acquire(self) -> ExecutionContext:
+        with self._cond:
+            while not self._idle and self.limit is not None and len(self._all) + self._pending >= self.limit:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._pending += 1
+        try:
+            context = self._create()
+        except BaseException:
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._pending -= 1
+            self._all.append(context)
+        return context
+
+    def release(self, context: ExecutionContext) -> None:
+        with self._cond:
+            self._idle.append(context)
+            self._cond.notify()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[ExecutionContext]:
+        context = self.acquire()
+        try:
+            yield context
+        finally:
+            self.release(context)
+
+    def clear(self) -> int:
+        """Drop the idle contexts (their memory goes back when nothing else holds them); busy
+        ones stay. Returns how many were dropped."""
+        with self._cond:
+            dropped = {id(c) for c in self._idle}
+            self._idle.clear()
+            self._all = [c for c in self._all if id(c) not in dropped]
+            return len(dropped)
