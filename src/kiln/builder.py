@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.capture.export import capture, check_example_inputs
-from kiln.errors import KilnWarning
+from kiln.capture.export import bind_example_inputs, capture, check_model
+from kiln.capture.failures import explain
+from kiln.capture.rewrites import check_names
+from kiln.errors import KilnError, KilnWarning
 from kiln.passes import run_passes
 from kiln.plan.planner import make_plan
 from kiln.runtime.engine import Engine, EngineModule, default_device
@@ -87,16 +89,27 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def build(
     model: torch.nn.Module,
-    example_inputs: Any,
+    example_inputs: Any = None,
     precision: str = "fp32",
     device: str | torch.device | None = None,
     *,
+    kwargs: dict[str, Any] | None = None,
     config: BuildConfig | None = None,
     reporter: Reporter | None = None,
 ) -> Engine:
-    """Build `model` into an Engine for the shapes of `example_inputs`."""
+    """Build `model` into an Engine for the shapes of its example inputs.
+
+    `example_inputs` is a tensor, a tuple of tensors, or a dict of tensors by forward
+    parameter name (as Hugging Face models are called: input_ids=..., attention_mask=...);
+    `kwargs` adds keyword inputs to positional ones. Non-tensor keyword values (None, bool,
+    int, float, str) are traced as constants. The engine's inputs are named after forward's
+    parameters. `model` itself is left as it was (mode, device, dtype, weights); a model in
+    train mode is built with eval semantics (with a KilnWarning)."""
+    check_model(model)
     config = config or BuildConfig(precision=precision, device=None if device is None else str(device))
     reporter = reporter or _Quiet()
+    _check_config(config)
+    inputs = bind_example_inputs(model, example_inputs, kwargs)
     target = resolve_device(config.device)
     used = resolve_precision(config.precision, target)
     times: dict[str, float] = {}
@@ -106,25 +119,29 @@ def build(
     def stage(name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         with reporter.stage(name):
-            yield
+            try:
+                yield
+            except KilnError:
+                raise
+            except Exception as exc:  # never a raw exception out of a build: name the stage
+                raise explain(exc, model, name) from exc
         times[name] = round(time.perf_counter() - t0, 4)
 
     with stage("capture"):
         graph = capture(
-            model, example_inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites
+            model, inputs.args, kwargs=inputs.kwargs, device=target, compute_dtype=PRECISIONS[used],
+            rewrites=config.rewrites,
         )
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
     tensorrt_report = None
     if config.backend == "tensorrt":
         with stage("tensorrt"):
-            from kiln.tensorrt.partition import partition_graph
+            from kiln.tensorrt.partitioning.partition import partition_graph
 
             graph, tensorrt_report = partition_graph(
                 graph, require_full=config.require_full, timing_cache=config.timing_cache
             )
-    elif config.backend != "kiln":
-        raise ValueError(f"backend must be 'kiln' or 'tensorrt', got {config.backend!r}")
     with stage("select"):
         cache = None
         if config.tune and target.type == "cuda":
@@ -136,8 +153,6 @@ def build(
     with stage("plan"):
         plan = make_plan(graph, selections)
         streams_info = {"mode": config.streams, "side_branches": 0, "used": False}
-        if config.streams not in ("auto", "on", "off"):
-            raise ValueError(f"streams must be 'auto', 'on' or 'off', got {config.streams!r}")
         if config.streams != "off" and target.type == "cuda":
             multi = make_plan(graph, selections, multi_stream=True)
             streams_info["side_branches"] = multi["side_branches"]
@@ -145,8 +160,8 @@ def build(
                 plan, streams_info["used"] = multi, True
             elif multi["side_branches"]:
                 trial = _build_info(model, config, target, used, {}, 0.0)
-                inputs = [x.to(target) for x in check_example_inputs(example_inputs)]
-                one, two = (_replay_ms(Engine({"plan": p, "build": trial}, weights, target), inputs)
+                tensors = [x.to(target) for x in inputs.tensors]
+                one, two = (_replay_ms(Engine({"plan": p, "build": trial}, weights, target), tensors)
                             for p in (plan, multi))
                 faster = two < one * STREAM_GAIN
                 streams_info.update(single_stream_ms=round(one, 5), side_stream_ms=round(two, 5), used=faster)
@@ -161,8 +176,27 @@ def build(
     info["timing_cache"] = (
         None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
     )
-    info["input_ranges"] = _int_ranges(check_example_inputs(example_inputs))
+    info["input_ranges"] = _int_ranges(inputs.tensors)
+    # non-tensor keyword inputs the engine was traced with (a call may repeat them, not change them)
+    info["constant_inputs"] = inputs.constants
     return Engine({"plan": plan, "build": info}, weights, target)
+
+
+def _check_config(config: BuildConfig) -> None:
+    """Refuse unknown settings before any work (ValueError naming the choices)."""
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.backend not in ("kiln", "tensorrt"):
+        raise ValueError(f"backend must be 'kiln' or 'tensorrt', got {config.backend!r}")
+    if config.streams not in ("auto", "on", "off"):
+        raise ValueError(f"streams must be 'auto', 'on' or 'off', got {config.streams!r}")
+    check_names(config.rewrites)
+    if config.passes is not None:
+        from kiln.passes import PASSES
+
+        unknown = [n for n in config.passes if n not in PASSES]
+        if unknown:
+            raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
 
 
 def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> float:
@@ -173,8 +207,9 @@ def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> f
         return measure(lambda: engine(*inputs), inputs[0].device, warmup=5, iters=iters).median
 
 
-def compile(model: torch.nn.Module, example_inputs: Any, **options: Any) -> EngineModule:  # noqa: A001
-    """Build and wrap in an nn.Module: a drop-in replacement for `model`."""
+def compile(model: torch.nn.Module, example_inputs: Any = None, **options: Any) -> EngineModule:  # noqa: A001
+    """Build and wrap in an nn.Module: a drop-in replacement for `model` (same options as
+    `build`, including kwargs= and example inputs given as a dict by parameter name)."""
     return EngineModule(build(model, example_inputs, **options))
 
 

@@ -8,16 +8,27 @@ PyTorch can still run eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import os
 import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
 
+from kiln.capture.data_dependent import make_static
+from kiln.capture.failures import explain
 from kiln.capture.rewrites import check_names, rewritten
-from kiln.errors import CaptureError
+from kiln.errors import CaptureError, KilnError, KilnWarning
 from kiln.graph import CapturedGraph, source_line  # noqa: F401  (re-exported)
 from kiln.specs import TensorSpec, encode_structure
 
@@ -34,50 +45,85 @@ def _decompositions() -> dict:
     return table
 
 
+@dataclass
+class ExampleInputs:
+    """Example inputs bound to the model's forward parameters.
+
+    `tensors` are the engine's inputs in graph order (positional arguments, then keyword
+    arguments in the order of forward's parameters); `names` are their forward parameter
+    names (what the engine binds keyword arguments by); `constants` are non-tensor keyword
+    arguments (None, bool, int, float, str), traced as constants and baked into the engine."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, Any]
+    names: list[str]
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.args + tuple(v for v in self.kwargs.values() if isinstance(v, torch.Tensor))
+
+    def map(self, fn: Callable[[torch.Tensor], Any]) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) with `fn` applied to every tensor."""
+        return (tuple(fn(x) for x in self.args),
+                {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()})
+
+
+CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
 def capture(
     model: torch.nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: Any,
     *,
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
     rewrites: list[str] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> CapturedGraph:
     """Export `model` on `device` with floating weights and inputs in `compute_dtype`.
 
-    `rewrites` names the kiln.capture.rewrites to trace through (None: all of them)."""
-    example_inputs = check_example_inputs(example_inputs)
+    `example_inputs` is a tensor, a tuple of tensors, or a dict of them by forward parameter
+    name; `kwargs` adds keyword inputs. `rewrites` names the kiln.capture.rewrites to trace
+    through (None: all of them). The caller's model is left as it was (train/eval mode,
+    device, dtype, parameters)."""
+    check_model(model)
+    inputs = bind_example_inputs(model, example_inputs, kwargs)
     check_names(rewrites)
-    user_specs = [
-        TensorSpec(f"input_{i}", tuple(x.shape), x.dtype) for i, x in enumerate(example_inputs)
-    ]
-    model_dtype = _model_float_dtype(model, example_inputs)
+    user_specs = [TensorSpec(name, tuple(x.shape), x.dtype) for name, x in zip(inputs.names, inputs.tensors)]
     originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    model = _on_device(model, device, compute_dtype)
-    args = tuple(_cast(x, device, compute_dtype) for x in example_inputs)
-    try:
-        with torch.no_grad(), rewritten(model, rewrites) as applied:
-            program = torch.export.export(model, args)
-            program = program.run_decompositions(_decompositions())
-    except Exception as exc:  # torch.export raises many kinds; all mean "could not capture"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-            f"{first}\nkiln needs a model that torch.export can trace with the example inputs "
-            "(no data-dependent Python control flow); see the torch.export docs on "
-            "graph breaks, or export a simpler wrapper around the model."
-        ) from exc
+    with eval_mode(model):
+        traced, cast = _on_device(model, device, compute_dtype)
+        cast = cast or any(x.is_floating_point() and x.dtype != compute_dtype for x in inputs.tensors)
+        args, kw = inputs.map(lambda x: _cast(x, device, compute_dtype))
+        try:
+            with torch.no_grad(), rewritten(traced, rewrites) as applied:
+                program = torch.export.export(traced, args, kw)
+                program = program.run_decompositions(_decompositions())
+        except Exception as exc:  # torch.export raises many kinds; explain() names the known ones
+            raise explain(exc, model, "capture") from exc
+        _check_no_mutation(program)
+        eager_dtypes = _eager_output_dtypes(model, inputs) if cast else None
 
-    _check_no_mutation(program)
     module, input_names, targets = _to_graph_module(program)
     masters = {
         attr: originals[target].detach()
         for attr, target in targets.items()
         if target in originals and originals[target].dtype != getattr(module, attr).dtype
     }
-    for spec, name in zip(user_specs, input_names):
-        spec.name = name
+    try:
+        make_static(module, masters, type(model).__name__)
+    except KilnError:
+        raise
+    except Exception as exc:
+        raise explain(exc, model, "capture") from exc
+    if len(input_names) != len(user_specs):
+        raise CaptureError(
+            f"torch.export gave {type(model).__name__} {len(input_names)} tensor input(s) for "
+            f"{len(user_specs)} example tensor(s) ({', '.join(inputs.names)}); pass tensors, not nested containers"
+        )
     graph_inputs = [TensorSpec(s.name, s.shape, _compute(s.dtype, compute_dtype)) for s in user_specs]
-    outputs = _output_specs(module, model_dtype)
+    outputs = _output_specs(module, compute_dtype, _model_float_dtype(model, inputs.tensors), eager_dtypes)
     structure = encode_structure(program.call_spec.out_spec)
     return CapturedGraph(
         module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters,
@@ -85,25 +131,134 @@ def capture(
     )
 
 
-def check_example_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def check_model(model: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        what = type(model).__name__
+        hint = (
+            "an ExportedProgram: pass the nn.Module you exported (kiln runs torch.export itself)"
+            if isinstance(model, torch.export.ExportedProgram)
+            else "wrap a function in a small nn.Module whose forward calls it"
+            if callable(model)
+            else "pass the model (an nn.Module) and its example inputs"
+        )
+        raise KilnError(f"kiln builds torch.nn.Module models; got a {what}. What to do: {hint}.")
+
+
+def bind_example_inputs(model: Any, example_inputs: Any, kwargs: dict[str, Any] | None = None) -> ExampleInputs:
+    """Check the example inputs and bind them to `model`'s forward parameter names."""
+    if isinstance(example_inputs, dict):
+        if kwargs:
+            raise CaptureError("give keyword inputs either as example_inputs (a dict) or as kwargs, not both")
+        example_inputs, kwargs = (), example_inputs
+    if example_inputs is None:
+        example_inputs = ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+    kwargs = dict(kwargs or {})
+    if not isinstance(example_inputs, (tuple, list)) or not (example_inputs or kwargs):
         raise CaptureError(
-            "example_inputs must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(example_inputs).__name__}"
+            "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of them by "
+            f"forward parameter name, got {type(example_inputs).__name__}"
         )
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise CaptureError(
                 f"example input {i} is a {type(x).__name__}; kiln engines take tensors only. "
                 "Bind non-tensor arguments in a wrapper module (functools.partial or a small "
-                "nn.Module) before building."
+                "nn.Module) before building, or pass them by keyword (constants)."
             )
-    return tuple(example_inputs)
+    for key, value in kwargs.items():
+        if not isinstance(key, str):
+            raise CaptureError(f"keyword input names must be strings, got {key!r}")
+        if not isinstance(value, (torch.Tensor, *CONSTANT_TYPES)):
+            raise CaptureError(
+                f"keyword input {key!r} is a {type(value).__name__}; kiln engines take tensors (and "
+                "None/bool/int/float/str constants). Bind it in a wrapper module before building."
+            )
+    args = tuple(example_inputs)
+    params = _forward_parameters(model)
+    if params is None:  # no inspectable signature
+        names = [f"input_{i}" for i in range(len(args))]
+        ordered = kwargs
+    else:
+        try:
+            inspect.Signature(params).bind(*args, **kwargs)
+        except TypeError as exc:
+            shown = ", ".join(p.name for p in params)
+            raise CaptureError(
+                f"the example inputs do not fit {type(model).__name__}.forward({shown}): {exc}"
+            ) from None
+        names = _positional_names(params, len(args))
+        order = {p.name: i for i, p in enumerate(params)}
+        ordered = dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
+    names += [k for k, v in ordered.items() if isinstance(v, torch.Tensor)]
+    constants = {k: v for k, v in ordered.items() if not isinstance(v, torch.Tensor)}
+    inputs = ExampleInputs(args, ordered, names, constants)
+    if not inputs.tensors:
+        raise CaptureError("the example inputs hold no tensor; an engine needs at least one tensor input")
+    return inputs
 
 
-def _on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def check_example_inputs(
+    example_inputs: Any, kwargs: dict[str, Any] | None = None, model: Any = None
+) -> tuple[torch.Tensor, ...]:
+    """The example tensors in the engine's input order."""
+    return bind_example_inputs(model, example_inputs, kwargs).tensors
+
+
+def _forward_parameters(model: Any) -> list[inspect.Parameter] | None:
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return None
+    try:
+        return list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _positional_names(params: list[inspect.Parameter], count: int) -> list[str]:
+    names: list[str] = []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    star = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), "input")
+    for i in range(count):
+        names.append(positional[i].name if i < len(positional) else f"{star}_{i - len(positional)}")
+    return names
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block (with a KilnWarning if it was training); every
+    submodule's own train/eval flag is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    if any(training for _, training in modes):
+        warnings.warn(
+            f"{type(model).__name__} is in train mode; kiln builds it with eval semantics (as after "
+            "model.eval(): dropout off, batch norm uses its running statistics). Your model is left "
+            "in train mode.",
+            KilnWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside kiln (and contextlib), seen from
+    the function that calls this: the user's line that asked for the build."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, bool]:
+    """The model to trace (a copy when it must move or change dtype), and whether it was cast."""
     tensors = list(model.parameters()) + list(model.buffers())
     needs_move = any(t.device != torch.device(device) for t in tensors)
     needs_cast = any(t.is_floating_point() and t.dtype != dtype for t in tensors)
@@ -111,7 +266,7 @@ def _on_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype)
         model = copy.deepcopy(model).to(device=device)
         if needs_cast:
             model = model.to(dtype=dtype)
-    return model.eval()
+    return model, needs_cast
 
 
 def _compute(dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
@@ -123,10 +278,28 @@ def _cast(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Te
 
 
 def _model_float_dtype(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.dtype:
-    """The float dtype the original model computes in: what its outputs come back as."""
+    """The float dtype the original model computes in."""
     floats = [t.dtype for t in model.parameters() if t.is_floating_point()]
     floats += [x.dtype for x in inputs if x.is_floating_point()]
     return floats[0] if floats else torch.float32
+
+
+def _eager_output_dtypes(model: torch.nn.Module, inputs: ExampleInputs) -> list[torch.dtype | None] | None:
+    """The dtype of each flat output of the original model (its own dtypes, not the build's),
+    from a fake-tensor run: no real compute. Runs on a copy of the module tree whose weights
+    are fake, so nothing of the caller's model changes. None when the run is not possible."""
+    try:
+        tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+                   **dict(model.named_buffers(remove_duplicate=False))}
+        shadow = copy.deepcopy(model, memo={id(t): t for t in tensors.values()})
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = {name: mode.from_tensor(t) for name, t in tensors.items()}
+            args, kwargs = inputs.map(mode.from_tensor)
+            with torch.no_grad():
+                out = torch.func.functional_call(shadow, fake, args, kwargs)
+        return [x.dtype if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(out)]
+    except Exception:  # noqa: BLE001 - any failure: fall back to the dtypes the graph gives
+        return None
 
 
 def _check_no_mutation(program: torch.export.ExportedProgram) -> None:
@@ -184,15 +357,29 @@ def _unique(name: str, taken: set[str]) -> str:
     return name
 
 
-def _output_specs(module: fx.GraphModule, model_dtype: torch.dtype) -> list[TensorSpec | None]:
-    """User-facing output specs (None for a non-tensor output); floats in the model's dtype."""
+def _output_specs(
+    module: fx.GraphModule,
+    compute_dtype: torch.dtype,
+    model_dtype: torch.dtype,
+    eager: list[torch.dtype | None] | None,
+) -> list[TensorSpec | None]:
+    """User-facing output specs (None for a non-tensor output). Each has the dtype the model
+    itself gives: the graph's own dtype, except where kiln lowered the precision (then the
+    model's eager dtype, from a fake run, or the model's float dtype for a compute-dtype output)."""
     out_node = next(n for n in module.graph.nodes if n.op == "output")
+    values = out_node.args[0]
+    if eager is not None and len(eager) != len(values):
+        eager = None
     specs: list[TensorSpec | None] = []
-    for i, arg in enumerate(out_node.args[0]):
+    for i, arg in enumerate(values):
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
         if not isinstance(val, torch.Tensor):
             specs.append(None)
             continue
-        dtype = model_dtype if val.dtype.is_floating_point else val.dtype
+        dtype = val.dtype
+        if eager is not None and eager[i] is not None and dtype.is_floating_point and eager[i].is_floating_point:
+            dtype = eager[i]
+        elif eager is None and dtype == compute_dtype and dtype != model_dtype:
+            dtype = model_dtype
         specs.append(TensorSpec(f"output_{i}", tuple(val.shape), dtype))
     return specs

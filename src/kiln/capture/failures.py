@@ -1,0 +1,158 @@
+"""Exceptions raised while building, turned into kiln errors that name the problem and where.
+
+torch.export and fake-tensor shape propagation raise their own exception types, with long
+messages written for PyTorch developers. `explain` classifies the known ones (data-dependent
+guards and outputs, unsupported Python, user errors) into a CaptureError that summarizes the
+original message, names the model's source line and says what to do; anything else becomes a
+KilnError that names the build stage. The original exception stays chained (`__cause__`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import traceback
+from typing import Any
+
+import torch
+
+from kiln.capture.data_dependent import DATA_DEPENDENT_OPS, GENERIC_ADVICE
+from kiln.errors import CaptureError, KilnError
+
+CONTROL_FLOW_ADVICE = (
+    "an engine is one static graph: replace Python `if`/loops on tensor values with torch.where "
+    "(or torch.cond), keep .item() results as tensors, and give every tensor a fixed size (pad to "
+    "a maximum); torch._check(...) can bound a size for torch.export, but the engine still needs "
+    "one shape per input"
+)
+_CALL = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*(.*)')
+
+
+def _exception_types() -> dict[str, type]:
+    """The torch exception types kiln knows, by name (missing ones skipped: torch moves them)."""
+    found: dict[str, type] = {}
+    where = {
+        "GuardOnDataDependentSymNode": "torch.fx.experimental.symbolic_shapes",
+        "ConstraintViolationError": "torch.fx.experimental.symbolic_shapes",
+        "DataDependentOutputException": "torch._subclasses.fake_tensor",
+        "DynamicOutputShapeException": "torch._subclasses.fake_tensor",
+        "UnsupportedOperatorException": "torch._subclasses.fake_tensor",
+        "UserError": "torch._dynamo.exc",
+        "Unsupported": "torch._dynamo.exc",
+        "TorchRuntimeError": "torch._dynamo.exc",
+    }
+    import importlib
+
+    for name, module in where.items():
+        try:
+            found[name] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def explain(exc: BaseException, model: Any, stage: str) -> KilnError:
+    """A kiln error for `exc`, raised while `stage` ran on `model` (chain it: raise ... from exc)."""
+    if isinstance(exc, KilnError):
+        return exc
+    name = type(model).__name__
+    known = _exception_types()
+    where = user_frame(exc, model)
+    at = f"\n  at {where}" if where else ""
+    summary = summarize(exc)
+
+    def isa(*names: str) -> bool:
+        return any(isinstance(exc, known[n]) for n in names if n in known)
+
+    if isa("DataDependentOutputException", "DynamicOutputShapeException"):
+        op = getattr(exc, "func", None)
+        what, tip = DATA_DEPENDENT_OPS.get(op, (str(op), GENERIC_ADVICE))
+        return _capture_error(
+            f"torch.export could not capture {name}: {what} ({op}) gives an output whose shape or value "
+            f"depends on the values of the inputs; a kiln engine has static shapes{at}\nWhat to do: {tip}.",
+            op, where,
+        )
+    if isa("GuardOnDataDependentSymNode"):
+        return _capture_error(
+            f"torch.export could not capture {name}: the model branches on, or sizes a tensor by, a value "
+            f"computed from its inputs ({summary}){at}\nWhat to do: {CONTROL_FLOW_ADVICE}.", None, where,
+        )
+    if isa("UnsupportedOperatorException"):
+        op = getattr(exc, "func", None)
+        return _capture_error(
+            f"torch.export could not capture {name}: the op {op} has no shape function (fake/meta kernel), so it "
+            f"cannot be traced{at}\nWhat to do: register one with torch.library.register_fake, or avoid the op.",
+            op, where,
+        )
+    if isa("UserError", "Unsupported", "ConstraintViolationError", "TorchRuntimeError") or stage == "capture":
+        kind = getattr(getattr(exc, "error_type", None), "name", None)
+        reason = f"{kind.lower().replace('_', ' ')}: {summary}" if kind else f"{type(exc).__name__}: {summary}"
+        return _capture_error(
+            f"torch.export could not capture {name}: {reason}{at}\nkiln needs a model that torch.export can "
+            "trace with the example inputs (no data-dependent Python control flow); see the torch.export "
+            "docs on graph breaks, or export a simpler wrapper around the model.", None, where,
+        )
+    return KilnError(
+        f"kiln failed in its {stage} stage while building {name}: {type(exc).__name__}: {summary}{at}\n"
+        "The model was captured, so this is a kiln bug or a construct kiln does not handle yet; please "
+        "report it with the model (the original traceback is chained to this error)."
+    )
+
+
+def _capture_error(message: str, op: Any, where: str | None) -> CaptureError:
+    error = CaptureError(message)
+    error.op = None if op is None else str(op)  # type: ignore[attr-defined]
+    error.source = where  # type: ignore[attr-defined]
+    return error
+
+
+def summarize(exc: BaseException, limit: int = 240) -> str:
+    """The first meaningful line of an exception's message, shortened."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(exc).__name__
+
+
+def user_frame(exc: BaseException, model: Any) -> str | None:
+    """'file:line in function: code' of the model's source that raised `exc`, if it can be found:
+    torch.export's "The following call raised this error" / "Original traceback" blocks, else the
+    innermost traceback frame in a file that defines one of the model's modules."""
+    text = str(exc)
+    for marker in ("The following call raised this error:", "Original traceback:"):
+        if marker in text:
+            calls = _CALL.findall(text.split(marker, 1)[1])
+            if calls:
+                return _format(*calls[-1])
+    files = _model_files(model)
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for link in chain:
+        frames = [f for f in traceback.extract_tb(link.__traceback__) if f.filename in files]
+        if frames:
+            f = frames[-1]
+            return _format(f.filename, str(f.lineno), f.name, f.line or "")
+    return None
+
+
+def _format(file: str, line: str, func: str, code: str) -> str:
+    return f"{file}:{line} in {func}: {code.strip()}"
+
+
+def _model_files(model: Any) -> set[str]:
+    files: set[str] = set()
+    modules = model.modules() if isinstance(model, torch.nn.Module) else []
+    for module in modules:
+        for cls in type(module).__mro__:
+            if cls.__module__.startswith("torch.") or cls is object:
+                continue
+            try:
+                files.add(inspect.getsourcefile(cls) or "")
+            except (TypeError, OSError):
+                continue
+    files.discard("")
+    return files
