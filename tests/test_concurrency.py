@@ -352,3 +352,13 @@ def test_gpu_create_context_captures_its_own_graph():
             ctx(x)
         release.set()
         torch.testing.assert_close(first.result(timeout=30), out, atol=1e-3, rtol=1e-3)
+
+
+def test_a_context_made_under_inference_mode_serves_calls_outside_it(conv_engine):
+    _, engine = conv_engine
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        ctx = engine.create_context()
+        inside = ctx(x)
+    assert _same(ctx(x), inside)
+    assert not ctx.arena.is_inference()

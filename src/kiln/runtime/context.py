@@ -158,10 +158,11 @@ class ExecutionContext:
         self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
         side = cuda and any(s.side for s in engine.step_specs)
         self.side_stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if side else None
-        with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
-            # allocated on the context's stream, the only one that ever touches it
+        # on the context's stream, the only one that ever touches it; never an inference tensor
+        # (a context made during a call under inference_mode serves later calls outside it)
+        with torch.cuda.stream(self.stream), torch.inference_mode(False):
             self.arena = torch.empty(engine.plan["memory"]["arena_bytes"], dtype=torch.uint8, device=device)
-        self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
+            self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_pool_bytes: int | None = None  # the CUDA graph's private memory pool, measured at capture
         self._static_inputs: list[torch.Tensor] = []
@@ -280,7 +281,7 @@ class ExecutionContext:
         engine = self.engine
         device = engine.device
         try:
-            with torch.cuda.stream(self.stream):  # (not inference tensors: each call copies its inputs in)
+            with torch.cuda.stream(self.stream), torch.inference_mode(False):  # each call copies inputs in
                 statics = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in engine.graph_inputs]
             with torch.cuda.stream(self.stream), cudnn_benchmark(), torch.inference_mode():
                 # cuDNN times its algorithms for these exact shapes during warm-up; the graph keeps the
