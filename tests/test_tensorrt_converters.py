@@ -27,7 +27,8 @@ if not api.available():
 
 import kiln.tensorrt as kt  # noqa: E402
 from kiln.capture.export import capture  # noqa: E402
-from kiln.tensorrt.engine import torch_dtypes  # noqa: E402
+from kiln.tensorrt.convert.context import trt_dtype  # noqa: E402
+from kiln.tensorrt.runtime.engine import torch_dtypes  # noqa: E402
 
 aten = torch.ops.aten
 CPU = torch.device("cpu")
@@ -271,7 +272,7 @@ def test_converter_builds_engine(case: Case) -> None:
     for name, want in zip(net.outputs, expected, strict=True):
         got = outputs[name]
         assert tuple(got.shape) == tuple(want.shape), name
-        assert got.dtype == kt.network.trt_dtype(want.dtype), name
+        assert got.dtype == trt_dtype(want.dtype), name
     built = kt.build_engine(net)
     assert len(built.serialized) > 0
 
@@ -515,7 +516,7 @@ def test_user_converter_overrides_and_declines() -> None:
     finally:
         kt.unregister(relu_as_clip)
         kt.unregister(no_add)
-    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.convert_elementwise"
+    assert kt.lookup(aten.relu.default).__module__ == "kiln.tensorrt.convert.elementwise"
 
 
 def test_conversion_error_names_op_node_and_source_line() -> None:
@@ -626,7 +627,7 @@ def test_a_converter_registered_before_the_built_ins_load_still_wins():
 
     code = (
         "import torch\n"
-        "from kiln.tensorrt.converters import converter, lookup\n"
+        "from kiln.tensorrt.convert.registry import converter, lookup\n"
         "@converter(torch.ops.aten.relu.default)\n"
         "def mine(ctx): return None\n"
         "assert lookup(torch.ops.aten.relu.default) is mine, lookup(torch.ops.aten.relu.default)\n"

@@ -24,14 +24,14 @@ if not api.available():
     pytest.skip("needs TensorRT or TensorRT-RTX (pip install 'kiln[tensorrt-rtx]')", allow_module_level=True)
 
 import kiln  # noqa: E402
-import kiln.kernels.tensorrt  # noqa: E402,F401 - registers the "tensorrt" kernel (and the op) until kiln.kernels does
-import kiln.tensorrt.engine as trt_engine  # noqa: E402
-import kiln.tensorrt.partition as trt_partition  # noqa: E402
+import kiln.kernels  # noqa: E402,F401 - registers the "tensorrt" kernel (and the op)
+import kiln.tensorrt.partitioning.partition as trt_partition  # noqa: E402
+import kiln.tensorrt.runtime.engine as trt_engine  # noqa: E402
 from kiln import zoo  # noqa: E402
 from kiln.builder import BuildConfig  # noqa: E402
 from kiln.cli.commands import app  # noqa: E402
 from kiln.tensorrt import IncompleteConversionError, RegionRuntimeError  # noqa: E402
-from kiln.tensorrt.region import REGION_OP, parse_spec  # noqa: E402
+from kiln.tensorrt.runtime.region import REGION_OP, parse_spec  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:this engine's TensorRT regions cannot run here")
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:this engine's TensorRT regions c
 
 
 def _emulator(original: fx.GraphModule) -> Callable[..., Callable[[list[torch.Tensor]], list[torch.Tensor]]]:
-    """A stand-in for ``kiln.tensorrt.engine.runner_for`` that runs the region's original nodes."""
+    """A stand-in for ``kiln.tensorrt.runtime.engine.runner_for`` that runs the region's original nodes."""
 
     def runner_for(engine: torch.Tensor, spec_text: str, device: torch.device) -> Callable:
         spec = parse_spec(spec_text)

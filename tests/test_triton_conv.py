@@ -14,7 +14,7 @@ from interpreter import interpreted, run_interpreted_tests
 from kiln import ops  # noqa: F401  (defines kiln::conv_bias_act)
 from kiln.kernels import KERNELS
 from kiln.kernels import triton_conv as tc
-from kiln.kernels.triton_act import ACTIVATIONS
+from kiln.ops.vocabulary import ACTIVATIONS
 
 OP = "kiln.conv_bias_act.default"
 ACTS = list(ACTIVATIONS)
@@ -43,7 +43,6 @@ def _args(device, dtype, act, residual, channels_last, groups=1, size=6):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("cudnn_bias", [False, True])
 def test_interpreted_matches_reference(act, residual, channels_last, cudnn_bias):
-    tc.clear_caches()
     args = _args("cpu", torch.float32, act, residual, channels_last)
     got = tc.conv_bias_act(*args, cudnn_bias=cudnn_bias)
     torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(*args), atol=1e-5, rtol=1e-5)
@@ -62,7 +61,6 @@ def test_interpreted_residual_in_another_layout_is_added_first():
 @pytest.mark.parametrize("shape", [(3, 200, 5, 7), (2, 3, 33, 40)], ids=["wide", "tall"])
 def test_interpreted_bias_act_spans_tiles_in_both_directions(channels_last, shape):
     """More channels than one column tile (channels-last) or pixels than one (NCHW), ragged edges."""
-    tc.clear_caches()
     y = torch.randn(shape)
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
@@ -78,7 +76,6 @@ def test_interpreted_bias_act_spans_tiles_in_both_directions(channels_last, shap
 @pytest.mark.parametrize("kernel", ["triton.conv_epilogue", "triton.conv_act"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "nchw-falls-back-to-a-copy"])
 def test_interpreted_writes_into_a_slice_of_a_concatenation(kernel, channels_last):
-    tc.clear_caches()
     args = _args("cpu", torch.float32, "silu", True, channels_last)
     whole = torch.full((2, 20, 6, 6), 7.0)
     whole = whole.contiguous(memory_format=torch.channels_last) if channels_last else whole

@@ -14,7 +14,7 @@ from interpreter import interpreted, run_interpreted_tests
 from kiln import ops  # noqa: F401  (defines kiln::conv_bias_act, kiln::linear_act)
 from kiln.kernels import KERNELS, OpCall, candidates
 from kiln.kernels import triton_gemm as tg
-from kiln.kernels.triton_act import ACTIVATIONS
+from kiln.ops.vocabulary import ACTIVATIONS
 from kiln.specs import TensorSpec
 
 CONV = "kiln.conv_bias_act.default"

@@ -30,7 +30,6 @@ def _x(shape, device="cpu", dtype=torch.float32):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("keepdim", [True, False])
 def test_interpreted_matches_aten(shape, splits, keepdim):
-    tm.clear_caches()
     x = _x(shape)
     got = tm.spatial_mean(x, keepdim, splits=splits)
     torch.testing.assert_close(got, x.mean((2, 3), keepdim=keepdim), atol=1e-5, rtol=1e-5)
@@ -38,7 +37,6 @@ def test_interpreted_matches_aten(shape, splits, keepdim):
 
 @interpreted
 def test_interpreted_other_layouts_and_dims_run_aten():
-    tm.clear_caches()
     run = KERNELS["triton.spatial_mean"].make(OP, None)
     x = torch.randn(2, 3, 4, 5)
     torch.testing.assert_close(run((x, [2, 3], True), {}, []), x.mean((2, 3), keepdim=True))  # NCHW

@@ -398,7 +398,7 @@ def _trt_engine(trt: ModuleType, onnx_path: Path, flag: str | None) -> Any:
 
 
 def _trt_prepared(trt: ModuleType, engine: Any, ctx: PeerContext, note: str) -> Prepared:
-    from kiln.tensorrt.engine import torch_dtypes
+    from kiln.tensorrt.runtime.engine import torch_dtypes
 
     dtypes = torch_dtypes(trt)
     context = engine.create_execution_context()

@@ -10,20 +10,10 @@ import functools
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, op_name, register_kernel, resolve_op
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, op_name, register_kernel, resolve_op
 
 BACKEND_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 PORTABLE_KEYS = ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "CompositeExplicitAutogradNonFunctional")
-
-
-@functools.cache
-def implements(name: str) -> bool:
-    """Every ATen op: ATen is its own reference. (Core ATen graphs on CUDA also hold
-    backend ops such as _scaled_dot_product_cudnn_attention.)"""
-    try:
-        return resolve_op(name).namespace == "aten"
-    except ValueError:
-        return False
 
 
 @functools.cache
@@ -46,7 +36,9 @@ def supports(call: OpCall) -> bool:
     return _has_kernel(call.op, call.device_type)
 
 
-@register_kernel("aten", provider="aten", implements=implements, supports=supports, priority=-1)
+# Every ATen op: ATen is its own reference. (Core ATen graphs on CUDA also hold backend ops
+# such as _scaled_dot_product_cudnn_attention.)
+@register_kernel("aten", provider="aten", implements="aten.*", supports=supports, priority=Priority.REFERENCE)
 def make_aten(name: str, out: OutVariant | None) -> StepFn:
     """PyTorch's own ATen implementation (cuDNN, cuBLAS, or CPU kernels under it)."""
     op = resolve_op(name)

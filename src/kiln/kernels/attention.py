@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 
 SDPA = "aten.scaled_dot_product_attention.default"
 BACKENDS = {
@@ -24,8 +24,8 @@ def _on_cuda(call: OpCall) -> bool:
 
 def _register(name: str, backend: SDPBackend) -> None:
     # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
-    @register_kernel(name, provider="torch", implements=lambda op: op == SDPA, supports=_on_cuda,
-                     writes_planned_outputs=False, priority=-2)
+    @register_kernel(name, provider="torch", implements=SDPA, supports=_on_cuda,
+                     writes_planned_outputs=False, priority=Priority.CANDIDATE)
     def make(op_name: str, out: OutVariant | None) -> StepFn:
         def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
             with sdpa_kernel([backend]):

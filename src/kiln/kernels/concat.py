@@ -4,12 +4,12 @@ Never a selection candidate; the planner puts it in place of `aten.cat`."""
 
 from __future__ import annotations
 
-from kiln.kernels import OutVariant, StepFn, register_kernel
+from kiln.kernels.registry import OutVariant, StepFn, register_kernel
 
 NAME = "planner.concat_in_place"
 
 
-@register_kernel(NAME, provider="planner", implements=lambda op: False, writes_into=True)
+@register_kernel(NAME, provider="planner", implements=(), writes_into=True)  # implements no op: never a candidate
 def make_concat_in_place(name: str, out: OutVariant | None) -> StepFn:
     """No kernel: the inputs already sit in their slices of the output."""
     return lambda args, kwargs, outs: outs[0]

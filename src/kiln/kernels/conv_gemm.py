@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
 from kiln.kernels.cudnn import CONV_OP, INPLACE, _conv2d_on_cuda, _conv_then_inplace
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 
 
 def _plain_conv(call: OpCall) -> bool:
@@ -39,10 +39,10 @@ def _pointwise_conv(call: OpCall) -> bool:
 @register_kernel(
     "cublaslt.conv1x1_gemm",
     provider="cublaslt",
-    implements=lambda op: op == CONV_OP,
+    implements=CONV_OP,
     supports=_pointwise_conv,
     writes_planned_outputs=False,
-    priority=-2,  # a timed candidate only: never the untuned default
+    priority=Priority.CANDIDATE,
 )
 def make_conv1x1_gemm(name: str, out: OutVariant | None) -> StepFn:
     """A 1×1 convolution (stride 1, no padding, one group) over channels-last pixels as one
@@ -88,10 +88,10 @@ def _patch_conv(call: OpCall) -> bool:
 @register_kernel(
     "cublaslt.patch_conv_gemm",
     provider="cublaslt",
-    implements=lambda op: op == CONV_OP,
+    implements=CONV_OP,
     supports=_patch_conv,
     writes_planned_outputs=False,
-    priority=-2,  # a timed candidate only: never the untuned default
+    priority=Priority.CANDIDATE,
 )
 def make_patch_conv_gemm(name: str, out: OutVariant | None) -> StepFn:
     """A convolution whose stride equals its kernel (ViT's patch embedding) as one GEMM: the

@@ -1,16 +1,19 @@
 """cuBLASLt kernels for kiln::linear_act: the bias and ReLU/GELU(tanh) run in the GEMM's
-epilogue (aten._addmm_activation), so the activation costs no extra pass over memory."""
+epilogue (aten._addmm_activation), so the activation costs no extra pass over memory.
+
+`EPILOGUES` maps the vocabulary's activations (kiln.ops.vocabulary) that cuBLASLt has as an
+epilogue; the others follow the GEMM as cuDNN's in-place activations (kiln.kernels.cudnn.INPLACE).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
 from kiln.kernels.cudnn import INPLACE
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 
 LINEAR_OP = "kiln.linear_act.default"
-EPILOGUES = {"relu", "gelu_tanh"}
+EPILOGUES = {"relu": False, "gelu_tanh": True}  # activation → _addmm_activation's use_gelu
 
 
 def _epilogue_fits(call: OpCall) -> bool:
@@ -28,9 +31,10 @@ def _epilogue_fits(call: OpCall) -> bool:
 @register_kernel(
     "cublaslt.linear_epilogue",
     provider="cublaslt",
-    implements=lambda op: op == LINEAR_OP,
+    implements=LINEAR_OP,
     supports=_epilogue_fits,
     writes_planned_outputs=False,
+    priority=Priority.DEFAULT,
 )
 def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """One cuBLASLt GEMM with bias + ReLU/GELU-tanh epilogue; other activations follow in place."""
@@ -38,11 +42,8 @@ def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, w_t, bias, act = args
         if act in EPILOGUES:
-            return torch.ops.aten._addmm_activation(bias, x, w_t, use_gelu=act == "gelu_tanh")
-        y = torch.addmm(bias, x, w_t)
-        if act == "gelu":
-            return F.gelu(y)
-        return y if act == "none" else INPLACE[act](y)
+            return torch.ops.aten._addmm_activation(bias, x, w_t, use_gelu=EPILOGUES[act])
+        return INPLACE[act](torch.addmm(bias, x, w_t))
 
     return run
 
@@ -58,11 +59,11 @@ def _half_precision_gelu(call: OpCall) -> bool:
 @register_kernel(
     "cublaslt.linear_gelu_tanh",
     provider="cublaslt",
-    implements=lambda op: op == LINEAR_OP,
+    implements=LINEAR_OP,
     supports=_half_precision_gelu,
     writes_planned_outputs=False,
     approximate=True,
-    priority=-2,  # a timed candidate only: never the untuned default
+    priority=Priority.CANDIDATE,
 )
 def make_gelu_tanh_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """fp16/bf16 only: exact GELU as cuBLASLt's tanh-approximated GELU epilogue, in the GEMM.

@@ -2,7 +2,8 @@
 
 cuDNN's fused "conv + bias + ReLU" and "conv + bias + add + ReLU" kernels (which torch
 exposes as aten.cudnn_convolution_relu / cudnn_convolution_add_relu) do the whole op in
-one kernel; other activations run as conv + bias followed by the activation in place.
+one kernel; other activations run as conv + bias followed by the activation in place
+(`INPLACE`: the vocabulary's activations, kiln.ops.vocabulary, as torch applies them in place).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 
 CONV_OP = "kiln.conv_bias_act.default"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-INPLACE = {
+INPLACE = {  # every activation of kiln.ops.vocabulary.ACTIVATIONS (GELUs out of place: torch has no GELU_)
     "none": lambda y: y,
     "relu": torch.relu_,
     "relu6": lambda y: y.clamp_(0.0, 6.0),
@@ -35,9 +36,10 @@ def _conv2d_on_cuda(call: OpCall) -> bool:
 @register_kernel(
     "cudnn.conv_bias_relu",
     provider="cudnn",
-    implements=lambda op: op == CONV_OP,
+    implements=CONV_OP,
     supports=_conv2d_on_cuda,
     writes_planned_outputs=False,
+    priority=Priority.CANDIDATE,  # timed against cudnn.conv_then_act, which is the untimed choice
 )
 def make_fused_relu(name: str, out: OutVariant | None) -> StepFn:
     """One cuDNN kernel: conv + bias [+ residual] + ReLU (other activations: not this kernel)."""
@@ -63,9 +65,10 @@ def _conv_then_inplace(x, w, b, stride, padding, dilation, groups, act, residual
 @register_kernel(
     "cudnn.conv_then_act",
     provider="cudnn",
-    implements=lambda op: op == CONV_OP,
+    implements=CONV_OP,
     supports=_conv2d_on_cuda,
     writes_planned_outputs=False,
+    priority=Priority.DEFAULT,
 )
 def make_conv_then_act(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution with bias, then the residual add and activation in place."""

@@ -4,15 +4,15 @@ implementations, which run anywhere PyTorch does."""
 from __future__ import annotations
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops this kernel resolves)
-from kiln.kernels import OutVariant, StepFn, register_kernel, resolve_op
+from kiln.kernels.registry import OutVariant, Priority, StepFn, register_kernel, resolve_op
 
 
 @register_kernel(
     "kiln.reference",
     provider="reference",
-    implements=lambda op: op.startswith("kiln."),
+    implements="kiln.*",
     writes_planned_outputs=False,
-    priority=-1,
+    priority=Priority.REFERENCE,
 )
 def make_reference(name: str, out: OutVariant | None) -> StepFn:
     """kiln's reference implementation of a fused op (ATen calls, step by step)."""

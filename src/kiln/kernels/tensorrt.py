@@ -14,9 +14,9 @@ import functools
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
-from kiln.tensorrt.engine import run_region
-from kiln.tensorrt.region import REGION_OP
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
+from kiln.tensorrt.runtime.engine import run_region
+from kiln.tensorrt.runtime.region import REGION_OP
 
 
 @functools.cache
@@ -35,10 +35,10 @@ def _runtime_usable(call: OpCall) -> bool:
 @register_kernel(
     "tensorrt",
     provider="tensorrt",
-    implements=lambda op: op == REGION_OP,
+    implements=REGION_OP,
     supports=_runtime_usable,
     writes_planned_outputs=False,
-    priority=1,
+    priority=Priority.PREFERRED,
 )
 def make_tensorrt_region(name: str, out: OutVariant | None) -> StepFn:
     """A TensorRT engine run on the current CUDA stream, bound to torch tensors (no host staging)."""

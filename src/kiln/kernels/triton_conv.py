@@ -11,63 +11,42 @@ second kernel leaves the bias to cuDNN and the rest to Triton. The tuner keeps t
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 from kiln.kernels.triton_act import activation
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = tl = None
+from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 OP = "kiln.conv_bias_act.default"
 TILE = 2048  # elements per program
 MAX_BLOCK_COLS = 128
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The jitted kernel, defined on first use so TRITON_INTERPRET is read then, not at import."""
-    if triton is None:
-        raise RuntimeError("the triton.conv_epilogue kernel needs Triton, which this torch build lacks")
-
-    @triton.jit
-    def bias_act_kernel(y_ptr, b_ptr, r_ptr, out_ptr, rows, cols, channels, out_row_stride, BIAS_ON_COLS: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # y is a (rows x cols) matrix: (pixels x channels) channels-last, (batch*channels x
-        # pixels) NCHW. Tiles of it take the bias as a row or column vector, so no element
-        # computes its channel with a division. The result goes to out (y itself, or the
-        # rows of another tensor: a slice of a concatenation, out_row_stride apart).
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        row_ok = r < rows
-        col_ok = c < cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            if BIAS_ON_COLS:
-                y += tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            else:
-                y += tl.load(b_ptr + r % channels, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        if HAS_RES:
-            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = activation(y, ACT)
-        out_offs = r.to(tl.int64)[:, None] * out_row_stride + c[None, :]
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    return bias_act_kernel
-
-
-def clear_caches() -> None:
-    """Forget the jitted kernel (after switching TRITON_INTERPRET, in tests)."""
-    _kernel.cache_clear()
+@jit
+def bias_act_kernel(y_ptr, b_ptr, r_ptr, out_ptr, rows, cols, channels, out_row_stride, BIAS_ON_COLS: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y is a (rows x cols) matrix: (pixels x channels) channels-last, (batch*channels x
+    # pixels) NCHW. Tiles of it take the bias as a row or column vector, so no element
+    # computes its channel with a division. The result goes to out (y itself, or the
+    # rows of another tensor: a slice of a concatenation, out_row_stride apart).
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = r < rows
+    col_ok = c < cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        if BIAS_ON_COLS:
+            y += tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            y += tl.load(b_ptr + r % channels, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_RES:
+        y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = activation(y, ACT)
+    out_offs = r.to(tl.int64)[:, None] * out_row_stride + c[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _layout(y: torch.Tensor) -> bool | None:
@@ -101,11 +80,12 @@ def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     if out is not None and out_rows is None:
         return out.copy_(bias_act_(y, bias, residual, act))
     if y.numel():
+        needs_triton("triton.conv_epilogue")
         batch, channels, height, width = y.shape
         rows, cols = (batch * height * width, channels) if channels_last else (batch * channels, height * width)
         block_c = min(MAX_BLOCK_COLS, triton.next_power_of_2(cols))
         block_r = max(1, TILE // block_c)
-        _kernel()[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+        bias_act_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
             y, y if bias is None else bias, y if residual is None else residual, y if out is None else out_rows,
             rows, cols, channels, cols if out is None else out_rows.stride(0), BIAS_ON_COLS=channels_last,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act, BLOCK_R=block_r, BLOCK_C=block_c,
@@ -145,16 +125,15 @@ def _supports(call: OpCall) -> bool:
     )
 
 
-@register_kernel("triton.conv_epilogue", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False, priority=-2,  # timed candidates only
-                 writes_into=True)
+@register_kernel("triton.conv_epilogue", provider="triton", implements=OP, supports=_supports,
+                 writes_planned_outputs=False, priority=Priority.CANDIDATE, writes_into=True)
 def make_conv_epilogue(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution without bias, then bias (+ residual) + activation in one Triton pass."""
     return lambda args, kwargs, outs: conv_bias_act(*args, out=outs[0] if outs else None)
 
 
-@register_kernel("triton.conv_act", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False, priority=-2, writes_into=True)
+@register_kernel("triton.conv_act", provider="triton", implements=OP, supports=_supports,
+                 writes_planned_outputs=False, priority=Priority.CANDIDATE, writes_into=True)
 def make_conv_act(name: str, out: OutVariant | None) -> StepFn:
     """cuDNN convolution with its bias, then (residual +) activation in one Triton pass."""
     return lambda args, kwargs, outs: conv_bias_act(*args, cudnn_bias=True, out=outs[0] if outs else None)

@@ -17,17 +17,12 @@ from typing import NamedTuple
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
 from kiln.kernels.conv_gemm import _pointwise_conv
 from kiln.kernels.cudnn import _conv_then_inplace
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 from kiln.kernels.triton_act import activation
 from kiln.kernels.triton_conv import pixel_rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = tl = None
+from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 CONV_OP = "kiln.conv_bias_act.default"
 LINEAR_OP = "kiln.linear_act.default"
@@ -47,44 +42,42 @@ class Tiles(NamedTuple):
 CONFIGS = {"wide": Tiles(128, 128, 64, 8, 3), "narrow": Tiles(64, 64, 64, 4, 4)}
 GROUP_M = 8  # row tiles visited together, so their weight columns stay in L2
 
-if triton is not None:
-
-    @triton.jit
-    def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am, stride_wk, stride_wn,
-                        stride_rm, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP: tl.constexpr):
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP * tiles_n
-        first_m = (pid // per_group) * GROUP
-        group_rows = min(tiles_m - first_m, GROUP)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        row_ok = rm < M
-        col_ok = rn < N
-        a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
-        w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows = rm.to(tl.int64)[:, None]
-        if HAS_RES:
-            acc += tl.load(res_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc = activation(acc, ACT)
-        tl.store(out_ptr + rows * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+@jit
+def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am, stride_wk, stride_wn,
+                    stride_rm, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = min(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    col_ok = rn < N
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rm.to(tl.int64)[:, None]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rows * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = activation(acc, ACT)
+    tl.store(out_ptr + rows * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tile(size: int, largest: int) -> int:
@@ -102,6 +95,7 @@ def gemm_act(a: torch.Tensor, w_kn: torch.Tensor, bias: torch.Tensor | None, res
         out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
+    needs_triton("triton GEMM")
     block_m, block_n, block_k = _tile(m, tiles.m), _tile(n, tiles.n), _tile(k, tiles.k)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     gemm_act_kernel[grid](
@@ -150,16 +144,15 @@ def _linear_fits(call: OpCall) -> bool:
 
 
 def _register(config: str, tiles: Tiles) -> None:
-    @register_kernel(f"triton.conv1x1_act.{config}", provider="triton", implements=lambda op: op == CONV_OP,
-                     supports=_conv_fits, writes_planned_outputs=False, priority=-2,  # timed candidates only
-                     writes_into=True)
+    @register_kernel(f"triton.conv1x1_act.{config}", provider="triton", implements=CONV_OP, supports=_conv_fits,
+                     writes_planned_outputs=False, priority=Priority.CANDIDATE, writes_into=True)
     def make_conv(name: str, out: OutVariant | None) -> StepFn:
         """A 1×1 convolution over channels-last pixels as one Triton GEMM ending in the
         op's bias, residual and activation."""
         return lambda args, kwargs, outs: conv1x1_act(*args, tiles=tiles, out=outs[0] if outs else None)
 
-    @register_kernel(f"triton.linear_act.{config}", provider="triton", implements=lambda op: op == LINEAR_OP,
-                     supports=_linear_fits, writes_planned_outputs=False, priority=-2)
+    @register_kernel(f"triton.linear_act.{config}", provider="triton", implements=LINEAR_OP, supports=_linear_fits,
+                     writes_planned_outputs=False, priority=Priority.CANDIDATE)
     def make_linear(name: str, out: OutVariant | None) -> StepFn:
         """A linear layer as one Triton GEMM ending in the bias and any activation (exact GELU too)."""
         return lambda args, kwargs, outs: linear_act(*args, tiles=tiles)

@@ -8,18 +8,12 @@ rows share a program so that every program still moves a few thousand elements.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = tl = None
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
+from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 OP = "kiln.add_layer_norm.default"
 MAX_WIDTH = 8192
@@ -29,61 +23,48 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ARG_NAMES = ("x", "residual", "weight", "bias", "eps")
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The jitted kernel, defined on first use so TRITON_INTERPRET is read then, not at import."""
-    if triton is None:
-        raise RuntimeError("the triton.add_layer_norm kernel needs Triton, which this torch build lacks")
-
-    @triton.jit
-    def add_layer_norm_kernel(
-        x_ptr,
-        res_ptr,
-        w_ptr,
-        b_ptr,
-        out_ptr,
-        sum_ptr,
-        n_rows,
-        n_cols,
-        x_row_stride,
-        res_row_stride,
-        eps,
-        HAS_RES: tl.constexpr,
-        HAS_W: tl.constexpr,
-        HAS_B: tl.constexpr,
-        ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        mask = (rows < n_rows)[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0)
-        if HAS_RES:
-            r = tl.load(res_ptr + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0)
-            s = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-        else:
-            s = x.to(sum_ptr.dtype.element_ty)
-        out_offsets = rows64 * n_cols + cols[None, :]
-        tl.store(sum_ptr + out_offsets, s, mask=mask)
-        s = s.to(tl.float32)
-        mean = tl.sum(s, axis=1) / n_cols
-        centered = tl.where(mask, s - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
-        y = centered * rstd[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    return add_layer_norm_kernel
-
-
-def clear_caches() -> None:
-    """Forget the jitted kernel (after switching TRITON_INTERPRET, in tests)."""
-    _kernel.cache_clear()
+@jit
+def add_layer_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    sum_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    res_row_stride,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+    else:
+        s = x.to(sum_ptr.dtype.element_ty)
+    out_offsets = rows64 * n_cols + cols[None, :]
+    tl.store(sum_ptr + out_offsets, s, mask=mask)
+    s = s.to(tl.float32)
+    mean = tl.sum(s, axis=1) / n_cols
+    centered = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    y = centered * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -120,10 +101,11 @@ def add_layer_norm(
     n_rows = x.numel() // width
     if n_rows == 0:
         return out, total
+    needs_triton("triton.add_layer_norm")
     x2 = _rows(x, width)
     r2 = x2 if residual is None else _rows(residual, width)
     block_n, rows, num_warps = launch_config(width)
-    _kernel()[(triton.cdiv(n_rows, rows),)](
+    add_layer_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2,
         r2,
         x2 if weight is None else weight,
@@ -166,9 +148,10 @@ def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
 @register_kernel(
     "triton.add_layer_norm",
     provider="triton",
-    implements=lambda op: op == OP,
+    implements=OP,
     supports=supports,
     writes_planned_outputs=False,
+    priority=Priority.DEFAULT,
 )
 def make_add_layer_norm(name: str, out: OutVariant | None) -> StepFn:
     """Residual add + layer norm in one Triton launch, fp32 statistics, whole row in registers."""

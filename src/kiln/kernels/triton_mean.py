@@ -10,55 +10,36 @@ fp32 buffer with atomics. Other layouts and dims run ATen's kernel.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = tl = None
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
+from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 OP = "aten.mean.dim"
 BLOCK_PIXELS = 64
 TARGET_PROGRAMS = 512
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The jitted kernel, defined on first use so TRITON_INTERPRET is read then, not at import."""
-    if triton is None:
-        raise RuntimeError("the triton.spatial_mean kernel needs Triton, which this torch build lacks")
-
-    @triton.jit
-    def spatial_mean_kernel(x_ptr, out_ptr, pixels, channels, pixels_per_split, scale,
-                            ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < channels
-        first = tl.program_id(2) * pixels_per_split
-        base = x_ptr + b * pixels * channels
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for start in range(first, first + pixels_per_split, BLOCK_P):
-            rows = start + tl.arange(0, BLOCK_P)
-            mask = (rows < pixels)[:, None] & col_mask[None, :]
-            tile = tl.load(base + rows.to(tl.int64)[:, None] * channels + cols[None, :], mask=mask, other=0.0)
-            acc += tl.sum(tile.to(tl.float32), axis=0)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + b * channels + cols, acc * scale, mask=col_mask)
-        else:
-            tl.store(out_ptr + b * channels + cols, (acc * scale).to(out_ptr.dtype.element_ty), mask=col_mask)
-
-    return spatial_mean_kernel
-
-
-def clear_caches() -> None:
-    """Forget the jitted kernel (after switching TRITON_INTERPRET, in tests)."""
-    _kernel.cache_clear()
+@jit
+def spatial_mean_kernel(x_ptr, out_ptr, pixels, channels, pixels_per_split, scale,
+                        ATOMIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    first = tl.program_id(2) * pixels_per_split
+    base = x_ptr + b * pixels * channels
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(first, first + pixels_per_split, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < pixels)[:, None] & col_mask[None, :]
+        tile = tl.load(base + rows.to(tl.int64)[:, None] * channels + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + b * channels + cols, acc * scale, mask=col_mask)
+    else:
+        tl.store(out_ptr + b * channels + cols, (acc * scale).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _spatial(x: Any, dims: Any) -> bool:
@@ -67,6 +48,7 @@ def _spatial(x: Any, dims: Any) -> bool:
 
 def spatial_mean(x: torch.Tensor, keepdim: bool, splits: int | None = None) -> torch.Tensor:
     """x.mean((2, 3), keepdim) for a channels-last 4-D x, in fp32 and rounded once."""
+    needs_triton("triton.spatial_mean")
     batch, channels, height, width = x.shape
     pixels = height * width
     block_c = min(64, triton.next_power_of_2(channels))
@@ -79,7 +61,7 @@ def spatial_mean(x: torch.Tensor, keepdim: bool, splits: int | None = None) -> t
     out = (torch.zeros if atomic else torch.empty)((batch, channels), dtype=torch.float32 if atomic else x.dtype,
                                                    device=x.device)
     if x.numel():
-        _kernel()[(batch, channel_blocks, splits)](
+        spatial_mean_kernel[(batch, channel_blocks, splits)](
             x, out, pixels, channels, per_split, 1.0 / pixels, ATOMIC=atomic, BLOCK_P=BLOCK_PIXELS, BLOCK_C=block_c,
         )
     out = out.to(x.dtype)
@@ -98,8 +80,8 @@ def _supports(call: OpCall) -> bool:
     )
 
 
-@register_kernel("triton.spatial_mean", provider="triton", implements=lambda op: op == OP,
-                 supports=_supports, writes_planned_outputs=False, priority=-2)  # a timed candidate only
+@register_kernel("triton.spatial_mean", provider="triton", implements=OP, supports=_supports,
+                 writes_planned_outputs=False, priority=Priority.CANDIDATE)
 def make_spatial_mean(name: str, out: OutVariant | None) -> StepFn:
     """Mean over H and W of a channels-last activation; anything else runs ATen's mean."""
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from kiln.kernels import OpCall, OutVariant, StepFn, register_kernel
+from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
+from kiln.kernels.triton_lang import needs_triton, triton
 from kiln.ops.pointwise import (
     DTYPES,
     Const,
@@ -38,11 +39,6 @@ from kiln.ops.pointwise import (
     value_dtypes,
 )
 from kiln.specs import dtype_name
-
-try:
-    import triton
-except ImportError:  # CPU-only torch builds ship without Triton
-    triton = None
 
 MAX_BLOCK = 1024
 INT32_LIMIT = 2**31 - 1
@@ -77,7 +73,8 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 """
 
-# Result expressions in the result's compute type; operands are already converted to it.
+# Result expressions in the result's compute type; operands are already converted to it. Every
+# op of kiln.ops.vocabulary.POINTWISE_OPS has one (cast, comparisons and logic below).
 _FLOAT_TEMPLATES: dict[str, str] = {
     "add": "({0} + {1})",
     "sub": "({0} - {1})",
@@ -241,8 +238,7 @@ def generate_source(
 @functools.lru_cache(maxsize=512)
 def _compile(name: str, source: str) -> Any:
     """The jitted kernel for generated `source`; linecache lets Triton read the source back."""
-    if triton is None:
-        raise RuntimeError("the triton.pointwise kernel needs Triton, which this torch build lacks")
+    needs_triton("triton.pointwise")
     filename = f"<kiln-generated {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     scope: dict[str, Any] = {"__name__": f"kiln.generated.{name}"}
@@ -368,9 +364,10 @@ def supports(call: OpCall) -> bool:
 @register_kernel(
     "triton.pointwise",
     provider="triton",
-    implements=lambda op: op == "kiln.pointwise.default",
+    implements="kiln.pointwise.default",
     supports=supports,
     writes_planned_outputs=False,
+    priority=Priority.DEFAULT,
 )
 def make_pointwise(name: str, out: OutVariant | None) -> StepFn:
     """A Triton kernel generated for the fused elementwise program: one launch, one pass over memory."""

@@ -1,4 +1,5 @@
-"""kiln's own ops (torch.library, each with a reference implementation) and the pointwise
-expression IR that generated kernels are built from."""
+"""kiln's own ops (torch.library, each with a reference implementation), the one vocabulary of
+activations and pointwise ops every backend maps (vocabulary), and the pointwise expression
+IR that generated kernels are built from."""
 
 from kiln.ops import fused, pointwise  # noqa: F401  (defines the kiln:: ops)

@@ -3,7 +3,8 @@
 A graph rewritten by kiln's passes still runs under plain PyTorch: each op below
 computes with ATen what the fused kernels in kiln.kernels compute in one go. The
 fake (meta) implementation is the reference itself, run on fake tensors, so shapes
-and strides always agree with what the reference produces.
+and strides always agree with what the reference produces. The activations they end in
+are kiln.ops.vocabulary.ACTIVATIONS.
 """
 
 from __future__ import annotations
@@ -13,24 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda x: x,
-    "relu": torch.relu,
-    "relu6": lambda x: torch.clamp(x, 0.0, 6.0),
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "hardswish": F.hardswish,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
-
-
-def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+from kiln.ops.vocabulary import activation
 
 
 def _define(name: str) -> Callable:
@@ -60,14 +44,14 @@ def conv_bias_act(
     y = torch.ops.aten.convolution.default(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
     if residual is not None:
         y = y + residual
-    return _act(act)(y)
+    return activation(act)(y)
 
 
 @_define("linear_act")
 def linear_act(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(x @ weight_t + bias) for 2-D x; weight_t is the (in, out) transposed weight."""
     y = x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
-    return _act(act)(y)
+    return activation(act)(y)
 
 
 @_define("add_layer_norm")

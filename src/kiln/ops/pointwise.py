@@ -8,9 +8,9 @@ Values are numbered inputs first (0 .. inputs-1), then one per body instruction 
 order; an operand is either such a number (an earlier value), `{"const": number}`
 (also "inf", "-inf", "nan"), or, for `cast`, `{"dtype": name}`. The last
 instruction's value is the result. Inputs broadcast against each other like torch
-operands do. Only the ops in `OPS` exist: loading a program validates it completely,
-so kernels generated from it (kiln.kernels.triton_pointwise) only ever contain code
-that kiln wrote.
+operands do. Only the ops in `OPS` (kiln.ops.vocabulary.POINTWISE_OPS) exist: loading a
+program validates it completely, so kernels generated from it (kiln.kernels.triton_pointwise)
+only ever contain code that kiln wrote.
 
 The reference implementation interprets the program with torch ops, so a graph holding
 `kiln::pointwise` nodes still runs under plain PyTorch. Its result is laid out like the
@@ -23,14 +23,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kiln.ops.vocabulary import CONST, DTYPE, POINTWISE_OPS, SCALAR, VALUE, OpDef
 from kiln.specs import dtype_name
 
 VERSION = 1
@@ -114,79 +113,9 @@ def _operand_json(arg: Operand) -> Any:
     return arg
 
 
-# -- the op set ---------------------------------------------------------------------------------
+# -- the op set: kiln.ops.vocabulary.POINTWISE_OPS ------------------------------------------------
 
-# Operand kinds: "value" an earlier value; "scalar" a value or a constant; "const" a constant;
-# "dtype" a cast target.
-VALUE, SCALAR, CONST, DTYPE = "value", "scalar", "const", "dtype"
-
-
-@dataclass(frozen=True)
-class OpDef:
-    operands: tuple[str, ...]
-    reference: Callable[..., Any]
-
-
-def _maximum(a: Any, b: Any) -> torch.Tensor:
-    if not isinstance(a, torch.Tensor):
-        a, b = b, a
-    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, min=b)
-
-
-def _minimum(a: Any, b: Any) -> torch.Tensor:
-    if not isinstance(a, torch.Tensor):
-        a, b = b, a
-    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
-
-
-def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpDef:
-    return OpDef((VALUE,), fn)
-
-
-def _binary(fn: Callable[[Any, Any], Any]) -> OpDef:
-    return OpDef((SCALAR, SCALAR), fn)
-
-
-OPS: dict[str, OpDef] = {
-    # arithmetic (Python operators: torch promotion rules, constants on either side)
-    "add": _binary(operator.add),
-    "sub": _binary(operator.sub),
-    "mul": _binary(operator.mul),
-    "div": _binary(operator.truediv),
-    "maximum": _binary(_maximum),
-    "minimum": _binary(_minimum),
-    "neg": _unary(torch.neg),
-    "abs": _unary(torch.abs),
-    "reciprocal": _unary(torch.reciprocal),
-    "exp": _unary(torch.exp),
-    "log": _unary(torch.log),
-    "sqrt": _unary(torch.sqrt),
-    "rsqrt": _unary(torch.rsqrt),
-    "erf": _unary(torch.erf),
-    # activations
-    "relu": _unary(torch.relu),
-    "sigmoid": _unary(torch.sigmoid),
-    "tanh": _unary(torch.tanh),
-    "silu": _unary(F.silu),
-    "gelu": _unary(F.gelu),
-    "gelu_tanh": _unary(lambda x: F.gelu(x, approximate="tanh")),
-    "hardswish": _unary(F.hardswish),
-    "hardsigmoid": _unary(F.hardsigmoid),
-    "clamp": OpDef((VALUE, CONST, CONST), torch.clamp),
-    # comparisons and logic
-    "eq": _binary(operator.eq),
-    "ne": _binary(operator.ne),
-    "gt": _binary(operator.gt),
-    "ge": _binary(operator.ge),
-    "lt": _binary(operator.lt),
-    "le": _binary(operator.le),
-    "and": OpDef((VALUE, VALUE), torch.logical_and),
-    "or": OpDef((VALUE, VALUE), torch.logical_or),
-    "not": _unary(torch.logical_not),
-    "where": OpDef((VALUE, SCALAR, SCALAR), torch.where),
-    # conversion
-    "cast": OpDef((VALUE, DTYPE), lambda x, dtype: x.to(dtype)),
-}
+OPS: dict[str, OpDef] = POINTWISE_OPS
 
 
 # -- parsing and validation -----------------------------------------------------------------------

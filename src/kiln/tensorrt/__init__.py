@@ -4,18 +4,24 @@ Importing this package never needs TensorRT; functions that build networks raise
 ``TensorRTUnavailable`` with an install hint when neither ``tensorrt`` nor TensorRT-RTX is
 installed. ``available()`` and ``runtime_usable(device)`` tell what works here.
 
-Modules (names below are importable from ``kiln.tensorrt`` itself, loaded on first use so
-that the run side, ``kiln.tensorrt.region`` and ``kiln.tensorrt.engine``, stays light):
+    import kiln.tensorrt as kt
 
+    @kt.converter(torch.ops.aten.cumsum.default)
+    def cumsum(ctx): ...
+
+One package per stage, like the compiler's own (the names below are importable from
+``kiln.tensorrt`` itself, each loaded on first use so that the run side stays light):
+
+- ``convert/``: conversion — the converter registry (``converter``, ``lookup``, ``Decline``),
+  ``ConversionContext``, one module per op family, FX graph → network (``build_network``,
+  ``supported_nodes``), network → engine (``build_engine``)
+- ``partitioning/``: supported regions → ``kiln::tensorrt_region`` steps (``find_regions``,
+  ``partition_graph``)
+- ``runtime/``: the ``kiln::tensorrt_region`` op, its spec (``RegionSpec``) and running it
 - ``api``: which TensorRT is installed, whether it runs here, its logger
-- ``converters``: the converter registry; ``ops``, ``kiln_ops``, ``pointwise``: built-in converters
-  (``ops`` gathers ``convert_elementwise``, ``convert_reduce``, ``convert_shape``, ``convert_nn``)
-- ``context``: ``ConversionContext``, what a converter sees
-- ``network``: FX graph → TensorRT network (``build_network``, ``supported_nodes``)
-- ``build``: network → serialized engine (``build_engine``)
-- ``partition``: supported regions → ``kiln::tensorrt_region`` steps (``partition_graph``)
-- ``region``: the ``kiln::tensorrt_region`` op and its spec; ``engine``: running one
 - ``check``: what TensorRT's ONNX parser rejects (``trt_check``)
+
+The runtime imports neither conversion nor partitioning; partitioning imports both.
 """
 
 from __future__ import annotations
@@ -31,26 +37,27 @@ _EXPORTS = {
     "version": "api",
     "Rejection": "check",
     "trt_check": "check",
-    "Decline": "converters",
-    "converter": "converters",
-    "lookup": "converters",
-    "registered": "converters",
-    "unregister": "converters",
-    "ConversionContext": "context",
-    "ConversionError": "context",
-    "TRTNetwork": "network",
-    "build_network": "network",
-    "supported_nodes": "network",
-    "EngineBuild": "build",
-    "build_engine": "build",
-    "IncompleteConversionError": "partition",
-    "find_regions": "partition",
-    "partition_graph": "partition",
-    "RegionRuntimeError": "region",
-    "RegionSpec": "region",
+    "Decline": "convert.errors",
+    "ConversionError": "convert.errors",
+    "converter": "convert.registry",
+    "lookup": "convert.registry",
+    "registered": "convert.registry",
+    "unregister": "convert.registry",
+    "ConversionContext": "convert.context",
+    "TRTNetwork": "convert.network",
+    "build_network": "convert.network",
+    "supported_nodes": "convert.network",
+    "EngineBuild": "convert.build",
+    "build_engine": "convert.build",
+    "IncompleteConversionError": "partitioning.partition",
+    "find_regions": "partitioning.partition",
+    "partition_graph": "partitioning.partition",
+    "RegionRuntimeError": "runtime.region",
+    "RegionSpec": "runtime.region",
+    "run_region": "runtime.engine",
 }
+_ALIASES = {"partition": "find_regions"}  # the grouping function's earlier name
 
-# ``partition`` is the module kiln.tensorrt.partition, callable as the grouping function find_regions.
 __all__ = [
     "ConversionContext",
     "ConversionError",
@@ -72,6 +79,7 @@ __all__ = [
     "partition",
     "partition_graph",
     "registered",
+    "run_region",
     "runtime_usable",
     "supported_nodes",
     "trt_check",
@@ -81,15 +89,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    attribute = _ALIASES.get(name, name)
+    module = _EXPORTS.get(attribute)
     if module is not None:
-        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
         globals()[name] = value
         return value
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
-        return importlib.import_module(f"{__name__}.{name}")  # a submodule: kiln.tensorrt.network
+        return importlib.import_module(f"{__name__}.{name}")  # a subpackage or module: kiln.tensorrt.convert
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":
             raise
@@ -97,15 +106,18 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_ALIASES})
 
 
 if TYPE_CHECKING:
     from kiln.tensorrt.api import TensorRTUnavailable, available, flavor, runtime_usable, version
-    from kiln.tensorrt.build import EngineBuild, build_engine
     from kiln.tensorrt.check import Rejection, trt_check
-    from kiln.tensorrt.context import ConversionContext, ConversionError
-    from kiln.tensorrt.converters import Decline, converter, lookup, registered, unregister
-    from kiln.tensorrt.network import TRTNetwork, build_network, supported_nodes
-    from kiln.tensorrt.partition import IncompleteConversionError, find_regions, partition_graph
-    from kiln.tensorrt.region import RegionRuntimeError, RegionSpec
+    from kiln.tensorrt.convert.build import EngineBuild, build_engine
+    from kiln.tensorrt.convert.context import ConversionContext
+    from kiln.tensorrt.convert.errors import ConversionError, Decline
+    from kiln.tensorrt.convert.network import TRTNetwork, build_network, supported_nodes
+    from kiln.tensorrt.convert.registry import converter, lookup, registered, unregister
+    from kiln.tensorrt.partitioning.partition import IncompleteConversionError, find_regions, partition_graph
+    from kiln.tensorrt.partitioning.partition import find_regions as partition
+    from kiln.tensorrt.runtime.engine import run_region
+    from kiln.tensorrt.runtime.region import RegionRuntimeError, RegionSpec

@@ -20,16 +20,16 @@ import torch
 from torch import fx
 
 from kiln.tensorrt import api
-from kiln.tensorrt.context import (
+from kiln.tensorrt.convert.context import (
     ConversionContext,
-    ConversionError,
     _State,
     _SymSource,
     node_source,
     op_name,
     trt_dtype,
 )
-from kiln.tensorrt.converters import Decline, lookup
+from kiln.tensorrt.convert.errors import ConversionError, Decline
+from kiln.tensorrt.convert.registry import lookup
 
 __all__ = [
     "NO_OPS",
@@ -366,7 +366,7 @@ def _failure_message(node: fx.Node, reason: str) -> str:
         f"TensorRT cannot convert node {node.name} ({op_name(node.target)}) at "
         f"{node_source(node)}: {reason}. Register a converter with "
         f"@kiln.tensorrt.converter({op_name(node.target)}), or leave this node to kiln's own "
-        "kernels (kiln.tensorrt.partition)."
+        "kernels (kiln.tensorrt.partition_graph)."
     )
 
 

@@ -2,7 +2,7 @@
 
 ``find_regions`` groups the nodes that have converters into regions; ``partition_graph``
 builds one fixed-shape, strongly typed engine per region and splices it into the graph as a
-``kiln::tensorrt_region`` call (see ``kiln.tensorrt.region``). Nodes without a converter stay
+``kiln::tensorrt_region`` call (see ``kiln.tensorrt.runtime``). Nodes without a converter stay
 as they are and run on kiln's own kernels between the regions. This is the
 ``--backend tensorrt`` stage of ``kiln.build``.
 """
@@ -12,9 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import operator
-import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +24,13 @@ from torch import fx
 from kiln.errors import KilnWarning
 from kiln.graph import CapturedGraph, finish, source_line
 from kiln.tensorrt import api
-from kiln.tensorrt.build import EngineBuild, build_engine
-from kiln.tensorrt.context import ConversionError, op_name
-from kiln.tensorrt.network import NO_OPS, TRTNetwork, build_network, is_sym, supported_nodes, weight_nodes
-from kiln.tensorrt.splice import escaping_values, region_spec, splice_region, stable_toposort
+from kiln.tensorrt.convert.build import EngineBuild, build_engine
+from kiln.tensorrt.convert.context import op_name
+from kiln.tensorrt.convert.errors import ConversionError
+from kiln.tensorrt.convert.network import NO_OPS, TRTNetwork, build_network, is_sym, supported_nodes, weight_nodes
+from kiln.tensorrt.partitioning.splice import escaping_values, region_spec, splice_region, stable_toposort
 
-__all__ = ["IncompleteConversionError", "find_regions", "partition", "partition_graph"]
+__all__ = ["IncompleteConversionError", "find_regions", "partition_graph"]
 
 # Ops that only reinterpret memory: a region of nothing else is cheaper as kiln views.
 _VIEW_OPS = {
@@ -64,7 +63,7 @@ class IncompleteConversionError(ConversionError):
         first = ops[0]["op"] if ops else "aten.cumsum.default"
         lines.append(
             "Register a converter for each (@kiln.tensorrt.converter(torch.ops."
-            f"{first}), see kiln.tensorrt.converters), rewrite those lines with ops TensorRT supports, "
+            f"{first}), see kiln.tensorrt.convert.registry), rewrite those lines with ops TensorRT supports, "
             "or build without --require-full to run them on kiln's own kernels between TensorRT regions."
         )
         super().__init__("\n".join(lines))
@@ -297,19 +296,3 @@ def _region_row(region: _Region, spec: Any) -> dict[str, Any]:
         "build_seconds": round(region.built.seconds, 3),
         "notes": list(region.built.notes),
     }
-
-
-class _CallableModule(types.ModuleType):
-    """``kiln.tensorrt.partition`` names this module and, as before it existed, the grouping function."""
-
-    def __call__(
-        self,
-        graph_module: fx.GraphModule,
-        precision: torch.dtype | None = None,
-        supported: dict[fx.Node, str | None] | None = None,
-    ) -> list[list[fx.Node]]:
-        return find_regions(graph_module, precision, supported)
-
-
-partition = find_regions
-sys.modules[__name__].__class__ = _CallableModule

@@ -2,7 +2,7 @@
 
 Max/average/adaptive pooling, linear algebra (mm/bmm, addmm/baddbmm, convolution, scaled
 dot-product attention) and normalization (batch norm in eval mode, layer norm). ``conv_nd``
-and ``matmul`` are shared with ``kiln.tensorrt.kiln_ops``.
+and ``matmul`` are shared with ``kiln.tensorrt.convert.kiln_ops``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kiln.tensorrt.convert_common import _E, _arg, _mask, _ntuple
-from kiln.tensorrt.converters import Decline, converter
+from kiln.tensorrt.convert.args import _E, _arg, _mask, _ntuple
+from kiln.tensorrt.convert.errors import Decline
+from kiln.tensorrt.convert.registry import converter
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+    from kiln.tensorrt.convert.context import ConversionContext
 
 aten = torch.ops.aten
 

@@ -1,8 +1,8 @@
-"""What a converter sees: ``ConversionContext``, plus dtype mapping and the conversion error.
+"""What a converter sees: ``ConversionContext``, plus dtype mapping.
 
 A ``ConversionContext`` wraps one node being converted: its TensorRT-valued arguments, the
 network, and helpers that add constants, casts, reshapes and broadcasts. ``_State`` is what
-one network build shares across converters (see ``kiln.tensorrt.network``).
+one network build shares across converters (see ``kiln.tensorrt.convert.network``).
 """
 
 from __future__ import annotations
@@ -15,23 +15,15 @@ import numpy as np
 import torch
 from torch import fx
 
-from kiln.errors import KilnError
+from kiln.graph import source_line
 from kiln.tensorrt import api
-from kiln.tensorrt.converters import Decline
+from kiln.tensorrt.convert.errors import ConversionError, Decline
 
 __all__ = ["ConversionContext", "ConversionError", "node_source", "op_name", "trt_dtype"]
 
 
-class ConversionError(KilnError):
-    """A node could not be converted to TensorRT."""
-
-
 def node_source(node: fx.Node) -> str:
     """'file:line in fn: code' of the model source that produced ``node``, when recorded."""
-    try:
-        from kiln.capture.export import source_line
-    except ImportError:  # pragma: no cover
-        return "unknown source line"
     return source_line(node)
 
 

@@ -19,9 +19,10 @@ from torch import fx
 from kiln.graph import CapturedGraph, add_weight, infer_meta
 from kiln.specs import TensorSpec
 from kiln.tensorrt import api
-from kiln.tensorrt.context import ConversionError
-from kiln.tensorrt.network import NO_OPS, TRTNetwork
-from kiln.tensorrt.region import RegionSpec
+from kiln.tensorrt.convert.errors import ConversionError
+from kiln.tensorrt.convert.network import NO_OPS, TRTNetwork
+from kiln.tensorrt.runtime import engine as _engine  # noqa: F401  (defines kiln::tensorrt_region)
+from kiln.tensorrt.runtime.region import RegionSpec
 
 __all__ = ["escaping_values", "region_spec", "splice_region", "stable_toposort"]
 

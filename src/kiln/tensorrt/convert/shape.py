@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kiln.tensorrt.convert_common import _E, _arg, _dims
-from kiln.tensorrt.converters import Decline, converter
+from kiln.tensorrt.convert.args import _E, _arg, _dims
+from kiln.tensorrt.convert.errors import Decline
+from kiln.tensorrt.convert.registry import converter
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+    from kiln.tensorrt.convert.context import ConversionContext
 
 aten = torch.ops.aten
 

@@ -1,7 +1,6 @@
 """Built-in converters for pointwise ATen ops: identity/casts, arithmetic, comparisons, logic, activations.
 
-``act_layer`` (a TensorRT activation on an ITensor) is shared with ``kiln.tensorrt.kiln_ops``
-and ``kiln.tensorrt.pointwise``.
+The activations' layers come from ``kiln.tensorrt.convert.activations``, shared with kiln's fused ops.
 """
 
 from __future__ import annotations
@@ -12,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kiln.tensorrt.convert_common import _E, _arg
-from kiln.tensorrt.converters import Decline, converter
+from kiln.tensorrt.convert.activations import GATED, LAYERS, act_layer
+from kiln.tensorrt.convert.args import _E, _arg
+from kiln.tensorrt.convert.errors import Decline
+from kiln.tensorrt.convert.registry import converter
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+    from kiln.tensorrt.convert.context import ConversionContext
 
 aten = torch.ops.aten
 
@@ -253,17 +254,6 @@ def _activation(ctx: ConversionContext, kind: str, alpha: float | None = None, b
     return act_layer(ctx, ctx.tensor(ctx.args[0], ctx.out_dtype), kind, alpha, beta)
 
 
-def act_layer(ctx: ConversionContext, x: Any, kind: str, alpha: float | None = None, beta: float | None = None) -> Any:
-    if x.dtype not in (ctx.trt.float32, ctx.trt.float16, ctx.trt.bfloat16):
-        raise Decline(f"{kind.lower()} on {x.dtype} (TensorRT activations are floating point)")
-    layer = ctx.network.add_activation(x, getattr(ctx.trt.ActivationType, kind))
-    if alpha is not None:
-        layer.alpha = alpha
-    if beta is not None:
-        layer.beta = beta
-    return layer.get_output(0)
-
-
 @converter(aten.relu.default)
 def _relu(ctx: ConversionContext) -> Any:
     return _activation(ctx, "RELU")
@@ -310,15 +300,12 @@ def _softplus(ctx: ConversionContext) -> Any:
 
 @converter(aten.hardsigmoid.default)
 def _hardsigmoid(ctx: ConversionContext) -> Any:
-    return _activation(ctx, "HARD_SIGMOID", 1.0 / 6.0, 0.5)
+    return _activation(ctx, *LAYERS["hardsigmoid"])
 
 
 @converter(aten.hardswish.default, aten.silu.default)
 def _gated(ctx: ConversionContext) -> Any:
-    if ctx.node.target is aten.silu.default:
-        gate = _activation(ctx, "SIGMOID")
-    else:
-        gate = _activation(ctx, "HARD_SIGMOID", 1.0 / 6.0, 0.5)
+    gate = _activation(ctx, *GATED["silu" if ctx.node.target is aten.silu.default else "hardswish"])
     return ctx.elementwise(ctx.tensor(ctx.args[0], ctx.out_dtype), gate, _E(ctx).PROD)
 
 

@@ -4,40 +4,37 @@
     def relu(ctx):
         return ctx.network.add_activation(ctx.args[0], ctx.trt.ActivationType.RELU).get_output(0)
 
-A converter receives a ``ConversionContext`` (see ``kiln.tensorrt.context``) and returns the
+A converter receives a ``ConversionContext`` (see ``kiln.tensorrt.convert.context``) and returns the
 node's value: an ITensor, or a tuple for multi-output ops (None for outputs it cannot give).
 It may decline with ``raise Decline("why")`` or ``return NotImplemented``; the node then stays
 on kiln's own kernels. Keys are OpOverloads (``aten.add.Tensor``), OpOverloadPackets
 (``aten.add``: every overload), Python callables (``operator.getitem``) or qualified names
 (``"kiln::conv_bias_act"``, for ops registered later). The latest registration wins.
-The built-in converters live in ``kiln.tensorrt.ops`` (core ATen ops of the zoo, one
-``kiln.tensorrt.convert_*`` module per op family) and ``kiln.tensorrt.kiln_ops`` and
-``kiln.tensorrt.pointwise`` (kiln's fused ops); they register on the registry's first use.
+The built-in converters live in one module per op family (``BUILTINS``: the core ATen ops of
+the zoo, kiln's own fused ops, ``kiln::pointwise`` programs); they register on the registry's
+first use, and rank below every converter registered from outside them.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+from kiln.tensorrt.convert.errors import Decline
 
-__all__ = ["Decline", "converter", "lookup", "registered", "unregister"]
+if TYPE_CHECKING:
+    from kiln.tensorrt.convert.context import ConversionContext
+
+__all__ = ["BUILTINS", "Decline", "converter", "lookup", "registered", "unregister"]
 
 ConverterFn = Callable[["ConversionContext"], Any]
 
-
-class Decline(Exception):  # noqa: N818 - a converter's answer, not an error
-    """Raised by a converter that cannot handle this particular node."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
+# The modules of built-in converters, one per op family (kiln.tensorrt.convert.<name>).
+BUILTINS = ("elementwise", "reduce", "shape", "nn", "kiln_ops", "pointwise")
 
 _REGISTRY: dict[Any, list[tuple[int, ConverterFn]]] = {}
 _ORDER = itertools.count()
@@ -46,13 +43,14 @@ _builtins = {"loaded": False, "loading": False}
 
 
 def _ensure_builtins() -> None:
-    """Import (and so register) the built-in converters on first use, not on import: the
-    converter modules import this registry, so loading them here at import would be a cycle."""
+    """Import (and so register) the built-in converters on first use: they import this
+    registry, which therefore cannot import them."""
     if _builtins["loaded"]:
         return
     _builtins["loaded"] = _builtins["loading"] = True
     try:
-        from kiln.tensorrt import kiln_ops, ops, pointwise  # noqa: F401
+        for name in BUILTINS:
+            importlib.import_module(f"{__package__}.{name}")
     finally:
         _builtins["loading"] = False
 

@@ -13,24 +13,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from kiln.tensorrt.convert_elementwise import act_layer
-from kiln.tensorrt.converters import Decline, converter
+from kiln.tensorrt.convert.activations import GATED, LAYERS, act_layer, named_activation
+from kiln.tensorrt.convert.errors import Decline
+from kiln.tensorrt.convert.registry import converter
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+    from kiln.tensorrt.convert.context import ConversionContext
 
 __all__: list[str] = []
 
 _BINARY = {"add": "SUM", "sub": "SUB", "mul": "PROD", "div": "DIV", "maximum": "MAX", "minimum": "MIN"}
 _UNARY = {"neg": "NEG", "abs": "ABS", "reciprocal": "RECIP", "exp": "EXP", "log": "LOG", "sqrt": "SQRT", "erf": "ERF"}
-_ACTIVATIONS = {
-    "relu": ("RELU", None, None),
-    "sigmoid": ("SIGMOID", None, None),
-    "tanh": ("TANH", None, None),
-    "gelu": ("GELU_ERF", None, None),
-    "gelu_tanh": ("GELU_TANH", None, None),
-    "hardsigmoid": ("HARD_SIGMOID", 1.0 / 6.0, 0.5),
-}
 _COMPARE = {"eq", "ne", "gt", "ge", "lt", "le"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,12 +68,8 @@ def _lower(
         return ctx.unary(ctx.tensor(args[0], out), getattr(trt.UnaryOperation, _UNARY[op]))
     if op == "rsqrt":
         return ctx.unary(ctx.unary(ctx.tensor(args[0], out), trt.UnaryOperation.SQRT), trt.UnaryOperation.RECIP)
-    if op in _ACTIVATIONS:
-        return act_layer(ctx, ctx.tensor(args[0], out), *_ACTIVATIONS[op])
-    if op in ("silu", "hardswish"):
-        x = ctx.tensor(args[0], out)
-        gate = act_layer(ctx, x, *(("SIGMOID", None, None) if op == "silu" else _ACTIVATIONS["hardsigmoid"]))
-        return ctx.elementwise(x, gate, E.PROD)
+    if op in LAYERS or op in GATED:
+        return named_activation(ctx, ctx.tensor(args[0], out), op)
     if op == "clamp":
         return _clamp(ctx, ctx.tensor(args[0], out), args[1], args[2], dtype)
     if op in _COMPARE:

@@ -9,32 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kiln.tensorrt.convert_elementwise import act_layer
-from kiln.tensorrt.convert_nn import conv_nd, matmul
-from kiln.tensorrt.converters import Decline, converter
+from kiln.tensorrt.convert.activations import named_activation
+from kiln.tensorrt.convert.errors import Decline
+from kiln.tensorrt.convert.nn import conv_nd, matmul
+from kiln.tensorrt.convert.registry import converter
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
-
-
-def _named_activation(ctx: ConversionContext, x: Any, act: str) -> Any:
-    """kiln.ops.fused.ACTIVATIONS by name, on an ITensor."""
-    gates = {"silu": ("SIGMOID", None, None), "hardswish": ("HARD_SIGMOID", 1.0 / 6.0, 0.5)}
-    if act == "none":
-        return x
-    if act in gates:
-        return ctx.elementwise(x, act_layer(ctx, x, *gates[act]), ctx.trt.ElementWiseOperation.PROD)
-    simple = {
-        "relu": ("RELU", None, None),
-        "relu6": ("CLIP", 0.0, 6.0),
-        "gelu": ("GELU_ERF", None, None),
-        "gelu_tanh": ("GELU_TANH", None, None),
-        "sigmoid": ("SIGMOID", None, None),
-        "tanh": ("TANH", None, None),
-    }
-    if act not in simple:
-        raise Decline(f"unknown kiln activation {act!r}")
-    return act_layer(ctx, x, *simple[act])
+    from kiln.tensorrt.convert.context import ConversionContext
 
 
 @converter("kiln::conv_bias_act")
@@ -46,7 +27,7 @@ def _conv_bias_act(ctx: ConversionContext) -> Any:
     y = conv_nd(ctx, x, w, b, stride, padding, dilation, False, [0, 0], groups)
     if residual is not None:
         y = ctx.elementwise(y, ctx.tensor(residual, y.dtype), ctx.trt.ElementWiseOperation.SUM)
-    return _named_activation(ctx, y, act)
+    return named_activation(ctx, y, act)
 
 
 @converter("kiln::linear_act")
@@ -55,7 +36,7 @@ def _linear_act(ctx: ConversionContext) -> Any:
     y = matmul(ctx, x, weight_t)
     if bias is not None:
         y = ctx.elementwise(y, ctx.tensor(bias, y.dtype), ctx.trt.ElementWiseOperation.SUM)
-    return _named_activation(ctx, y, act)
+    return named_activation(ctx, y, act)
 
 
 @converter("kiln::add_layer_norm")

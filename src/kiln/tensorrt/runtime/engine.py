@@ -1,4 +1,10 @@
-"""Running a TensorRT region: deserialize once, bind torch tensors, enqueue on torch's stream.
+"""The ``kiln::tensorrt_region`` op, and running it: deserialize once, bind torch tensors,
+enqueue on torch's stream.
+
+The op's reference implementation runs the engine with the TensorRT runtime where it can (a
+CUDA GPU the installed TensorRT supports) and otherwise raises ``RegionRuntimeError`` saying
+why; the fake implementation returns empty tensors shaped by the spec
+(``kiln.tensorrt.runtime.region``).
 
 No host staging and no pycuda: inputs and outputs are torch CUDA tensors whose addresses are
 handed to the execution context, and the engine runs on the current torch CUDA stream, so a
@@ -16,9 +22,9 @@ from typing import Any
 import torch
 
 from kiln.tensorrt import api
-from kiln.tensorrt.region import RegionRuntimeError, RegionSpec, parse_spec
+from kiln.tensorrt.runtime.region import RegionRuntimeError, RegionSpec, parse_spec
 
-__all__ = ["RegionRunner", "check_runnable", "run_region", "runner_for"]
+__all__ = ["RegionRunner", "check_runnable", "run_region", "runner_for", "tensorrt_region", "torch_dtypes"]
 
 
 def check_runnable(device: torch.device, spec: RegionSpec) -> None:
@@ -187,3 +193,14 @@ def run_region(inputs: Sequence[torch.Tensor], engine: torch.Tensor, spec_text: 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return runner_for(engine, spec_text, device)(inputs)
+
+
+@torch.library.custom_op("kiln::tensorrt_region", mutates_args=())
+def tensorrt_region(inputs: list[torch.Tensor], engine: torch.Tensor, spec: str) -> list[torch.Tensor]:
+    """Run the serialized TensorRT engine ``engine`` on ``inputs``; outputs as ``spec`` lists them."""
+    return run_region(inputs, engine, spec)
+
+
+@tensorrt_region.register_fake
+def _fake(inputs: list[torch.Tensor], engine: torch.Tensor, spec: str) -> list[torch.Tensor]:
+    return [engine.new_empty(s.shape, dtype=s.dtype) for s in parse_spec(spec).outputs]

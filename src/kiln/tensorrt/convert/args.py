@@ -1,4 +1,4 @@
-"""Helpers shared by the built-in ATen converters (``convert_*`` modules).
+"""Argument helpers shared by the built-in ATen converters (the op-family modules of this package).
 
 ``_arg`` reads an optional trailing ATen argument, ``_dims``/``_mask`` turn a ``dim`` argument
 into sorted axes and a TensorRT axes bitmask, ``_ntuple`` widens a size/stride argument, and
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln.tensorrt.context import ConversionContext
+    from kiln.tensorrt.convert.context import ConversionContext
 
 
 def _arg(ctx: ConversionContext, index: int, name: str, default: Any = None) -> Any:

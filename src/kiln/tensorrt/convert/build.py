@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from kiln.tensorrt import api
-from kiln.tensorrt.context import ConversionError
-from kiln.tensorrt.network import TRTNetwork
+from kiln.tensorrt.convert.errors import ConversionError
+from kiln.tensorrt.convert.network import TRTNetwork
 
 __all__ = ["EngineBuild", "ShapeRange", "build_engine"]
 

@@ -1,4 +1,5 @@
-"""The ``kiln::tensorrt_region`` op: one TensorRT engine as one step of a kiln plan.
+"""A TensorRT region's spec: what one ``kiln::tensorrt_region`` step binds (see
+``kiln.tensorrt.runtime.engine`` for the op and how it runs).
 
     kiln::tensorrt_region(Tensor[] inputs, Tensor engine, str spec) -> Tensor[]
 
@@ -11,10 +12,9 @@ the TensorRT that built the engine::
      "inputs": [{"name": "x", "shape": [1, 3, 224, 224], "dtype": "float32"}],
      "outputs": [{"name": "addmm", "shape": [1, 1000], "dtype": "float32"}]}
 
-The reference implementation runs the engine with the TensorRT runtime where it can (a CUDA
-GPU the installed TensorRT supports) and otherwise raises ``RegionRuntimeError`` saying why;
-the fake implementation returns empty tensors shaped by the spec. Importing this module
-never imports TensorRT.
+Partitioning writes specs (kiln.tensorrt.partitioning.splice); the runtime reads them from
+engine files, so ``parse_spec`` trusts nothing in one. Importing this module never imports
+TensorRT.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kiln.errors import KilnError
 from kiln.specs import TensorSpec
 
-__all__ = ["REGION_OP", "SPEC_VERSION", "RegionRuntimeError", "RegionSpec", "parse_spec", "tensorrt_region"]
+__all__ = ["REGION_OP", "SPEC_VERSION", "RegionRuntimeError", "RegionSpec", "parse_spec"]
 
 SPEC_VERSION = 1
 REGION_OP = "kiln.tensorrt_region.default"  # the op's name in a plan (kiln.kernels.op_name)
@@ -92,16 +90,3 @@ def _tensor(obj: Any) -> TensorSpec:
     if any(d < 0 for d in spec.shape):
         raise ValueError(f"tensor {spec.name} has a dynamic shape {spec.shape}; kiln engines are fixed-shape")
     return spec
-
-
-@torch.library.custom_op("kiln::tensorrt_region", mutates_args=())
-def tensorrt_region(inputs: list[torch.Tensor], engine: torch.Tensor, spec: str) -> list[torch.Tensor]:
-    """Run the serialized TensorRT engine ``engine`` on ``inputs``; outputs as ``spec`` lists them."""
-    from kiln.tensorrt.engine import run_region
-
-    return run_region(inputs, engine, spec)
-
-
-@tensorrt_region.register_fake
-def _fake(inputs: list[torch.Tensor], engine: torch.Tensor, spec: str) -> list[torch.Tensor]:
-    return [engine.new_empty(s.shape, dtype=s.dtype) for s in parse_spec(spec).outputs]
