@@ -1,9 +1,10 @@
-"""Build-phase passes: each a pure CapturedGraph → CapturedGraph function.
+"""Build-phase passes: each a pure CapturedGraph → CapturedGraph function (README.md: the invariants).
 
-Register one with `@register_pass("name")` in its own module; `run_passes` applies
-them in registration order (or the order a BuildConfig names) and records how many
-op nodes each one left, for `kiln inspect`. A pass registered with `default=False`
-runs only where a BuildConfig names it (measured not to pay everywhere).
+A pass is registered with `@register_pass("name")` (kiln.passes.registry) in its own module
+and runs where `PIPELINE` below puts it: `run_passes` applies every default pass in that
+order (or the passes a BuildConfig names, in its order) and records how many op nodes each
+one left, for `kiln inspect`. A pass registered with `default=False` runs only where a
+BuildConfig names it (measured not to pay everywhere).
 """
 
 from __future__ import annotations
@@ -11,34 +12,68 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import fx
 
 from kiln.graph import CapturedGraph
+from kiln.passes import (  # noqa: F401  (each registers its pass)
+    attention_mask,
+    batched_weight_matmul,
+    channels_last,
+    constant_fold,
+    dead_code,
+    fold_batchnorm,
+    fuse_conv,
+    fuse_layer_norm,
+    fuse_linear,
+    fuse_pointwise,
+    horizontal,
+)
+from kiln.passes.registry import PASSES, Pass, RegisteredPass, register_pass
 
-Pass = Callable[[CapturedGraph], CapturedGraph]
+__all__ = [
+    "PASSES",
+    "PIPELINE",
+    "Pass",
+    "RegisteredPass",
+    "copy_graph",
+    "count_ops",
+    "default_passes",
+    "register_pass",
+    "run_passes",
+]
+
+# Every registered pass, in the order a build runs them.
+PIPELINE: tuple[str, ...] = (
+    "dead_code",  # unused ops out, identities bypassed, duplicate pure ops merged
+    "batched_weight_matmul",  # bmm against a broadcast weight (+ bias) → one mm/addmm
+    "constant_fold",  # subgraphs of weights alone → new weights
+    "drop_trivial_attention_mask",  # constant attention masks that mask nothing → none
+    "fold_batchnorm",  # conv → batch norm into the conv; other batch norms → scale + shift
+    "fuse_conv",  # conv + bias [+ residual] [+ activation] → kiln::conv_bias_act
+    "fuse_linear",  # matmul + bias [+ activation] → kiln::linear_act
+    "horizontal_fuse",  # sibling linears reading one input → one linear
+    "horizontal_fuse_conv",  # sibling convolutions (opt-in: default=False)
+    "fuse_layer_norm",  # residual add + layer norm → kiln::add_layer_norm
+    "channels_last",  # convolutional graphs → channels-last activations
+    "fuse_pointwise",  # chains of elementwise ops → kiln::pointwise
+)
 
 
-@dataclass(frozen=True)
-class RegisteredPass:
-    name: str
-    fn: Pass
-    doc: str
-    default: bool = True
+def _in_pipeline_order() -> None:
+    """Check PIPELINE against the registry and order PASSES as the pipeline runs them."""
+    missing, unlisted = set(PIPELINE) - set(PASSES), set(PASSES) - set(PIPELINE)
+    if missing or unlisted:
+        raise RuntimeError(
+            f"kiln.passes.PIPELINE names passes nobody registered ({sorted(missing)}) or misses registered "
+            f"ones ({sorted(unlisted)}): list every @register_pass name in PIPELINE, where it should run"
+        )
+    ordered = {name: PASSES[name] for name in PIPELINE}
+    PASSES.clear()
+    PASSES.update(ordered)
 
 
-PASSES: dict[str, RegisteredPass] = {}
-
-
-def register_pass(name: str, default: bool = True) -> Callable[[Pass], Pass]:
-    def deco(fn: Pass) -> Pass:
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        PASSES[name] = RegisteredPass(name, fn, doc, default)
-        return fn
-
-    return deco
+_in_pipeline_order()
 
 
 def copy_graph(graph: CapturedGraph) -> CapturedGraph:
@@ -53,11 +88,11 @@ def count_ops(graph: CapturedGraph) -> int:
 
 
 def default_passes() -> list[str]:
-    return [name for name, p in PASSES.items() if p.default]
+    return [name for name in PIPELINE if PASSES[name].default]
 
 
 def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[CapturedGraph, list[dict]]:
-    """Apply the named passes (default: every default pass, in registration order); report op counts."""
+    """Apply the named passes (default: every default pass, in PIPELINE order); report op counts."""
     chosen = default_passes() if names is None else names
     unknown = [n for n in chosen if n not in PASSES]
     if unknown:
@@ -67,19 +102,3 @@ def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[Ca
         graph = PASSES[name].fn(copy_graph(graph))
         report.append({"pass": name, "ops": count_ops(graph)})
     return graph, report
-
-
-# Registration order is the default pass order.
-from kiln.passes import (  # noqa: E402,F401,I001
-    dead_code,
-    batched_weight_matmul,
-    constant_fold,
-    attention_mask,
-    fold_batchnorm,
-    fuse_conv,
-    fuse_linear,
-    horizontal,
-    fuse_layer_norm,
-    channels_last,
-    fuse_pointwise,
-)

@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from kiln.graph import CapturedGraph, aten, finish, op_nodes
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 SDPA = aten.scaled_dot_product_attention.default
 # Views that only repeat or rearrange values: "masks nothing" holds through them. (An

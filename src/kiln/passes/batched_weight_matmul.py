@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import fx
 
 from kiln.graph import CapturedGraph, aten, finish, infer_meta, op_nodes, single_user
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 PASS_THROUGH = (aten.view.default, aten._unsafe_view.default, aten.expand.default, aten.reshape.default)
 CONSTANT_VIEWS = (aten.permute.default, aten.t.default)

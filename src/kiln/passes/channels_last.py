@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kiln.graph import CapturedGraph, aten, finish, op_nodes
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 CONVS = (aten.convolution.default, torch.ops.kiln.conv_bias_act.default)
 # Views that need a particular layout become reshapes: still views wherever the layout allows.

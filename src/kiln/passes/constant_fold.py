@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from kiln.graph import CapturedGraph, add_weight, finish, is_weight, op_nodes, weight
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 MAX_GROWTH = 2  # never fold an op whose result is much larger than its inputs (e.g. an expand)
 MIN_ALLOWED = 1 << 16

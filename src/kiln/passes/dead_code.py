@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from kiln.graph import CapturedGraph, finish, op_nodes
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 
 def _key(node: fx.Node) -> Any:

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from kiln.graph import CapturedGraph, add_weight, aten, finish, getitem_user, is_weight, op_nodes, single_user, weight
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 

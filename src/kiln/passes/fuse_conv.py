@@ -18,7 +18,7 @@ from kiln.graph import (
     same_shape,
     single_user,
 )
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 
 def _residual(conv_out: fx.Node, add: fx.Node | None) -> fx.Node | None:

@@ -9,7 +9,7 @@ import torch
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops used below)
 from kiln.graph import CapturedGraph, aten, finish, getitem_user, infer_meta, op_nodes, same_shape
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 
 @register_pass("fuse_layer_norm")

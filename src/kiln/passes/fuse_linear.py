@@ -7,7 +7,7 @@ import torch
 
 from kiln import ops  # noqa: F401  (defines the kiln:: ops used below)
 from kiln.graph import CapturedGraph, aten, finish, following_activation, op_nodes, replace_with, single_user
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 

@@ -27,7 +27,7 @@ from torch._guards import detect_fake_mode
 
 from kiln.graph import CapturedGraph
 from kiln.ops.pointwise import DTYPES, MAX_INPUTS, MAX_INSTRUCTIONS, Const, Program, ProgramBuilder, Var
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 from kiln.specs import dtype_name
 
 aten = torch.ops.aten

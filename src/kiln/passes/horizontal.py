@@ -14,7 +14,7 @@ from torch import fx
 
 from kiln import ops  # noqa: F401  (defines kiln::linear_act)
 from kiln.graph import CapturedGraph, add_weight, aten, finish, infer_meta, is_weight, op_nodes, weight
-from kiln.passes import register_pass
+from kiln.passes.registry import register_pass
 
 LINEAR = torch.ops.kiln.linear_act.default
 CONV = torch.ops.kiln.conv_bias_act.default
