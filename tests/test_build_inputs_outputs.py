@@ -257,3 +257,32 @@ def test_an_exported_program_is_refused_with_advice():
     program = torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
     with pytest.raises(kiln.KilnError, match="ExportedProgram.*pass the nn.Module you exported"):
         kiln.build(program, (torch.randn(1, 2),))
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=16,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_with_its_default_cache_builds_without_it_and_says_so():
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    model, ids = _tiny_gpt2(), torch.randint(0, 100, (2, 8))
+    assert model.config.use_cache, "the default config returns a DynamicCache"
+    with pytest.warns(kiln.KilnWarning, match="returns a DynamicCache.*use_cache=False"):
+        engine = kiln.build(model, (ids,), device="cpu")
+    assert engine.build_info["constant_inputs"] == {"use_cache": False}
+    out = engine(ids)
+    assert type(out) is CausalLMOutputWithCrossAttentions and list(out.keys()) == ["logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_asked_for_explicitly_is_a_capture_error():
+    model, ids = _tiny_gpt2(), torch.randint(0, 100, (2, 8))
+    message = r"(?s)could not capture GPT2LMHeadModel: it returns a transformers.cache_utils.DynamicCache.*use_cache"
+    with pytest.raises(kiln.CaptureError, match=message):
+        kiln.build(model, (ids,), kwargs={"use_cache": True}, device="cpu")

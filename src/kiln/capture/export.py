@@ -26,7 +26,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from kiln.capture.data_dependent import make_static
-from kiln.capture.failures import explain
+from kiln.capture.failures import UNKNOWN_OUTPUT, explain
 from kiln.capture.rewrites import check_names, rewritten
 from kiln.errors import CaptureError, KilnError, KilnWarning
 from kiln.graph import CapturedGraph, source_line  # noqa: F401  (re-exported)
@@ -95,11 +95,13 @@ def capture(
     with eval_mode(model):
         traced, cast = _on_device(model, device, compute_dtype)
         cast = cast or any(x.is_floating_point() and x.dtype != compute_dtype for x in inputs.tensors)
-        args, kw = inputs.map(lambda x: _cast(x, device, compute_dtype))
         try:
-            with torch.no_grad(), rewritten(traced, rewrites) as applied:
-                program = torch.export.export(traced, args, kw)
-                program = program.run_decompositions(_decompositions())
+            try:
+                program, applied = _export(traced, inputs, device, compute_dtype, rewrites)
+            except Exception as exc:
+                if not _without_cache(model, inputs, exc):
+                    raise
+                program, applied = _export(traced, inputs, device, compute_dtype, rewrites)
         except Exception as exc:  # torch.export raises many kinds; explain() names the known ones
             raise explain(exc, model, "capture") from exc
         _check_no_mutation(program)
@@ -127,8 +129,48 @@ def capture(
     structure = encode_structure(program.call_spec.out_spec)
     return CapturedGraph(
         module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters,
-        dict(applied),
+        applied,
     )
+
+
+def _export(
+    model: torch.nn.Module, inputs: ExampleInputs, device: torch.device, compute_dtype: torch.dtype,
+    rewrites: list[str] | None,
+) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
+    args, kwargs = inputs.map(lambda x: _cast(x, device, compute_dtype))
+    with torch.no_grad(), rewritten(model, rewrites) as applied:
+        program = torch.export.export(model, args, kwargs)
+        program = program.run_decompositions(_decompositions())
+    return program, dict(applied)
+
+
+def _without_cache(model: torch.nn.Module, inputs: ExampleInputs, exc: Exception) -> bool:
+    """When the model returned a transformers Cache (past key/values for generation, which an
+    engine neither takes nor returns) and its forward has a `use_cache` switch the caller left
+    unset: switch it off in `inputs` (a constant input, in the build info), warn, and say so."""
+    found = UNKNOWN_OUTPUT.search(str(exc))
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    base = getattr(cache_utils, "Cache", None)
+    if found is None or not isinstance(base, type):
+        return False
+    module, _, name = found.group(1).rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    params = _forward_parameters(model) or []
+    names = [p.name for p in params]
+    if not (isinstance(cls, type) and issubclass(cls, base)) or "use_cache" not in names:
+        return False
+    if "use_cache" in inputs.kwargs or names.index("use_cache") < len(inputs.args):
+        return False
+    warnings.warn(
+        f"{type(model).__name__} returns a {name} (cached keys/values for generation), which an engine "
+        "cannot return; built with use_cache=False, so the engine's output has no past key/values. "
+        "Pass kwargs={'use_cache': False} to build it so without this warning.",
+        KilnWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    inputs.kwargs["use_cache"] = False
+    inputs.constants["use_cache"] = False
+    return True
 
 
 def check_model(model: Any) -> None:
@@ -145,7 +187,10 @@ def check_model(model: Any) -> None:
 
 
 def bind_example_inputs(model: Any, example_inputs: Any, kwargs: dict[str, Any] | None = None) -> ExampleInputs:
-    """Check the example inputs and bind them to `model`'s forward parameter names."""
+    """Check the example inputs and bind them to `model`'s forward parameter names (an
+    ExampleInputs passes through as it is)."""
+    if isinstance(example_inputs, ExampleInputs):
+        return example_inputs
     if isinstance(example_inputs, dict):
         if kwargs:
             raise CaptureError("give keyword inputs either as example_inputs (a dict) or as kwargs, not both")

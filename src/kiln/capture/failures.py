@@ -25,6 +25,7 @@ CONTROL_FLOW_ADVICE = (
     "a maximum); torch._check(...) can bound a size for torch.export, but the engine still needs "
     "one shape per input"
 )
+UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
 _CALL = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*(.*)')
 
 
@@ -83,6 +84,14 @@ def explain(exc: BaseException, model: Any, stage: str) -> KilnError:
             f"torch.export could not capture {name}: the op {op} has no shape function (fake/meta kernel), so it "
             f"cannot be traced{at}\nWhat to do: register one with torch.library.register_fake, or avoid the op.",
             op, where,
+        )
+    unknown = UNKNOWN_OUTPUT.search(str(exc))
+    if unknown:
+        return _capture_error(
+            f"torch.export could not capture {name}: it returns a {unknown.group(1)} object, which is not a "
+            f"tensor or a container kiln knows{at}\nWhat to do: return tensors (in tuples, lists, dicts, "
+            "namedtuples or transformers ModelOutputs); a Hugging Face model's cache goes with use_cache=False.",
+            None, where,
         )
     if isa("UserError", "Unsupported", "ConstraintViolationError", "TorchRuntimeError") or stage == "capture":
         kind = getattr(getattr(exc, "error_type", None), "name", None)
