@@ -128,10 +128,7 @@ def build(
         times[name] = round(time.perf_counter() - t0, 4)
 
     with stage("capture"):
-        graph = capture(
-            model, inputs.args, kwargs=inputs.kwargs, device=target, compute_dtype=PRECISIONS[used],
-            rewrites=config.rewrites,
-        )
+        graph = capture(model, inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites)
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
     tensorrt_report = None
