@@ -362,3 +362,29 @@ def test_a_context_made_under_inference_mode_serves_calls_outside_it(conv_engine
         inside = ctx(x)
     assert _same(ctx(x), inside)
     assert not ctx.arena.is_inference()
+
+
+def test_each_context_runs_a_tensorrt_region_on_an_execution_context_of_its_own(monkeypatch):
+    """A TensorRT execution context holds per-call state (addresses, scratch memory): each kiln
+    context's step function forks its own from the shared, deserialized engine, once."""
+    from kiln.kernels import get_kernel
+    from kiln.kernels import tensorrt as trt_kernel
+
+    class Shared:
+        def __init__(self):
+            self.forks = []
+
+        def for_context(self):
+            twin = lambda inputs, twin_id=len(self.forks): [inputs[0] + twin_id]  # noqa: E731
+            self.forks.append(twin)
+            return twin
+
+    shared = Shared()
+    monkeypatch.setattr(trt_kernel, "runner_for", lambda engine, spec, device: shared)
+    kernel = get_kernel("tensorrt")
+    first, second = (kernel.make("kiln.tensorrt_region.default", None) for _ in range(2))
+    args = ((torch.zeros(2),), torch.zeros(4, dtype=torch.uint8), "spec")
+    ran_first = [float(first(args, {}, [])[0][0]) for _ in range(3)]
+    ran_second = [float(second(args, {}, [])[0][0]) for _ in range(3)]
+    assert ran_first == [0.0] * 3 and ran_second == [1.0] * 3  # each on its own fork, always the same
+    assert len(shared.forks) == 2  # one per step function, made on first use

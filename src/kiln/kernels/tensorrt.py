@@ -11,11 +11,12 @@ the step raises ``RegionRuntimeError`` saying why and what to do.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
 from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
-from kiln.tensorrt.runtime.engine import run_region
+from kiln.tensorrt.runtime.engine import region_device, runner_for
 from kiln.tensorrt.runtime.region import REGION_OP
 
 
@@ -42,9 +43,17 @@ def _runtime_usable(call: OpCall) -> bool:
 )
 def make_tensorrt_region(name: str, out: OutVariant | None) -> StepFn:
     """A TensorRT engine run on the current CUDA stream, bound to torch tensors (no host staging)."""
+    # The runtime makes a step function per execution context: this one's TensorRT execution
+    # context (tensor addresses, scratch memory a captured graph keeps using) is its own, made
+    # on first use from the shared, deserialized engine.
+    own: list[Any] = [None, None]  # [the shared runner, this step function's runner]
 
     def run(args: tuple, kwargs: dict, outs: list) -> list[torch.Tensor]:
         inputs, engine, spec = args
-        return run_region(inputs, engine, spec)
+        shared = runner_for(engine, spec, region_device(inputs, engine))
+        if own[0] is not shared:
+            fork = getattr(shared, "for_context", None)  # (test stand-ins for runner_for are plain functions)
+            own[:] = [shared, fork() if fork is not None else shared]
+        return own[1](inputs)
 
     return run

@@ -15,6 +15,7 @@ tensor lives.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -104,6 +105,17 @@ class RegionRunner:
             )
         return context
 
+    def for_context(self) -> RegionRunner:
+        """A runner sharing this one's deserialized engine, with a TensorRT execution context of its
+        own. An execution context holds per-call state (tensor addresses, and scratch memory that a
+        captured CUDA graph keeps using), so each kiln execution context needs its own
+        (kiln.runtime.context); the engine and its weights stay shared."""
+        twin = copy.copy(self)
+        with torch.cuda.device(self.device):
+            twin.context = self._create_context(api.trt())
+        twin._capturable = {}
+        return twin
+
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         spec, context = self.spec, self.context
         if len(inputs) != len(spec.inputs):
@@ -187,12 +199,18 @@ def runner_for(engine: torch.Tensor, spec_text: str, device: torch.device) -> Re
     return runner
 
 
-def run_region(inputs: Sequence[torch.Tensor], engine: torch.Tensor, spec_text: str) -> list[torch.Tensor]:
-    """Run a region (what ``kiln::tensorrt_region`` and the ``tensorrt`` kernel do)."""
+def region_device(inputs: Sequence[torch.Tensor], engine: torch.Tensor) -> torch.device:
+    """The device a region runs on: its inputs' (the engine tensor's where it has none)."""
     device = inputs[0].device if inputs else engine.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return runner_for(engine, spec_text, device)(inputs)
+    return device
+
+
+def run_region(inputs: Sequence[torch.Tensor], engine: torch.Tensor, spec_text: str) -> list[torch.Tensor]:
+    """Run a region on its shared runner (what ``kiln::tensorrt_region`` does; an engine's
+    ``tensorrt`` steps run on runners of their own execution context, see kiln.kernels.tensorrt)."""
+    return runner_for(engine, spec_text, region_device(inputs, engine))(inputs)
 
 
 @torch.library.custom_op("kiln::tensorrt_region", mutates_args=())
