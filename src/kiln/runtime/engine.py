@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnWarning
+from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnError, KilnWarning
 from kiln.kernels import OutVariant, StepFn, get_kernel
-from kiln.runtime import engine_file
+from kiln.runtime import engine_file, validate
 from kiln.runtime.context import ContextPool, ExecutionContext, cudnn_benchmark
 from kiln.specs import TensorSpec, build_structure, decode_value
 
@@ -148,6 +148,11 @@ class Engine:
     (arena, CUDA graph, stream) from a pool that grows to the number of concurrent calls
     (at most `max_contexts`, when set; further calls wait); weights are shared.
     """
+
+    # Set by load(): the fingerprint of the key that signed the file (kiln.runtime.signing), and
+    # whether that signature was verified against the trusted keys given to load().
+    signer: str | None = None
+    signer_trusted: bool = False
 
     def __init__(
         self,
@@ -336,9 +341,16 @@ class Engine:
 
     # -- files and descriptions --------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the engine file (JSON header + safetensors weights, no pickle)."""
-        engine_file.write(path, self.header, self.weights)
+    def save(self, path: str | os.PathLike, sign_key: Any = None) -> None:
+        """Write the engine file (JSON header + safetensors weights, no pickle). With `sign_key`
+        (path to a PEM/OpenSSH Ed25519 private key, its bytes, or a key object) sign it, so that
+        kiln.load(path, trusted_keys=[public key]) accepts it (kiln.runtime.signing).
+
+        The plan is first checked as load() will check it: kiln never writes a file it would refuse."""
+        validate.validate_header(
+            self.header, {k: (v.dtype, tuple(v.shape)) for k, v in self.weights.items()}, where="this engine"
+        )
+        engine_file.write(path, self.header, self.weights, sign_key=sign_key)
 
     def summary(self) -> str:
         b, m = self.build_info, self.plan["memory"]
@@ -385,12 +397,33 @@ def _check_device(build: dict[str, Any], device: str | torch.device | None) -> t
     return target
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Engine:
-    """Load an engine file; `device` defaults to the kind it was built for."""
-    header, weights = engine_file.read(path)
-    if not isinstance(header, dict) or "plan" not in header or "build" not in header:
-        raise EngineFileError(f"{path} has no plan in its header; it was not written by kiln")
-    return Engine(header, weights, device)
+def load(path: str | os.PathLike, device: str | torch.device | None = None, trusted_keys: Any = None) -> Engine:
+    """Load an engine file; `device` defaults to the kind it was built for.
+
+    The file is verified (digest; with `trusted_keys`, an Ed25519 signature by one of them:
+    paths, PEM/OpenSSH bytes or public key objects) and its whole plan validated against
+    kiln's closed vocabulary (kiln.runtime.validate) before any kernel is made or any step
+    runs. Anything wrong with the file is an EngineFileError; `engine.signer` names the key
+    that signed it (None if unsigned), `engine.signer_trusted` whether it was verified."""
+    contents = engine_file.read_engine(path, trusted_keys)
+    try:
+        engine = Engine(contents.header, contents.weights, device)
+    except KilnError:
+        raise
+    except (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)) as exc:
+        raise EngineFileError(f"{path}: not enough memory to load this engine ({_first_line(exc)})") from None
+    except Exception as exc:  # last resort: the file passed validation, yet the runtime cannot use it
+        raise EngineFileError(
+            f"{path} passed kiln's checks but cannot be loaded ({type(exc).__name__}: {_first_line(exc)}). "
+            "It was written by an incompatible kiln or is damaged: rebuild it (and please report this)."
+        ) from None
+    engine.signer, engine.signer_trusted = contents.signer, contents.signer_trusted
+    return engine
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 class EngineModule(torch.nn.Module):
