@@ -22,8 +22,9 @@ from kiln.errors import CaptureError, KilnError
 CONTROL_FLOW_ADVICE = (
     "an engine is one static graph: replace Python `if`/loops on tensor values with torch.where "
     "(or torch.cond), keep .item() results as tensors, and give every tensor a fixed size (pad to "
-    "a maximum); torch._check(...) can bound a size for torch.export, but the engine still needs "
-    "one shape per input"
+    "a maximum); a size or flag that depends on weights only can be worked out once in __init__ "
+    "(a Python number); torch._check(...) can bound a size for torch.export, but the engine still "
+    "needs one shape per input"
 )
 UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
 _CALL = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n[ \t]*(.*)')
@@ -76,7 +77,7 @@ def explain(exc: BaseException, model: Any, stage: str) -> KilnError:
     if isa("GuardOnDataDependentSymNode"):
         return _capture_error(
             f"torch.export could not capture {name}: the model branches on, or sizes a tensor by, a value "
-            f"computed from its inputs ({summary}){at}\nWhat to do: {CONTROL_FLOW_ADVICE}.", None, where,
+            f"read from tensor data ({summary}){at}\nWhat to do: {CONTROL_FLOW_ADVICE}.", None, where,
         )
     if isa("UnsupportedOperatorException"):
         op = getattr(exc, "func", None)
