@@ -388,3 +388,27 @@ def test_each_context_runs_a_tensorrt_region_on_an_execution_context_of_its_own(
     ran_second = [float(second(args, {}, [])[0][0]) for _ in range(3)]
     assert ran_first == [0.0] * 3 and ran_second == [1.0] * 3  # each on its own fork, always the same
     assert len(shared.forks) == 2  # one per step function, made on first use
+
+
+def test_pinned_attention_backends_leave_the_global_flags_as_they_were():
+    """sdpa_kernel saves and restores process-wide flags: threads overlapping it must not leave
+    PyTorch with some attention backends switched off."""
+    from torch.nn.attention import _cur_sdpa_kernel_backends
+
+    from kiln.kernels import get_kernel
+
+    before = sorted(map(int, _cur_sdpa_kernel_backends()))
+    fns = [get_kernel(name).make("aten.scaled_dot_product_attention.default", None)
+           for name in ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn")]
+    q = torch.randn(1, 2, 4, 8)
+
+    def worker(i):
+        for _ in range(200):
+            try:
+                fns[i % len(fns)]((q, q, q), {}, [])
+            except RuntimeError:  # a backend this device lacks
+                pass
+
+    hammer_args = [[(i,)] for i in range(6)]
+    hammer(worker, hammer_args)
+    assert sorted(map(int, _cur_sdpa_kernel_backends())) == before

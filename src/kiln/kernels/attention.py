@@ -4,6 +4,8 @@ whether there is a mask, so the build times them (kiln.select.tune) instead of g
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -22,13 +24,19 @@ def _on_cuda(call: OpCall) -> bool:
     return call.device_type == "cuda" and q is not None and q.dtype in (torch.float16, torch.bfloat16)
 
 
+# sdpa_kernel sets PyTorch's process-wide backend flags and restores what it found on exit: two
+# threads overlapping would run on each other's backend and could leave the flags narrowed for
+# good. Pinned calls take turns (they run in Python only outside CUDA-graph replay).
+_PINNED = threading.Lock()
+
+
 def _register(name: str, backend: SDPBackend) -> None:
     # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
     @register_kernel(name, provider="torch", implements=SDPA, supports=_on_cuda,
                      writes_planned_outputs=False, priority=Priority.CANDIDATE)
     def make(op_name: str, out: OutVariant | None) -> StepFn:
         def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-            with sdpa_kernel([backend]):
+            with _PINNED, sdpa_kernel([backend]):
                 return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
 
         return run
