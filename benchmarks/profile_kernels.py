@@ -30,7 +30,7 @@ def kernels_by_step(engine, inputs, rows: int, find: str | None = None) -> str:
     """Each plan step's CUDA time and the kernels it launched, slowest steps first."""
     from torch.profiler import record_function
 
-    steps, specs = engine._steps, engine.plan["steps"]
+    steps, specs = engine.create_context().steps, engine.plan["steps"]  # one context's bound steps
     bound = [x.to(s.dtype).contiguous() for x, s in zip(inputs, engine.graph_inputs)]
 
     def run(watch: int | None = None) -> list[str]:

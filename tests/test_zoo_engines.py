@@ -59,7 +59,7 @@ def test_cuda_graph_replay_equals_step_by_step(name):
     engine = kiln.build(entry.model.cuda(), inputs, precision="fp16", device="cuda")
     assert engine.use_cuda_graph
     replayed = engine(*inputs)
-    assert engine._graph is not None, "the first call should have captured a CUDA graph"
+    assert engine.contexts[0].graph is not None, "the first call should have captured a CUDA graph"
     again = engine(*inputs)
     engine.use_cuda_graph = False
     stepped = engine(*inputs)
