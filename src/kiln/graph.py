@@ -199,7 +199,7 @@ def refresh_meta(graph: CapturedGraph) -> None:
 
 
 def activation(node: fx.Node) -> str | None:
-    """The kiln activation name of an ATen activation node (see kiln.ops.fused.ACTIVATIONS)."""
+    """The kiln activation name of an ATen activation node (see kiln.ops.vocabulary.ACTIVATIONS)."""
     target, args, kwargs = node.target, node.args, node.kwargs
     if target == aten.relu.default:
         return "relu"
