@@ -1,0 +1,259 @@
+"""Load test for `kiln serve`: N concurrent clients, requests/s, p50/p99 latency and errors,
+optionally with a replica killed mid-run. Every request is accounted for: answered and equal
+to the engine called in-process, answered wrong, or failed with the error its client saw
+(a client re-sends a request that got a 5xx or no answer up to --retries times, and each
+re-send is counted). Nothing may be lost silently: the script exits 1 if any request was
+answered wrong or never accounted for.
+
+    python benchmarks/serve_load.py --requests 1000 --clients 16 --replicas 2 --kill-at 0.3
+    python benchmarks/serve_load.py --engine resnet50.kiln --binary --clients 64 --requests 5000 \\
+        --engine-throughput          # GPU: compare with the engine's own batch throughput
+
+Without --engine it builds a small MLP for the CPU (batch --batch) into a temporary folder.
+The server is a local Ray instance on 127.0.0.1, started and stopped by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kiln
+import kiln.serve
+from kiln.errors import InputError
+from kiln.serve.batching import engine_batching, flat_outputs, run_batched
+from kiln.serve.client import Client, ServerError
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine", type=Path, help="engine file to serve [default: build a small MLP for the CPU]")
+    p.add_argument("--batch", type=int, default=8, help="batch of the MLP built without --engine")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (threads, one connection each)")
+    p.add_argument("--rows", type=int, default=1, help="rows (samples) per request on a batched model")
+    p.add_argument("--distinct", type=int, default=64, help="distinct request inputs, cycled")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="[default: the kind the engine was built for]")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--binary", action="store_true", help="binary tensor extension instead of JSON data")
+    p.add_argument("--kill-at", type=float, default=0.0,
+                   help="kill one replica (ray.kill) once this fraction of requests is answered; 0: never")
+    p.add_argument("--retries", type=int, default=1, help="re-sends of a request that got a 5xx or no answer")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a client waits for an answer")
+    p.add_argument("--engine-throughput", action="store_true",
+                   help="also time the engine in-process at its own batch (rows/s) before serving")
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    return p.parse_args()
+
+
+def build_mlp(folder: Path, batch: int) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    ).eval()
+    path = folder / "mlp.kiln"
+    kiln.build(model, (torch.randn(batch, 64),), device="cpu").save(path)
+    return path
+
+
+def random_input(spec: kiln.specs.TensorSpec, rows: int | None, gen: torch.Generator) -> torch.Tensor:
+    shape = tuple(spec.shape) if rows is None else (rows, *spec.shape[1:])
+    if spec.dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(spec.dtype)
+    if spec.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    return torch.zeros(shape, dtype=spec.dtype)  # integer inputs: index 0 is valid for any embedding
+
+
+@dataclass
+class Outcome:
+    status: str = "lost"  # ok, wrong, failed (lost: never finished)
+    attempts: int = 0
+    latency_ms: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def kill_one_replica(model: str) -> str:
+    """ray.kill one live replica of `model`; returns its actor name."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{model}#"
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    if not names:
+        raise RuntimeError(f"no replica of {model} to kill")
+    victim = names[0]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    return victim["name"]
+
+
+def main() -> int:
+    args = parse()
+    tmp = tempfile.TemporaryDirectory()
+    path = args.engine or build_mlp(Path(tmp.name), args.batch)
+    name = kiln.serve.model_name(path)
+
+    inputs, references, rows, engine_rows_per_s = in_process(args, path)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    t_start = time.perf_counter()
+    served = kiln.serve.run([path], port=args.port, replicas=args.replicas, max_batch=args.max_batch,
+                            batch_wait_ms=args.batch_wait_ms, device=args.device)
+    startup_s = time.perf_counter() - t_start
+    try:
+        results = load(args, served.url, name, inputs, references)
+    finally:
+        kiln.serve.shutdown(served)
+    results.update(engine=str(path), startup_s=round(startup_s, 1), engine_rows_per_s=engine_rows_per_s,
+                   rows_per_request=rows or "engine shape")
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 1 if results["wrong"] or results["lost"] else 0
+
+
+def in_process(args: argparse.Namespace, path: Path) -> tuple[list[dict], list[dict], int | None, float | None]:
+    """Request inputs, and their references: the engine in-process, on the padded batches the server runs
+    (and, with --engine-throughput, the engine's own rows/s at its batch)."""
+    engine = kiln.load(path, device=args.device)
+    batching = engine_batching(engine)
+    tensor_outputs = [i for i, s in enumerate(engine.outputs) if s is not None]
+    names_out = [engine.outputs[i].name for i in tensor_outputs]
+
+    def call(chunk: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = flat_outputs(engine(*[x.to(engine.device) for x in chunk]))
+        return [flat[i].cpu() for i in tensor_outputs]
+
+    gen = torch.Generator().manual_seed(1)
+    rows = args.rows if batching is not None else None
+    inputs = [{s.name: random_input(s, rows, gen) for s in engine.inputs} for _ in range(args.distinct)]
+    with torch.inference_mode():
+        references = [dict(zip(names_out, run_batched(call, [list(x.values())], batching)[0])) for x in inputs]
+    rows_per_s = None
+    if args.engine_throughput:
+        full = [random_input(s, None, gen).to(engine.device) for s in engine.inputs]
+        with torch.inference_mode():
+            for _ in range(3):
+                engine(*full)
+            iters, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 3.0:
+                flat_outputs(engine(*full))[tensor_outputs[0]].cpu()
+                iters += 1
+        rows_per_s = iters * engine.inputs[0].shape[0] / (time.perf_counter() - t0)
+    return inputs, references, rows, rows_per_s
+
+
+def load(args: argparse.Namespace, url: str, name: str, inputs: list[dict], references: list[dict]) -> dict:
+    outcomes = [Outcome() for _ in range(args.requests)]
+    next_index = iter(range(args.requests))
+    lock = threading.Lock()
+    finished = threading.Semaphore(0)
+    resent = [0]
+    killed: dict[str, object] = {}
+
+    def client_loop() -> None:
+        client = Client(url, timeout=args.timeout)
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            outcome = outcomes[i]
+            for _ in range(1 + args.retries):
+                outcome.attempts += 1
+                t0 = time.perf_counter()
+                try:
+                    got = client.infer(name, inputs[i % len(inputs)], binary=args.binary, request_id=str(i))
+                except InputError as exc:  # a 4xx for a good request: a bug, not retried
+                    outcome.errors.append(str(exc))
+                    outcome.status = "failed"
+                    break
+                except ServerError as exc:
+                    outcome.errors.append(str(exc))
+                    outcome.status = "failed"
+                    continue
+                outcome.latency_ms = (time.perf_counter() - t0) * 1e3
+                want = references[i % len(references)]
+                same = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+                outcome.status = "ok" if same else "wrong"
+                break
+            finished.release()
+        with lock:
+            resent[0] += client.resent
+        client.close()
+
+    def killer() -> None:
+        target = max(1, int(args.kill_at * args.requests))
+        for _ in range(target):
+            finished.acquire()
+        killed["at_request"] = sum(o.status != "lost" for o in outcomes)
+        killed["t"] = time.perf_counter()
+        killed["replica"] = kill_one_replica(name)
+
+    kill_thread = threading.Thread(target=killer, daemon=True) if args.kill_at > 0 else None
+    t0 = time.perf_counter()
+    if kill_thread:
+        kill_thread.start()
+    with ThreadPoolExecutor(args.clients) as pool:
+        for f in [pool.submit(client_loop) for _ in range(args.clients)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    if kill_thread:
+        kill_thread.join(timeout=30)
+
+    counts = collections.Counter(o.status for o in outcomes)
+    latencies = sorted(o.latency_ms for o in outcomes if o.status == "ok")
+    errors = collections.Counter(e[:160] for o in outcomes for e in o.errors)
+    after_ready = Client(url).ready()
+    return {
+        "model": name, "requests": args.requests, "clients": args.clients, "binary": args.binary,
+        "replicas": args.replicas, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+        "wall_s": round(wall, 2), "answered_per_s": round(counts["ok"] / wall, 1),
+        "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2) if latencies else None,
+        "ok": counts["ok"], "wrong": counts["wrong"], "failed": counts["failed"], "lost": counts["lost"],
+        "failed_attempts": sum(len(o.errors) for o in outcomes),
+        "retried_then_ok": sum(1 for o in outcomes if o.status == "ok" and o.attempts > 1),
+        "resent_on_closed_connection": resent[0],
+        "killed": {k: v for k, v in killed.items() if k != "t"} or None,
+        "killed_at_s": round(float(killed["t"]) - t0, 2) if "t" in killed else None,
+        "ready_after": after_ready,
+        "errors": dict(errors.most_common(10)),
+    }
+
+
+def report(r: dict) -> None:
+    print(f"kiln serve load test: {r['model']} ({r['engine']}), server up in {r['startup_s']} s")
+    print(f"  {r['requests']} requests from {r['clients']} clients ({'binary' if r['binary'] else 'JSON'}, "
+          f"{r['rows_per_request']} row(s) each), {r['replicas']} replica(s), max batch {r['max_batch']}, "
+          f"wait {r['batch_wait_ms']} ms")
+    print(f"  {r['answered_per_s']} answers/s over {r['wall_s']} s; latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    print(f"  ok {r['ok']}, wrong {r['wrong']}, failed {r['failed']}, lost {r['lost']}; "
+          f"failed attempts {r['failed_attempts']}, retried then ok {r['retried_then_ok']}, "
+          f"re-sent on a closed connection {r['resent_on_closed_connection']}")
+    if r["killed"]:
+        print(f"  killed {r['killed']['replica']} after {r['killed']['at_request']} answers "
+              f"({r['killed_at_s']} s into the run); server ready afterwards: {r['ready_after']}")
+    if r["engine_rows_per_s"]:
+        print(f"  engine in-process at its own batch: {r['engine_rows_per_s']:.0f} rows/s; served: "
+              f"{r['answered_per_s'] * (r['rows_per_request'] if isinstance(r['rows_per_request'], int) else 1):.0f} "
+              f"rows/s")
+    for message, n in r["errors"].items():
+        print(f"  error ×{n}: {message}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

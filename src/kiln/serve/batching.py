@@ -1,0 +1,146 @@
+"""From single requests to engine calls: the batch axis, padding and slicing. No Ray.
+
+A request holds `n >= 1` rows (samples) along axis 0 of every input. The rows of a
+dynamic batch of requests are laid end to end and cut into engine calls of at most
+`max_rows`; a call with fewer than `min_rows` rows is padded with zeros, and the
+padding is sliced off the outputs. A static engine (built for batch B) takes exactly B
+rows per call (min = max = B); an engine with a batch range (`engine.batch_range`,
+from the dynamic-shapes work) takes any count in its range, so it is padded only below
+its minimum.
+
+Axis 0 is taken to be an independent batch axis when every input and every tensor
+output of the engine leads with the same size; otherwise each request must have the
+engine's exact shapes, and requests run one engine call each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kiln.errors import InputError
+from kiln.serve.protocol import Signature, TensorMeta, datatype_name
+from kiln.specs import TensorSpec
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Rows per engine call: at least `min_rows` (padded up to it), at most `max_rows`."""
+
+    min_rows: int
+    max_rows: int
+
+    def calls(self, total: int) -> list[tuple[int, int, int]]:
+        """(start, rows, padded rows) of each engine call for `total` rows."""
+        plan = []
+        for start in range(0, total, self.max_rows):
+            rows = min(self.max_rows, total - start)
+            plan.append((start, rows, max(rows, self.min_rows)))
+        return plan
+
+
+def engine_batching(engine: Any) -> Batching | None:
+    """How an engine's calls batch requests, or None when it has no batch axis.
+
+    An engine that declares `batch_range = (min, max)` takes any batch in that range;
+    a static engine takes exactly the batch its inputs were built for.
+    """
+    declared = getattr(engine, "batch_range", None)
+    if declared is not None:
+        low, high = (int(v) for v in declared)
+        if not 1 <= low <= high:
+            raise ValueError(f"engine.batch_range must be (min, max) with 1 <= min <= max, got {declared!r}")
+        return Batching(low, high)
+    shapes = [tuple(s.shape) for s in engine.inputs] + [tuple(s.shape) for s in engine.outputs if s is not None]
+    if not engine.inputs or any(len(s) == 0 for s in shapes):
+        return None
+    batch = shapes[0][0]
+    if batch < 1 or any(s[0] != batch for s in shapes):
+        return None
+    return Batching(batch, batch)
+
+
+def signature(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec | None], batched: bool) -> Signature:
+    """The protocol's view of an engine: -1 on the batch axis when requests are batched."""
+
+    def meta(spec: TensorSpec) -> TensorMeta:
+        shape = tuple(spec.shape)
+        if batched:
+            shape = (-1, *shape[1:])
+        return TensorMeta(spec.name, datatype_name(spec.dtype), shape)
+
+    return Signature(tuple(meta(s) for s in inputs), tuple(meta(s) for s in outputs if s is not None))
+
+
+def request_rows(inputs: Sequence[torch.Tensor], names: Sequence[str]) -> int:
+    """The rows of one request: every input must have the same count along axis 0."""
+    rows = {name: int(x.shape[0]) for name, x in zip(names, inputs)}
+    if len(set(rows.values())) > 1:
+        listed = ", ".join(f"{n!r}: {r}" for n, r in rows.items())
+        raise InputError(f"the inputs have different batch sizes ({listed}); give every input the same rows")
+    return next(iter(rows.values()), 1)
+
+
+def run_batched(
+    call: Callable[[Tensors], Tensors],
+    requests: Sequence[Tensors],
+    batching: Batching | None,
+    on_call: Callable[[int, int], None] | None = None,
+) -> list[Tensors]:
+    """Run a dynamic batch of requests through `call` (one engine call: inputs → flat outputs).
+
+    Returns each request's outputs, its own rows only. `on_call(rows, padded_rows)` is told
+    about every engine call (for metrics).
+    """
+    if not requests:
+        return []
+    if batching is None:
+        results = []
+        for inputs in requests:
+            if on_call is not None:
+                on_call(1, 1)
+            results.append(list(call(list(inputs))))
+        return results
+    counts = [int(r[0].shape[0]) for r in requests]
+    n_inputs = len(requests[0])
+    columns = [_concat([r[i] for r in requests]) for i in range(n_inputs)]
+    pieces: list[Tensors] = []
+    for start, rows, padded in batching.calls(sum(counts)):
+        chunk = [_pad(col[start : start + rows], padded) for col in columns]
+        if on_call is not None:
+            on_call(rows, padded)
+        outputs = call(chunk)
+        pieces.append([out[:rows] for out in outputs])
+    outputs = [_concat([p[j] for p in pieces]) for j in range(len(pieces[0]))]
+    results = []
+    start = 0
+    for n in counts:
+        results.append([out[start : start + n] for out in outputs])
+        start += n
+    return results
+
+
+def _concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
+def _pad(rows: torch.Tensor, count: int) -> torch.Tensor:
+    if rows.shape[0] == count:
+        return rows
+    padded = rows.new_zeros((count, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    return padded
+
+
+def flat_outputs(result: Any) -> list[Any]:
+    """The leaves of an engine's output structure (tuples, lists, dicts), in engine.outputs' order."""
+    if isinstance(result, (tuple, list)):
+        return [leaf for item in result for leaf in flat_outputs(item)]
+    if isinstance(result, dict):
+        return [leaf for item in result.values() for leaf in flat_outputs(item)]
+    return [result]

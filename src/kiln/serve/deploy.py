@@ -1,0 +1,256 @@
+"""Building and running the Serve applications: `app()` for one engine, `run()` for a whole server.
+
+Layout on the Serve side: each engine is its own application (named after the model,
+routed at /v2/models/NAME, deployment "KilnModel"), so the HTTP proxy hands a request
+straight to a replica of its model; one small application ("kiln", routed at /v2)
+answers server metadata, liveness, readiness and unknown model names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import EngineFileError
+
+MODEL_DEPLOYMENT = "KilnModel"
+SERVER_APP = "kiln"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def model_name(engine_path: str | os.PathLike, name: str | None = None) -> str:
+    """The model's name on the wire: `name`, or the engine file's stem; URL-safe."""
+    chosen = name if name is not None else Path(engine_path).stem
+    if not _NAME.match(chosen):
+        raise ValueError(
+            f"model name {chosen!r} (from {engine_path}) must be letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit: rename the file or pass name="
+        )
+    if chosen == SERVER_APP:
+        raise ValueError(f"model name {chosen!r} is taken by the server's own routes: rename the file or pass name=")
+    return chosen
+
+
+def engine_device_type(engine_path: str | os.PathLike) -> str:
+    """The device kind ('cuda' or 'cpu') an engine file was built for, read from its header only."""
+    from safetensors import safe_open
+
+    path = Path(engine_path)
+    if not path.is_file():
+        raise EngineFileError(f"no engine file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["kiln.header"])
+        return str(header["build"]["device_type"])
+    except Exception as exc:  # any damage: say so in kiln's words; replicas re-read and verify the file
+        raise EngineFileError(f"{path} is not a readable kiln engine file ({type(exc).__name__}: {exc})") from None
+
+
+def deployment_options(
+    device: str, *, max_batch: int, replicas: int | None = None, autoscaling: Mapping[str, Any] | None = None,
+    gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, ray_actor_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Serve deployment options for a model: GPU replicas take `gpus_per_replica` of a GPU each;
+    CPU replicas take `cpus_per_replica` CPUs. `autoscaling` (Serve's autoscaling_config) replaces
+    a fixed replica count."""
+    if replicas is not None and autoscaling:
+        raise ValueError("give replicas or autoscaling, not both (autoscaling sets min/max_replicas)")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    actor: dict[str, Any] = {"num_cpus": cpus_per_replica}
+    if device.startswith("cuda"):
+        actor["num_gpus"] = gpus_per_replica
+    actor.update(ray_actor_options or {})
+    options: dict[str, Any] = {
+        "name": MODEL_DEPLOYMENT,
+        "ray_actor_options": actor,
+        # a full batch can form while the previous one runs
+        "max_ongoing_requests": max(2 * max_batch, 8),
+    }
+    if autoscaling:
+        options["autoscaling_config"] = dict(autoscaling)
+    else:
+        options["num_replicas"] = replicas if replicas is not None else _default_replicas(device, gpus_per_replica)
+    return options
+
+
+def _default_replicas(device: str, gpus_per_replica: float) -> int:
+    """One replica per GPU of the Ray cluster (when connected), else one."""
+    if not device.startswith("cuda"):
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return max(1, int(math.floor(gpus + 1e-9)))
+
+
+def app(
+    engine_path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    device: str | None = None,
+    max_batch: int = 32,
+    batch_wait_ms: float = 2.0,
+    replicas: int | None = None,
+    autoscaling: Mapping[str, Any] | None = None,
+    gpus_per_replica: float = 1.0,
+    cpus_per_replica: float = 1.0,
+    ray_actor_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """The Ray Serve application serving one engine file (a bound KilnModel deployment).
+
+    Run it alone (`serve.run(kiln.serve.app("m.kiln"), route_prefix="/v2/models/m")`) or pass
+    it to your own deployment's `.bind(...)` and call `await handle.infer.remote({"x": tensor})`.
+    `device` defaults to the kind the engine was built for; `replicas` to one per GPU of the
+    connected Ray cluster (CUDA engines) or one (CPU engines). The engine file must be readable
+    at the same path on every node that runs a replica.
+    """
+    from ray import serve
+
+    from kiln.serve.model import KilnModel
+
+    path = Path(engine_path).resolve()
+    chosen = model_name(path, name)
+    kind = device or engine_device_type(path)
+    options = deployment_options(
+        kind, max_batch=max_batch, replicas=replicas, autoscaling=autoscaling, gpus_per_replica=gpus_per_replica,
+        cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options,
+    )
+    return serve.deployment(KilnModel).options(**options).bind(str(path), chosen, device, max_batch, batch_wait_ms)
+
+
+def server_app(models: Mapping[str, str]) -> Any:
+    """The /v2 routes (server metadata, health, unknown models) for `models` (name → Serve application)."""
+    from ray import serve
+
+    import kiln
+    from kiln.serve.model import KilnServer
+
+    deployment = serve.deployment(KilnServer).options(name="KilnServer", ray_actor_options={"num_cpus": 0})
+    return deployment.bind(dict(models), kiln.__version__)
+
+
+@dataclass
+class Served:
+    """What `run` started: the base URL, the models (name → engine file) and who owns Ray."""
+
+    url: str
+    models: dict[str, str]
+    started_ray: bool
+    applications: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # each Ray node's Prometheus endpoint
+    ray_address: str | None = None  # the Ray cluster's GCS address (ray.init(address=...) joins it)
+
+
+def run(
+    engine_paths: Sequence[str | os.PathLike],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    device: str | None = None,
+    max_batch: int = 32,
+    batch_wait_ms: float = 2.0,
+    replicas: int | None = None,
+    autoscaling: Mapping[str, Any] | None = None,
+    cpus_per_replica: float = 1.0,
+    access_log: bool = False,
+) -> Served:
+    """Serve every engine over the Open Inference Protocol; returns once all are ready.
+
+    A local Ray instance (loopback only) is started unless Ray is already initialized in
+    this process or `address` names an existing cluster. GPU replicas share each GPU among
+    the engines (one replica of each engine per GPU by default).
+    """
+    names: dict[str, str] = {}
+    for p in engine_paths:
+        chosen = model_name(p)
+        if chosen in names:
+            raise ValueError(f"two engines are named {chosen!r} ({names[chosen]} and {p}): rename one file")
+        if not Path(p).is_file():
+            raise EngineFileError(f"no engine file at {p}")
+        names[chosen] = str(Path(p).resolve())
+    kinds = {n: device or engine_device_type(p) for n, p in names.items()}
+    started = connect(address)
+    import ray
+    from ray import serve
+
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        logging_config = {"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"}
+        gpu_share = 1.0 / max(1, sum(1 for k in kinds.values() if k.startswith("cuda")))
+        targets = [
+            (app(p, name=n, device=device, max_batch=max_batch, batch_wait_ms=batch_wait_ms, replicas=replicas,
+                 autoscaling=autoscaling, gpus_per_replica=gpu_share, cpus_per_replica=cpus_per_replica),
+             n, f"/v2/models/{n}")
+            for n, p in names.items()
+        ]
+        targets.append((server_app({n: n for n in names}), SERVER_APP, "/v2"))
+        if hasattr(serve, "run_many") and hasattr(serve, "RunTarget"):  # all at once (Ray >= 2.4x)
+            serve.run_many([serve.RunTarget(target=a, name=n, route_prefix=r, logging_config=logging_config)
+                            for a, n, r in targets])
+        else:
+            for a, n, r in targets:
+                serve.run(a, name=n, route_prefix=r, logging_config=logging_config)
+    except BaseException:
+        if started:
+            _stop(started_ray=True, applications=[])
+        raise
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    metrics = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+               for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    return Served(url=f"http://{shown}:{port}", models=names, started_ray=started,
+                  applications=[*names, SERVER_APP], metrics=metrics,
+                  ray_address=ray.get_runtime_context().gcs_address)
+
+
+def connect(address: str | None = None) -> bool:
+    """Connect to Ray: the cluster at `address` ("auto": the one `ray start` started here), or a new
+    local instance bound to loopback only. Returns whether this call started Ray (and should stop it)."""
+    if address is None or is_loopback(address):
+        # A local instance serves this machine only: its processes listen on 127.0.0.1, not on the
+        # machine's network address (Ray's own switch for single-machine use). Set before Ray reads it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        from ray._private import ray_constants  # read when Ray was imported, maybe before this call
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    # "local": always a new instance of our own, never one found through RAY_ADDRESS or `ray start`.
+    ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
+    return address is None
+
+
+def is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def shutdown(served: Served) -> None:
+    """Stop what `run` started: the whole local Ray instance, or only kiln's applications on a cluster."""
+    _stop(served.started_ray, served.applications)
+
+
+def _stop(started_ray: bool, applications: Sequence[str]) -> None:
+    import ray
+    from ray import serve
+
+    if started_ray:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        return
+    for name in applications:
+        serve.delete(name)
