@@ -1,0 +1,241 @@
+"""Every registered kernel against its op's reference: one table of cases, one case at least per kernel.
+
+A case is an op, inputs, and where the kernel can run them here: "cpu" (the kernel's step
+function on CPU tensors; CUDA kernels whose code is plain torch run there too), "interpreter"
+(Triton kernels in Triton's CPU interpreter, in a child process: tests/interpreter.py) or "gpu"
+(marked gpu: skipped without CUDA). The kernel's result must match the op's own reference
+implementation (ATen's, or the kiln:: op's torch.library reference) within the case's
+tolerance; where the case is one the kernel is selected for, `implements` and `supports` must
+say so. A new kernel without a case fails `test_every_kernel_has_a_case`.
+
+Tolerances: fp32 1e-4 (the same sums in another order: GEMMs of depth ≤ 64); fp16 2e-2 (the
+reference rounds intermediates to fp16, fused kernels round once); the approximate tanh-GELU
+epilogue 5e-3 in fp16 (its stated bound 4.7e-4 plus fp16 rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from interpreter import interpreted, run_interpreted_tests
+from kiln import ops  # noqa: F401  (defines the kiln:: ops)
+from kiln.kernels import KERNELS, OpCall, resolve_op
+from kiln.kernels.triton_lang import triton
+from kiln.specs import TensorSpec
+
+CONV = "kiln.conv_bias_act.default"
+LINEAR = "kiln.linear_act.default"
+LAYER_NORM = "kiln.add_layer_norm.default"
+POINTWISE = "kiln.pointwise.default"
+SDPA = "aten.scaled_dot_product_attention.default"
+CL = torch.channels_last
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    op: str
+    args: Callable[[str, torch.dtype], tuple[Any, ...]]  # (device, dtype) → the op's arguments
+    where: str = "cpu"  # "cpu", "interpreter" or "gpu"
+    dtype: torch.dtype = torch.float32
+    tol: float = 1e-4
+    selected_on: str | None = "cuda"  # the device whose calls the kernel supports (None: never a candidate)
+    outs: Callable[[tuple[Any, ...]], list[torch.Tensor]] | None = None  # planned outputs handed to the step
+    reference: Callable[..., Any] | None = None  # default: the op itself
+    label: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.kernel}-{self.label or self.where}"
+
+
+def _conv(kernel: int = 3, stride: int = 1, padding: int = 1, groups: int = 1, act: str = "silu",
+          residual: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
+          c_in: int = 8, c_out: int = 12, size: int = 8) -> Callable[[str, torch.dtype], tuple]:
+    def make(device: str, dtype: torch.dtype) -> tuple:
+        x = torch.randn(2, c_in, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        w = torch.randn(c_out, c_in // groups, kernel, kernel, device=device, dtype=dtype) / (c_in * kernel)
+        b = torch.randn(c_out, device=device, dtype=dtype)
+        out = (size + 2 * padding - kernel) // stride + 1
+        r = None
+        if residual:
+            r = torch.randn(2, c_out, out, out, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        return (x, w, b, [stride] * 2, [padding] * 2, [1, 1], groups, act, r)
+
+    return make
+
+
+def _linear(act: str = "relu", rows: int = 16) -> Callable[[str, torch.dtype], tuple]:
+    def make(device: str, dtype: torch.dtype) -> tuple:
+        x = torch.randn(rows, 32, device=device, dtype=dtype)
+        w = torch.randn(32, 24, device=device, dtype=dtype) / 6
+        return (x, w, torch.randn(24, device=device, dtype=dtype), act)
+
+    return make
+
+
+def _layer_norm(device: str, dtype: torch.dtype) -> tuple:
+    x, r = (torch.randn(3, 5, 64, device=device, dtype=dtype) for _ in range(2))
+    return (x, r, torch.randn(64, device=device, dtype=dtype), torch.randn(64, device=device, dtype=dtype), 1e-5)
+
+
+def _pointwise(device: str, dtype: torch.dtype) -> tuple:
+    program = '{"body":[["add",0,1],["silu",2],["mul",3,{"const":0.5}]],"inputs":2,"kiln_pointwise":1}'
+    x = torch.randn(2, 8, 5, 5, device=device, dtype=dtype).contiguous(memory_format=CL)
+    return ([x, torch.randn(1, 8, 1, 1, device=device, dtype=dtype)], program)
+
+
+def _spatial_mean(device: str, dtype: torch.dtype) -> tuple:
+    x = torch.randn(2, 24, 7, 9, device=device, dtype=dtype).contiguous(memory_format=CL)
+    return (x, [2, 3], True)
+
+
+def _attention(device: str, dtype: torch.dtype) -> tuple:
+    return tuple(torch.randn(2, 4, 64, 32, device=device, dtype=dtype) for _ in range(3))
+
+
+def _concat_inputs(device: str, dtype: torch.dtype) -> tuple:
+    return ([torch.randn(2, 3, device=device, dtype=dtype), torch.randn(2, 5, device=device, dtype=dtype)], 1)
+
+
+def _concat_placed(args: tuple) -> list[torch.Tensor]:
+    """The cat's buffer with every input already written into its slice, as the planner leaves it."""
+    return [torch.cat(*args[:1], dim=args[1])]
+
+
+def _triton(kernel: str, op: str, args: Callable[[str, torch.dtype], tuple]) -> list[Case]:
+    return [Case(kernel, op, args, where="interpreter"),
+            Case(kernel, op, args, where="gpu", dtype=torch.float16, tol=2e-2)]
+
+
+CASES: list[Case] = [
+    # ATen and the kiln:: references
+    Case("aten", "aten.add.Tensor", lambda d, t: (torch.randn(3, 4, device=d, dtype=t), torch.randn(4, device=d)),
+         selected_on="cpu"),
+    Case("aten", "aten.view.default", lambda d, t: (torch.randn(3, 4, device=d, dtype=t).t(), [12]),
+         selected_on="cpu", reference=lambda x, shape: x.reshape(shape), label="view-copies"),
+    Case("kiln.reference", CONV, _conv(residual=True), selected_on="cpu"),
+    Case("planner.concat_in_place", "aten.cat.default", _concat_inputs, selected_on=None, outs=_concat_placed),
+    # PyTorch's attention backends, one at a time
+    *(Case(name, SDPA, _attention, where="gpu", dtype=torch.float16, tol=2e-3)
+      for name in ("sdpa.flash", "sdpa.efficient", "sdpa.cudnn")),
+    # cuDNN
+    Case("cudnn.conv_then_act", CONV, _conv(residual=True)),
+    Case("cudnn.conv_bias_relu", CONV, _conv(act="gelu")),
+    Case("cudnn.conv_bias_relu", CONV, _conv(act="relu", residual=True), where="gpu", dtype=torch.float16, tol=2e-2),
+    # cuBLASLt
+    Case("cublaslt.conv1x1_gemm", CONV, _conv(kernel=1, padding=0, memory_format=CL, residual=True)),
+    Case("cublaslt.patch_conv_gemm", CONV, _conv(kernel=4, stride=4, padding=0, act="gelu", size=16)),
+    Case("cublaslt.patch_conv_gemm", CONV, _conv(kernel=4, stride=4, padding=0, size=16, memory_format=CL),
+         label="channels-last"),
+    Case("cublaslt.linear_epilogue", LINEAR, _linear("relu")),
+    Case("cublaslt.linear_gelu_tanh", LINEAR, _linear("gelu"), where="gpu", dtype=torch.float16, tol=5e-3),
+    # Triton: fp32 in the interpreter, fp16 compiled on the GPU
+    *_triton("triton.conv_epilogue", CONV, _conv(residual=True, memory_format=CL)),
+    *_triton("triton.conv_act", CONV, _conv(act="hardswish", memory_format=CL)),
+    *_triton("triton.conv1x1_act.wide", CONV, _conv(kernel=1, padding=0, memory_format=CL, residual=True)),
+    *_triton("triton.conv1x1_act.narrow", CONV, _conv(kernel=1, padding=0, memory_format=CL, act="gelu_tanh")),
+    *_triton("triton.linear_act.wide", LINEAR, _linear("gelu", rows=40)),
+    *_triton("triton.linear_act.narrow", LINEAR, _linear("silu", rows=40)),
+    *_triton("triton.add_layer_norm", LAYER_NORM, _layer_norm),
+    *_triton("triton.spatial_mean", "aten.mean.dim", _spatial_mean),
+    *_triton("triton.pointwise", POINTWISE, _pointwise),
+    # TensorRT: a region built here, run by the TensorRT runtime
+    Case("tensorrt", "kiln.tensorrt_region.default", lambda d, t: _tensorrt_region(d, t), where="gpu",
+         reference=lambda inputs, engine, spec: [torch.relu(inputs[0]) * 2]),
+]
+
+
+def _tensorrt_region(device: str, dtype: torch.dtype) -> tuple:
+    """relu(x) * 2 as a one-region TensorRT engine (skips where TensorRT cannot run it)."""
+    import kiln.tensorrt as kt
+    from kiln.capture.export import capture
+    from kiln.tensorrt.partitioning.splice import region_spec
+
+    usable, reason = kt.runtime_usable(torch.device(device)) if kt.available() else (False, "no TensorRT")
+    if not usable:
+        pytest.skip(reason)
+
+    class Double(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x) * 2
+
+    x = torch.randn(4, 8, device=device, dtype=dtype)
+    gm = capture(Double().eval(), (x.cpu(),), device=torch.device("cpu")).module
+    net = kt.build_network(gm)
+    engine = torch.frombuffer(bytearray(kt.build_engine(net).serialized), dtype=torch.uint8).to(device)
+    return ([x], engine, region_spec(net).to_json())
+
+
+def _spec(name: str, value: Any) -> TensorSpec | None:
+    return TensorSpec(name, tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+
+
+def _flat(result: Any) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def _run(case: Case, device: str) -> None:
+    torch.manual_seed(0)
+    kernel = KERNELS[case.kernel]
+    args = case.args(device, case.dtype)
+    reference = case.reference or resolve_op(case.op)
+    want = _flat(reference(*args))
+    if case.selected_on is not None:
+        call = OpCall(case.op, tuple(_spec(f"arg{i}", a) for i, a in enumerate(args)),
+                      tuple(_spec("out", w) for w in want), case.selected_on,
+                      tuple(None if isinstance(a, torch.Tensor) else a for a in args))
+        assert kernel.implements(case.op), f"{case.kernel} does not implement {case.op}"
+        if case.where != "interpreter":  # Triton kernels are candidates on CUDA only
+            assert kernel.supports(call), f"{case.kernel} does not support its own case {case.id}"
+    outs = case.outs(args) if case.outs is not None else []
+    got = _flat(kernel.make(case.op, None)(args, {}, outs))
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        torch.testing.assert_close(g, w, atol=case.tol, rtol=case.tol)
+
+
+def _by(where: str) -> list[Any]:
+    return [pytest.param(c, id=c.id) for c in CASES if c.where == where]
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_kernel_has_a_case(name):
+    assert any(c.kernel == name for c in CASES), f"kernel {name} has no case in tests/test_kernel_catalog.py"
+
+
+def test_every_case_names_a_kernel():
+    assert {c.kernel for c in CASES} <= set(KERNELS)
+
+
+@pytest.mark.parametrize("case", _by("cpu"))
+def test_kernel_matches_its_op_on_cpu(case):
+    _run(case, "cpu")
+
+
+def test_triton_cases_in_the_interpreter():
+    run_interpreted_tests(__file__, triton)
+
+
+@interpreted
+@pytest.mark.parametrize("case", _by("interpreter"))
+def test_interpreted_kernel_matches_its_op(case):
+    _run(case, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _by("gpu"))
+def test_gpu_kernel_matches_its_op(case):
+    try:
+        _run(case, "cuda")
+    except RuntimeError as exc:
+        if case.kernel.startswith("sdpa.") and "No available kernel" in str(exc):
+            pytest.skip(f"{case.kernel} is unavailable on this GPU: {exc}")  # the tuner drops it the same way
+        raise
+
