@@ -186,3 +186,35 @@ def test_symbol_names_refuses_a_fixed_axis():
     spec = normalize(({0: BATCH},), (IDS,))
     with pytest.raises(ShapeExprError, match="not as a free size"):
         spec.symbol_names([torch.empty(8, 32)])
+
+
+def test_size_arg_builds_sizes_from_the_inputs():
+    """A pass that needs a symbolic size in a new node's arguments gets graph nodes for it,
+    and the graph then runs at any size."""
+    from kiln.dims import size_arg
+
+    class Relu(torch.nn.Module):
+        def forward(self, x):
+            return x.relu()
+
+    x = torch.randn(4, 6, 8)
+    spec = normalize(({0: Dim("batch", max=16), 1: Dim("seq", min=2, max=32)},), (x,))
+    program = export(Relu(), spec, (x,))
+    gm = program.graph_module  # flat inputs and outputs
+    g = gm.graph
+    relu = next(n for n in g.nodes if n.target == torch.ops.aten.relu.default)
+    out = next(n for n in g.nodes if n.op == "output")
+    b, s, _ = relu.meta["val"].shape
+    rows = size_arg(g, b * s * 8 // 2, out)
+    assert size_arg(g, 7, out) == 7
+    with g.inserting_before(out):
+        view = g.call_function(torch.ops.aten.view.default, (relu, [rows, 2]))
+        wide = g.call_function(torch.ops.aten.view.default, (relu, [size_arg(g, b, out), -1]))
+    out.args = ((view, wide),)
+    gm.recompile()
+    assert sum(n.target == torch.ops.aten.sym_size.int for n in g.nodes) == 2  # one per axis, reused
+    for n, m in ((1, 2), (3, 17), (16, 32)):
+        y = torch.randn(n, m, 8)
+        flat, per_row = gm(y)
+        torch.testing.assert_close(flat, y.relu().reshape(-1, 2))
+        torch.testing.assert_close(per_row, y.relu().reshape(n, -1))

@@ -16,11 +16,13 @@ assumes the size is not 1 wherever the model branches on it.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import fx
 
 from kiln.shapes import Dim, Expr, InputShape, ShapeExprError, from_sympy
 
@@ -274,3 +276,61 @@ def constraint_lines(exc: BaseException) -> list[str]:
         else:
             suggesting = False
     return lines
+
+
+# -- sizes as graph values (for passes that build new shape arguments) --------------------------------
+
+
+def size_arg(graph: fx.Graph, value: Any, before: fx.Node) -> int | fx.Node:
+    """A size for a new node's arguments: an int as it is; a SymInt as nodes that compute it
+    from the inputs' sizes (aten.sym_size.int of a placeholder, then +, *, //, %, max, min),
+    inserted before `before`. A SymInt itself must never go into a node's arguments: the
+    graph's code would name the shape environment's symbol (NameError when it runs) and the
+    plan could not encode it."""
+    if not isinstance(value, torch.SymInt):
+        return int(value)
+    sources = _sources(graph)
+    expr = from_sympy(value.node.expr, {name: name for name in sources})
+    return _emit(graph, expr, sources, before)
+
+
+def _sources(graph: fx.Graph) -> dict[str, tuple[fx.Node, int, torch.SymInt]]:
+    """Each free size symbol → a placeholder axis that has it (the first found)."""
+    found: dict[str, tuple[fx.Node, int, torch.SymInt]] = {}
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(val, torch.Tensor):
+            continue
+        for axis, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                found.setdefault(size.node.expr.name, (node, axis, size))
+    return found
+
+
+_BINARY = {"add": operator.add, "mul": operator.mul, "floordiv": operator.floordiv, "mod": operator.mod,
+           "max": torch.sym_max, "min": torch.sym_min}
+
+
+def _emit(graph: fx.Graph, expr: Expr, sources: dict[str, tuple[fx.Node, int, torch.SymInt]],
+          before: fx.Node) -> int | fx.Node:
+    if isinstance(expr, int):
+        return expr
+    if isinstance(expr, str):
+        placeholder, axis, size = sources[expr]
+        for user in placeholder.users:
+            if user.target == torch.ops.aten.sym_size.int and tuple(user.args) == (placeholder, axis):
+                return user
+        with graph.inserting_after(placeholder):
+            node = graph.call_function(torch.ops.aten.sym_size.int, (placeholder, axis))
+        node.meta["val"] = size
+        return node
+    (op, args), = expr.items()
+    parts = [_emit(graph, a, sources, before) for a in args]
+    values = [p.meta["val"] if isinstance(p, fx.Node) else p for p in parts]
+    result, value = parts[0], values[0]
+    for part, v in zip(parts[1:], values[1:]):
+        with graph.inserting_before(before):
+            result = graph.call_function(_BINARY[op], (result, part))
+        value = _BINARY[op](value, v)
+        result.meta["val"] = value
+    return result
