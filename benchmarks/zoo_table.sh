@@ -26,5 +26,5 @@ PYTHON="${PYTHON:-python3}"
   || [[ -n "${ALLOW_CPU:-}" ]]
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
-"$PYTHON" -m kiln.cli.bench bench "${args[@]}" "$@"
+"$PYTHON" -m kiln.cli bench "${args[@]}" "$@"
 echo "wrote $out_dir/zoo_table.md, .json and .png"

@@ -1,4 +1,5 @@
-"""kiln bench on the CPU: statistics on a fake timer, reports, skipped and failing peers."""
+"""kiln bench on the CPU: statistics on a fake timer, peers interleaved in rounds, noisy rows
+flagged, the machine's load recorded, reports, skipped and failing peers."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 import kiln
+from kiln.bench import report as writers
 from kiln.bench import runner as bench
 from kiln.bench.peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared
-from kiln.cli.bench import app
+from kiln.bench.results import Stats, noise_reason, round_spread
+from kiln.cli import app
 from kiln.timing import Latency
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +41,7 @@ def tiny(tmp_path: Path) -> str:
 
 
 def cpu_settings(**changes) -> bench.BenchSettings:
-    base = dict(device="cpu", precisions=("fp32",), iters=5, warmup=2, input_shape=(3, 16, 16))
+    base = dict(device="cpu", precisions=("fp32",), iters=5, warmup=2, rounds=1, input_shape=(3, 16, 16))
     return bench.BenchSettings(**{**base, **changes})
 
 
@@ -65,9 +68,15 @@ def fake_clock(step: float = 0.25):
     return clock
 
 
-def constant_peer(name: str, value: list[list[float]]) -> Peer:
+def constant_peer(name: str, value: list[list[float]], calls: list[str] | None = None) -> Peer:
     out = torch.tensor(value)
-    return Peer(name, lambda ctx: Prepared(run=lambda: out, note=f"{name} note"))
+
+    def run() -> torch.Tensor:
+        if calls is not None:
+            calls.append(name)
+        return out
+
+    return Peer(name, lambda ctx: Prepared(run=run, note=f"{name} note"))
 
 
 def registry_of(*peers: Peer) -> dict[str, Peer]:
@@ -88,7 +97,10 @@ def test_statistics_on_a_fake_timer(tiny):
 
     eager, fast = report.results
     assert (eager.peer, eager.precision, eager.batch, eager.status) == ("eager", "fp32", 2, "ok")
-    assert eager.latency == bench.Stats(median_ms=3.0, p90_ms=4.6, p99_ms=4.96, iters=5)
+    assert (eager.latency.median_ms, eager.latency.p90_ms, eager.latency.p99_ms, eager.latency.iters) == (
+        3.0, pytest.approx(4.6), pytest.approx(4.96), 5)
+    assert eager.latency.p10_ms == pytest.approx(1.4)
+    assert eager.latency.round_medians_ms == [3.0] and eager.latency.spread is None  # one round
     assert fast.latency.median_ms == 1.0
     assert fast.latency.p90_ms == pytest.approx(1.6)
     assert fast.latency.p99_ms == pytest.approx(1.96)
@@ -128,7 +140,7 @@ def test_compare_outputs_reports_difference_cosine_and_top1():
 
 def test_speedups_use_eager_fp32_of_the_same_batch():
     def row(peer, precision, batch, median):
-        return bench.PeerResult(peer, precision, batch, latency=bench.Stats(median, median, median, 1))
+        return bench.PeerResult(peer, precision, batch, latency=Stats(median, median, median, 1))
 
     results = [
         row("eager", "fp32", 1, 10.0),
@@ -188,7 +200,7 @@ def test_failing_and_skipped_peers_are_reported_with_their_reason(tiny):
     for name in ("eager-cudagraph", "compile-reduce-overhead"):
         assert by_peer[name].status == "skipped" and "cpu" in by_peer[name].reason
     assert by_peer["kiln"].status == "ok" and by_peer["kiln"].accuracy.max_abs < 1e-4
-    markdown = bench.report_markdown(report)
+    markdown = writers.report_markdown(report)
     assert "failed: RuntimeError: boom: the runtime exploded" in markdown
     assert "skipped: absent-runtime is not installed" in markdown
 
@@ -198,11 +210,11 @@ def test_zoo_table_goes_on_when_a_model_fails(tiny):
     zoo_report = bench.bench_zoo(["nosuchmodel", "squeezenet1_1"], settings, timer=FakeTimer([8.0], [4.0]))
     assert [e.model for e in zoo_report.entries] == ["nosuchmodel", "squeezenet1_1"]
     assert "unknown zoo model" in zoo_report.entries[0].error
-    header, rows = bench.zoo_rows(zoo_report)
+    header, rows = writers.zoo_rows(zoo_report)
     assert header[:5] == ["model", "batch", "eager fp32 ms", "kiln fp32 ms", "speed-up fp32"]
     assert rows[1][:5] == ["squeezenet1_1", "1", "8.000", "4.000", "2.00×"]
     assert rows[1][5] == "100%"  # kiln's top-1 agrees with eager on the classifier
-    markdown = bench.zoo_markdown(zoo_report)
+    markdown = writers.zoo_markdown(zoo_report)
     assert "| nosuchmodel |" in markdown and "failed: ZooError" in markdown
 
 
@@ -263,19 +275,26 @@ def test_bench_command_writes_json_markdown_and_png(tiny, tmp_path):
         "--plot",
         str(out["png"]),
     ]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
 
     data = json.loads(out["json"].read_text())
-    assert data["schema"] == bench.SCHEMA
+    assert data["schema"] == writers.SCHEMA == "kiln.bench/2"
     assert {"model", "task", "pretrained", "environment", "settings", "results", "notes"} <= set(data)
-    assert {"device_name", "torch_version", "kiln_version", "date"} <= set(data["environment"])
+    env = data["environment"]
+    assert {"device_name", "torch_version", "kiln_version", "date", "cpu_count", "load_before", "load_after"} <= set(
+        env)
+    assert env["cpu_count"] >= 1 and len(env["load_before"]) == 3
+    assert data["settings"]["rounds"] == 5
     rows = {r["peer"]: r for r in data["results"]}
     assert list(rows) == ["eager", "onnxruntime", "tensorrt", "kiln"]
     for name in ("eager", "onnxruntime", "kiln"):
         r = rows[name]
         assert r["status"] == "ok" and r["precision"] == "fp32"  # fp16 falls back on the CPU
-        assert {"median_ms", "p90_ms", "p99_ms", "iters"} == set(r["latency"])
+        assert {"median_ms", "p90_ms", "p99_ms", "p10_ms", "iters", "round_medians_ms", "spread", "noise"} == set(
+            r["latency"])
+        assert r["latency"]["iters"] == 3 and len(r["latency"]["round_medians_ms"]) == 3  # 3 calls: 3 rounds
         assert r["throughput"] > 0 and r["speedup"] > 0 and r["build_seconds"] >= 0
         assert r["accuracy"]["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert rows["tensorrt"]["status"] == "skipped" and "TensorRT" in rows["tensorrt"]["reason"]
@@ -283,7 +302,7 @@ def test_bench_command_writes_json_markdown_and_png(tiny, tmp_path):
 
     markdown = out["md"].read_text()
     assert markdown.splitlines()[0].startswith("# kiln bench:")
-    assert "| peer | precision | batch | median ms |" in markdown
+    assert "| peer | precision | batch | median ms | p90 ms | p99 ms | spread |" in markdown
     assert markdown.count("\n| ") == 2 + 4  # header, rule, four peers
     assert out["png"].read_bytes()[:8] == PNG_MAGIC
     assert "tensorrt" in result.output and "kiln" in result.output
@@ -291,15 +310,136 @@ def test_bench_command_writes_json_markdown_and_png(tiny, tmp_path):
 
 def test_bench_command_names_an_unknown_peer(tiny):
     result = CliRunner().invoke(app, ["bench", tiny, "--against", "onxruntime"])
-    assert result.exit_code != 0
-    assert "onnxruntime" in result.output  # the suggestion
+    assert result.exit_code == 2
+    assert "did you mean onnxruntime" in result.output and "Traceback" not in result.output
 
 
 def test_zoo_plot_and_json(tiny, tmp_path):
     settings = cpu_settings()
     zoo_report = bench.bench_zoo([tiny, "nosuchmodel"], settings, timer=FakeTimer([2.0], [1.0]))
-    bench.plot_zoo(zoo_report, tmp_path / "zoo.png")
+    writers.plot_zoo(zoo_report, tmp_path / "zoo.png")
     assert (tmp_path / "zoo.png").read_bytes()[:8] == PNG_MAGIC
-    data = bench.zoo_to_dict(zoo_report)
+    data = writers.zoo_to_dict(zoo_report)
     json.dumps(data, allow_nan=False)
     assert data["kind"] == "zoo" and data["entries"][1]["report"] is None
+
+
+# --- rounds, noise, load -----------------------------------------------------------------------
+
+
+class RoundTimer:
+    """Per call: runs fn once (so the peer logs itself), then hands out that peer's next samples."""
+
+    def __init__(self, calls: list[str], samples: dict[str, list[list[float]]]):
+        self.calls, self.samples, self.order, self.args = calls, samples, [], []
+
+    def __call__(self, fn, device, *, warmup: int, iters: int) -> Latency:
+        fn()
+        name = self.calls[-1]
+        self.order.append(name)
+        self.args.append((name, warmup, iters))
+        return Latency(self.samples[name].pop(0)[:iters])
+
+
+def test_peers_take_turns_in_rotating_rounds(tiny):
+    calls: list[str] = []
+    registry = registry_of(
+        constant_peer("eager", [[1.0, 2.0]], calls), constant_peer("a", [[1.0, 2.0]], calls),
+        constant_peer("b", [[1.0, 2.0]], calls),
+    )
+    samples = {name: [[2.0, 2.0]] * 3 for name in ("eager", "a", "b")}
+    timer = RoundTimer(calls, samples)
+    settings = cpu_settings(peers=("a", "b"), iters=6, rounds=3)
+    report = bench.bench_model(tiny, settings, timer=timer, clock=fake_clock(), registry=registry)
+    # round 1 starts at eager, round 2 at a, round 3 at b: no peer always follows the same one
+    assert timer.order == ["eager", "a", "b", "a", "b", "eager", "b", "eager", "a"]
+    # 6 calls in 3 rounds of 2; the first round gets --warmup, later ones one re-warming call
+    assert [(w, n) for name, w, n in timer.args if name == "a"] == [(2, 2), (1, 2), (1, 2)]
+    for r in report.results:
+        assert r.latency.iters == 6 and r.latency.round_medians_ms == [2.0, 2.0, 2.0]
+        assert r.latency.spread == 0.0 and not r.noisy
+
+
+def test_round_plan_splits_calls_evenly():
+    assert bench.round_plan(10, 3) == [4, 3, 3]
+    assert bench.round_plan(2, 5) == [1, 1]  # never an empty round
+    assert bench.round_plan(5, 1) == [5]
+
+
+def test_noise_is_named():
+    assert noise_reason(10.0, 11.0, 0.05, 1.5, 0.10) == ""
+    assert noise_reason(10.0, 20.0, None, 1.5, 0.10) == "p90 is 2.0× the median"
+    assert noise_reason(10.0, 11.0, 0.5, 1.5, 0.10) == "round medians differ by 50%"
+    assert round_spread([9.0, 11.0], 10.0) == pytest.approx(0.2)
+    assert round_spread([9.0], 10.0) is None
+
+
+def test_a_busy_spell_flags_the_row_everywhere(tiny, tmp_path, monkeypatch):
+    """One round of eager ran while the machine was busy (the 1426 ms vs 25.6 ms of issue 11)."""
+    calls: list[str] = []
+    registry = registry_of(constant_peer("eager", [[1.0, 2.0]], calls), constant_peer("kiln", [[1.0, 2.0]], calls))
+    samples = {
+        "eager": [[25.0, 25.5], [1426.0, 1400.0], [25.6, 25.2]],
+        "kiln": [[10.0, 10.1], [10.2, 10.0], [10.1, 10.0]],
+    }
+    monkeypatch.setattr(bench, "load_average", lambda: [64.0, 32.0, 16.0])
+    settings = cpu_settings(peers=("none",), iters=6, rounds=3)
+    report = bench.bench_model(tiny, settings, timer=RoundTimer(calls, samples), clock=fake_clock(), registry=registry)
+    eager, kiln_row = report.results
+    assert eager.noisy and "round medians differ" in eager.latency.noise
+    assert not kiln_row.noisy
+    assert kiln_row.speedup_noisy, "a speed-up against a noisy baseline is flagged too"
+    assert any("busy" in n and "load 64.00" in n for n in report.notes)
+    assert any("noisy timings (eager fp32 batch 1)" in n for n in report.notes)
+
+    cells = writers.result_cells(kiln_row)
+    assert cells[writers.COLUMNS.index("speed-up")].endswith("×?")
+    assert writers.result_cells(eager)[-1].startswith("noisy: ")
+    markdown = writers.report_markdown(report)
+    assert "noisy: p90 is 55.3× the median; round medians differ" in markdown
+    assert "| 2.54×? |" in markdown and "load 64.00 on" in markdown
+    data = writers.report_to_dict(report)
+    assert data["results"][0]["latency"]["noise"] and data["environment"]["load_before"] == [64.0, 32.0, 16.0]
+
+    from rich.console import Console
+
+    from kiln.cli.bench import footer, result_table
+
+    console = Console(width=80, record=True)
+    console.print(result_table(report))
+    text = console.export_text()
+    assert "eager fp32 noisy" in text and max(len(line) for line in text.splitlines()) <= 80
+    assert any("noisy" in line for line in footer(report))
+
+    writers.plot_report(report, tmp_path / "noisy.png")
+    assert (tmp_path / "noisy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_draws_whiskers_and_hatches_noisy_bars(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    quiet = Stats(2.0, 2.2, 2.3, 10, p10_ms=1.9, round_medians_ms=[2.0, 2.0], spread=0.0)
+    noisy = Stats(5.0, 20.0, 30.0, 10, p10_ms=4.0, round_medians_ms=[5.0, 15.0], spread=2.0, noise="x")
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert writers._bars(ax, ["quiet", "noisy"], {"batch 1": [quiet, noisy]}, horizontal=False) is True
+    bars = ax.patches
+    assert [b.get_hatch() for b in bars] == [None, "///"]
+    whiskers = [c for c in ax.containers if hasattr(c, "lines") and c.lines[2]]
+    assert whiskers, "p10–p90 error bars are drawn"
+    segments = whiskers[0].lines[2][0].get_segments()
+    assert [tuple(round(y, 3) for _, y in seg) for seg in segments] == [(1.9, 2.2), (4.0, 20.0)]
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_interleaves_every_default_peer(tiny):
+    """Every default peer prepared at once and timed in rounds on CUDA (CUDA graphs, compile, kiln)."""
+    settings = bench.BenchSettings(device="cuda", precisions=("fp16",), iters=10, warmup=2, rounds=3,
+                                   input_shape=(3, 16, 16))
+    report = bench.bench_model(tiny, settings)
+    by_peer = {(r.peer, r.precision): r for r in report.results}
+    for key in (("eager", "fp32"), ("eager", "fp16"), ("eager-cudagraph", "fp16"), ("kiln", "fp16")):
+        r = by_peer[key]
+        assert r.status == "ok", (key, r.reason)
+        assert r.latency.iters == 10 and len(r.latency.round_medians_ms) == 3
+    assert by_peer[("kiln", "fp16")].accuracy.cosine > 0.999

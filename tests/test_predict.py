@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import kiln
 from kiln import zoo
 from kiln.builder import BuildConfig
-from kiln.cli.bench import app
+from kiln.cli import app
 from kiln.debug import predict as P
 
 
@@ -117,15 +117,23 @@ def test_agreement_verdicts():
 
 
 def test_predict_command_prints_both_sides_and_the_warning():
-    result = CliRunner().invoke(
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(
         app, ["predict", "squeezenet1_1", "--sample", "chelsea", "--topk", "3", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     assert "RANDOM" in result.output and "agree" in result.output
     assert "engine" in result.output and "eager" in result.output
+    table = result.output[result.output.index("skimage:chelsea"):]
+    assert max(len(line) for line in table.splitlines()) <= 80
 
 
 def test_predict_command_reports_a_bad_image():
     result = CliRunner().invoke(app, ["predict", "resnet18", "skimage:nope"])
     assert result.exit_code == 1
-    assert "no scikit-image sample 'nope'" in result.output
+    assert "no scikit-image sample 'nope'" in result.output and "Traceback" not in result.output
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_predict_precision_is_a_checked_choice():
+    result = CliRunner().invoke(app, ["predict", "resnet18", "skimage:chelsea", "--precision", "int8"])
+    assert result.exit_code == 2 and "'int8' is not one of fp32, fp16, bf16" in result.output

@@ -126,14 +126,11 @@ def test_tensorrt_rtx_refuses_hopper(monkeypatch) -> None:
 
 
 def _cli():
-    typer = pytest.importorskip("typer")
+    pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from kiln.cli.onnx import trt_check_command
+    from kiln.cli import app
 
-    app = typer.Typer()
-    app.command("trt-check")(trt_check_command)
-    app.command("noop")(lambda: None)  # keep typer in multi-command mode
     return CliRunner(), app
 
 

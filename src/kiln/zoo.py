@@ -218,7 +218,8 @@ def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(name, candidates, n=5)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     return (
-        f"unknown zoo model {name!r}.{hint} Known names: kiln.zoo.names(); also accepted: "
+        f"unknown zoo model {name!r}.{hint} `kiln zoo` lists the names (kiln.zoo.names() in Python); "
+        "also accepted: "
         "any torchvision classification model, 'timm/<name>', 'path/to/file.py:factory'."
     )
 

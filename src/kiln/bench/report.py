@@ -1,8 +1,8 @@
 """Reports of `kiln bench` runs: table cells, JSON, markdown and PNG plots.
 
-Pure functions of what `kiln.bench.runner` measured (a `BenchReport` or a `ZooReport`); nothing here
-measures or touches a device. `kiln.bench.runner` re-exports every public name, so callers keep
-importing them from there.
+Pure functions of what `kiln.bench.runner` measured (a `BenchReport` or a `ZooReport`, types in
+`kiln.bench.results`); nothing here measures or touches a device. Noisy rows are flagged in every
+form: the note column, a '?' after their speed-ups, and hatched bars with p10–p90 whiskers.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kiln.bench.runner import BenchReport, Environment, PeerResult, ZooReport
+from kiln.bench.results import BASELINE, BenchReport, Environment, PeerResult, Stats, ZooReport
 
-SCHEMA = "kiln.bench.runner/1"
+SCHEMA = "kiln.bench/2"
 
 
 # --- reports (pure) -------------------------------------------------------------------------
@@ -29,6 +28,7 @@ COLUMNS = (
     "median ms",
     "p90 ms",
     "p99 ms",
+    "spread",
     "items/s",
     "speed-up",
     "build s",
@@ -50,13 +50,31 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def spread_cell(lat: Stats | None) -> str:
+    """The rounds' spread as a percentage of the median ('—' for a single round)."""
+    return "—" if lat is None or lat.spread is None else f"{lat.spread:.0%}"
+
+
+def speedup_cell(r: PeerResult) -> str:
+    if r.speedup is None:
+        return "—"
+    return f"{r.speedup:.3g}×" + ("?" if r.speedup_noisy else "")
+
+
+def note_cell(r: PeerResult) -> str:
+    note = f"{r.status}: {r.reason}" if r.status != "ok" else r.note
+    if r.status != "ok" and r.note:
+        note += f" ({r.note})"
+    if r.latency and r.latency.noisy:
+        note = f"noisy: {r.latency.noise}" + (f"; {note}" if note else "")
+    return note
+
+
 def result_cells(r: PeerResult) -> list[str]:
     """One report row, as text: shared by the terminal table and the markdown."""
     lat, acc = r.latency, r.accuracy
     mem = None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**20
-    note = f"{r.status}: {r.reason}" if r.status != "ok" else r.note
-    if r.status != "ok" and r.note:
-        note += f" ({r.note})"
+    note = note_cell(r)
     return [
         r.peer,
         r.precision,
@@ -64,8 +82,9 @@ def result_cells(r: PeerResult) -> list[str]:
         fmt_ms(lat and lat.median_ms),
         fmt_ms(lat and lat.p90_ms),
         fmt_ms(lat and lat.p99_ms),
+        spread_cell(lat),
         _fmt(r.throughput, ".1f"),
-        _fmt(r.speedup, ".3g") + ("×" if r.speedup else ""),
+        speedup_cell(r),
         _fmt(r.build_seconds, ".2f"),
         _fmt(mem, ".1f"),
         _fmt(acc and acc.max_abs, ".2e"),
@@ -122,7 +141,9 @@ def report_markdown(report: BenchReport) -> str:
         "",
         f"{report.environment.line()}  ",
         f"{weights_line(report.pretrained)}  ",
-        f"timing: up to {s.iters} iterations after {s.warmup} warm-up calls, at most ~{s.max_seconds:g} s per peer",
+        f"timing: up to {s.iters} calls per peer after {s.warmup} warm-up calls, in {s.rounds} rounds taking "
+        f"turns with the other peers, at most ~{s.max_seconds:g} s per peer; spread: how far apart the rounds' "
+        f"medians are; noisy: p90 over {s.noisy_tail:g}× the median or spread over {s.noisy_spread:.0%}",
         "",
         _md_row(COLUMNS),
         _md_row(["---"] * len(COLUMNS)),
@@ -152,8 +173,6 @@ def zoo_columns(zoo_report: ZooReport) -> list[tuple[str, str]]:
 
 
 def _zoo_precisions(zoo_report: ZooReport) -> list[str]:
-    from kiln.bench.runner import BASELINE  # at call time: kiln.bench.runner imports this module
-
     seen = [
         r.precision
         for e in zoo_report.entries
@@ -194,9 +213,14 @@ def _zoo_row(
                 row.append(fmt_ms(r.latency.median_ms) if r and r.latency else (r.status if r else "—"))
                 if r and r.status != "ok":
                     notes.append(f"{peer} {p} {r.status}: {r.reason}")
+                if r and r.latency and r.latency.noisy:
+                    notes.append(f"{peer} {p} noisy: {r.latency.noise}")
         eager, kiln = found.get(("eager", p)), found.get(("kiln", p))
-        ok = eager and kiln and eager.latency and kiln.latency
-        row.append(f"{eager.latency.median_ms / kiln.latency.median_ms:.2f}×" if ok else "—")
+        if eager and kiln and eager.latency and kiln.latency:
+            doubt = "?" if eager.latency.noisy or kiln.latency.noisy else ""
+            row.append(f"{eager.latency.median_ms / kiln.latency.median_ms:.2f}×{doubt}")
+        else:
+            row.append("—")
     kiln_acc = next((found[("kiln", p)].accuracy for p in precisions if found.get(("kiln", p))), None)
     top1 = kiln_acc and kiln_acc.top1_agreement
     row += [
@@ -215,14 +239,17 @@ def zoo_markdown(zoo_report: ZooReport) -> str:
         "# kiln zoo benchmark",
         "",
         f"{zoo_report.environment.line()}  ",
-        f"median latency per call, up to {s.iters} iterations after {s.warmup} warm-up calls; "
-        "speed-up = eager / kiln at the same precision  ",
+        f"median latency per call, up to {s.iters} calls after {s.warmup} warm-up calls, in {s.rounds} rounds "
+        "taking turns with the other peers; speed-up = eager / kiln at the same precision ('?': from noisy "
+        "timings, see the note)  ",
         (weights_line(first.pretrained) if first else "") + "  ",
         "",
         _md_row(header),
         _md_row(["---"] * len(header)),
         *(_md_row(r) for r in rows),
     ]
+    if zoo_report.environment.busy():
+        lines += ["", f"- the machine was busy before this run ({zoo_report.environment.load_line()})"]
     return "\n".join(lines) + "\n"
 
 
@@ -239,24 +266,38 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], horizontal: bool) -> None:
+def _bars(ax: Any, labels: list[str], series: dict[str, list[Stats | None]], horizontal: bool) -> bool:
+    """Median bars with p10–p90 whiskers; noisy bars hatched and labelled. True if any was noisy."""
     n = max(len(series), 1)
     width = 0.8 / n
-    values = [v for vs in series.values() for v in vs if v]
-    for i, (name, vals) in enumerate(series.items()):
+    values = [s.median_ms for ss in series.values() for s in ss if s and s.median_ms]
+    any_noisy = False
+    for i, (name, stats) in enumerate(series.items()):
         pos = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
-        heights = [v or 0.0 for v in vals]
-        bars = (ax.barh if horizontal else ax.bar)(pos, heights, width, label=name)
-        ax.bar_label(bars, labels=[fmt_ms(v) if v else "" for v in vals], fontsize=7, padding=2)
+        heights = [s.median_ms if s else 0.0 for s in stats]
+        low = [max(0.0, s.median_ms - s.p10_ms) if s and s.p10_ms is not None else 0.0 for s in stats]
+        high = [max(0.0, s.p90_ms - s.median_ms) if s else 0.0 for s in stats]
+        whiskers = {("xerr" if horizontal else "yerr"): [low, high], "capsize": 2, "error_kw": {"linewidth": 0.8}}
+        bars = (ax.barh if horizontal else ax.bar)(pos, heights, width, label=name, **whiskers)
+        for bar, s in zip(bars, stats):
+            if s is not None and s.noisy:
+                bar.set_hatch("///")
+                any_noisy = True
+        texts = [(fmt_ms(s.median_ms) + (" noisy" if s.noisy else "")) if s else "" for s in stats]
+        ax.bar_label(bars, labels=texts, fontsize=7, padding=2)
     ticks = ax.set_yticks if horizontal else ax.set_xticks
     ticks(range(len(labels)), labels, **({} if horizontal else {"rotation": 30, "ha": "right"}))
     if values and max(values) / min(values) > 30:
         (ax.set_xscale if horizontal else ax.set_yscale)("log")
-    (ax.set_xlabel if horizontal else ax.set_ylabel)("median latency (ms)")
+    (ax.set_xlabel if horizontal else ax.set_ylabel)("median latency (ms); whiskers: p10–p90")
     if n > 1:
         ax.legend(fontsize=8)
     elif series:
         (ax.set_ylabel if horizontal else ax.set_xlabel)(next(iter(series)))
+    return any_noisy
+
+
+NOISY_CAPTION = "hatched: noisy timings (p90 far above the median, or rounds disagreeing): do not compare them"
 
 
 def _title(fig: Any, title: str, env: Environment) -> None:
@@ -267,15 +308,18 @@ def plot_report(report: BenchReport, path: Path) -> None:
     """Bar chart: median latency per peer (x) and batch size (bars), labelled with the setup."""
     labels = list(dict.fromkeys(f"{r.peer} {r.precision}" for r in report.results if r.latency))
     batches = list(dict.fromkeys(r.batch for r in report.results))
-    found = {(f"{r.peer} {r.precision}", r.batch): r.latency.median_ms for r in report.results if r.latency}
+    found = {(f"{r.peer} {r.precision}", r.batch): r.latency for r in report.results if r.latency}
     series = {f"batch {b}": [found.get((label, b)) for label in labels] for b in batches}
     fig = _figure(max(7.0, 1.0 + 1.1 * len(labels)), 5.0)
     ax = fig.add_subplot()
-    _bars(ax, labels, series, horizontal=False)
+    noisy = _bars(ax, labels, series, horizontal=False)
     _title(fig, f"kiln bench: {report.model}", report.environment)
     missing = [f"{r.peer} {r.precision}: {r.status}" for r in report.results if r.status != "ok"]
+    captions = [NOISY_CAPTION] if noisy else []
     if missing:
-        fig.supxlabel("not timed (see the report): " + "; ".join(dict.fromkeys(missing)), fontsize=6)
+        captions.append("not timed (see the report): " + "; ".join(dict.fromkeys(missing)))
+    if captions:
+        fig.supxlabel("\n".join(captions), fontsize=6)
     fig.savefig(path, dpi=120, format="png")
 
 
@@ -285,17 +329,18 @@ def plot_zoo(zoo_report: ZooReport, path: Path) -> None:
     batch = (zoo_report.settings.batches or (1,))[0]
     entries = [e for e in zoo_report.entries if e.report]
     labels = [e.model for e in entries]
-    series: dict[str, list[float | None]] = {}
+    series: dict[str, list[Stats | None]] = {}
     for peer, p in columns:
-        series[f"{peer} {p}"] = [_median(e.report, peer, p, batch) for e in entries if e.report]
+        series[f"{peer} {p}"] = [_latency(e.report, peer, p, batch) for e in entries if e.report]
     fig = _figure(8.0, max(3.0, 0.45 * len(labels) * max(1, len(columns)) / 2 + 1.5))
     ax = fig.add_subplot()
-    _bars(ax, labels, series, horizontal=True)
+    if _bars(ax, labels, series, horizontal=True):
+        fig.supxlabel(NOISY_CAPTION, fontsize=6)
     ax.invert_yaxis()
     _title(fig, f"kiln zoo, batch {batch}", zoo_report.environment)
     fig.savefig(path, dpi=120, format="png")
 
 
-def _median(report: BenchReport, peer: str, precision: str, batch: int) -> float | None:
+def _latency(report: BenchReport, peer: str, precision: str, batch: int) -> Stats | None:
     found = [r for r in report.results if (r.peer, r.precision, r.batch) == (peer, precision, batch)]
-    return found[0].latency.median_ms if found and found[0].latency else None
+    return found[0].latency if found else None

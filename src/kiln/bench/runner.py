@@ -2,9 +2,13 @@
 
 Measuring (`bench_model`, `bench_zoo`) is kept apart from the statistics and the report
 writers, which are pure functions of what was measured: tests drive the runner with a fake
-`timer` and `clock`. This module holds the settings and result types, the statistics and the
-runner; the JSON/markdown/PNG writers live in `kiln.bench.report` and are re-exported here.
-The method is written down in docs/benchmarking.md.
+`timer` and `clock`. The result types live in `kiln.bench.results`, the JSON/markdown/PNG
+writers in `kiln.bench.report`. The method is written down in docs/benchmarking.md.
+
+Peers are timed in rounds: every peer is prepared (and its build time, outputs and memory
+taken) first; then each round times every live peer once, in an order that rotates from round
+to round, so a slow spell of the machine falls on all peers alike instead of on one. The
+rounds' medians give the spread; rows whose tail or spread is high are flagged noisy.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import datetime
 import gc
 import importlib.metadata
 import math
+import os
 import platform
 import tempfile
 import time
@@ -28,27 +33,27 @@ import torch
 
 from kiln import __version__
 from kiln.bench.peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared, first_line
-from kiln.bench.report import (  # noqa: F401 (re-exported: callers import the report writers from kiln.bench.runner)
-    COLUMNS,
-    SCHEMA,
-    fmt_ms,
-    plot_report,
-    plot_zoo,
-    report_markdown,
-    report_to_dict,
-    result_cells,
-    weights_line,
-    write_json,
-    zoo_columns,
-    zoo_markdown,
-    zoo_rows,
-    zoo_to_dict,
+from kiln.bench.results import (
+    BASELINE,
+    PRECISIONS,
+    Accuracy,
+    BenchReport,
+    BenchSettings,
+    Environment,
+    PeerResult,
+    Stats,
+    ZooEntry,
+    ZooReport,
+    stats_of,
 )
 from kiln.errors import KilnWarning
 from kiln.timing import Latency, measure
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-BASELINE = ("eager", "fp32")
+__all__ = [
+    "BASELINE", "PRECISIONS", "ZOO_MODELS", "Accuracy", "BenchReport", "BenchSettings", "Environment", "PeerResult",
+    "Stats", "ZooEntry", "ZooReport", "bench_model", "bench_zoo",
+]
+
 ZOO_MODELS = (
     "alexnet",
     "squeezenet1_0",
@@ -61,6 +66,7 @@ ZOO_MODELS = (
     "vit_b_16",
     "bert-base",
 )
+REWARM = 1  # untimed calls before each later round: the caches another peer may have evicted
 Inputs = tuple[torch.Tensor, ...]
 
 
@@ -73,87 +79,12 @@ class Timer(Protocol):
 Clock = Callable[[], float]  # seconds, like time.perf_counter
 
 
-@dataclass
-class BenchSettings:
-    batches: tuple[int, ...] | None = None  # None: (1,), or an engine file's own batch
-    precisions: tuple[str, ...] = ("fp16",)
-    peers: tuple[str, ...] | None = None  # None: every default peer; eager and kiln always run
-    device: str | None = None  # None: CUDA when available
-    iters: int = 100
-    warmup: int = 20
-    max_seconds: float = 20.0  # timing budget per peer: fewer iterations for slow peers
-    min_iters: int = 5
-    input_shape: tuple[int, ...] | None = None
-    seed: int = 0
-
-
-@dataclass
-class Stats:
-    median_ms: float
-    p90_ms: float
-    p99_ms: float
-    iters: int
-
-
-@dataclass
-class Accuracy:
-    max_abs: float
-    cosine: float
-    top1_agreement: float | None = None  # fraction of the batch; classifiers only
-    note: str = ""
-
-
-@dataclass
-class PeerResult:
-    peer: str
-    precision: str
-    batch: int
-    status: str = "ok"  # ok | skipped | failed
-    reason: str = ""
-    note: str = ""
-    latency: Stats | None = None
-    throughput: float | None = None  # items/s
-    speedup: float | None = None  # eager fp32 median / this median, same batch
-    build_seconds: float | None = None
-    peak_memory_bytes: int | None = None
-    accuracy: Accuracy | None = None
-
-
-@dataclass
-class Environment:
-    device: str
-    device_name: str
-    torch_version: str
-    kiln_version: str
-    date: str
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def line(self, sep: str = " · ") -> str:
-        return sep.join(
-            (
-                f"{self.device_name} ({self.device})",
-                f"torch {self.torch_version} · kiln {self.kiln_version} · {self.date}",
-            )
-        )
-
-
-@dataclass
-class BenchReport:
-    model: str
-    task: str
-    pretrained: bool | None
-    environment: Environment
-    settings: BenchSettings
-    results: list[PeerResult]
-    h2d_copy: dict[int, Stats | None] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
 # --- statistics (pure) ----------------------------------------------------------------------
 
 
-def stats(latency: Latency) -> Stats:
-    return Stats(latency.median, latency.p90, latency.p99, len(latency.samples_ms))
+def stats(latency: Latency, settings: BenchSettings | None = None) -> Stats:
+    """Statistics of one timed run (one round: no spread)."""
+    return stats_of(latency.samples_ms, [], settings or BenchSettings())
 
 
 def throughput(batch: int, median_ms: float) -> float | None:
@@ -162,10 +93,11 @@ def throughput(batch: int, median_ms: float) -> float | None:
 
 def attach_speedups(results: Sequence[PeerResult]) -> None:
     """speed-up = eager fp32 median / peer median, per batch size."""
-    base = {r.batch: r.latency.median_ms for r in results if _is_baseline(r) and r.latency}
+    base = {r.batch: r.latency for r in results if _is_baseline(r) and r.latency}
     for r in results:
         if r.latency and r.batch in base and r.latency.median_ms > 0:
-            r.speedup = base[r.batch] / r.latency.median_ms
+            r.speedup = base[r.batch].median_ms / r.latency.median_ms
+            r.speedup_noisy = r.latency.noisy or base[r.batch].noisy
 
 
 def _is_baseline(r: PeerResult) -> bool:
@@ -263,60 +195,101 @@ def _kiln_notes(into: list[str]) -> Iterator[None]:
     into.extend(str(w.message) for w in caught if issubclass(w.category, KilnWarning))
 
 
-def run_peer(
-    peer: Peer, ctx: PeerContext, settings: BenchSettings, *, timer: Timer = measure, clock: Clock = time.perf_counter
-) -> tuple[PeerResult, list[torch.Tensor] | None]:
-    """Prepare, first call (= build time), time; returns the result and the first outputs."""
+@dataclass
+class LivePeer:
+    """A prepared peer waiting for its rounds: what it runs, how many calls it gets, what it measured."""
+
+    result: PeerResult
+    prepared: Prepared
+    device: torch.device  # where it is timed
+    plan: list[int]  # timed calls per round
+    samples: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def round_plan(iters: int, rounds: int) -> list[int]:
+    """`iters` timed calls split over at most `rounds` rounds, as evenly as possible (never 0 per round)."""
+    rounds = max(1, min(rounds, iters))
+    base, extra = divmod(iters, rounds)
+    return [base + (1 if r < extra else 0) for r in range(rounds)]
+
+
+def prepare_peer(
+    peer: Peer, ctx: PeerContext, settings: BenchSettings, *, clock: Clock = time.perf_counter
+) -> tuple[PeerResult, LivePeer | None, list[torch.Tensor] | None]:
+    """Prepare, first call (= build time), one more call to size the timing; nothing timed yet.
+
+    Returns the result (its status and reason when the peer cannot run), the live peer to time
+    in the rounds (None when it cannot run) and the first call's outputs.
+    """
     result = PeerResult(peer.name, ctx.precision, int(ctx.inputs[0].shape[0]) if ctx.inputs else 1)
     prepared: Prepared | None = None
     notes: list[str] = []
     outputs = None
+    live = None
     memory = _Memory(ctx.device)
     try:
         with _kiln_notes(notes):
             t0 = clock()
             with torch.no_grad():
                 prepared = peer.prepare(ctx)
-            outputs = _time_prepared(prepared, ctx, settings, result, t0, timer, clock)
+            with torch.inference_mode():
+                out = prepared.run()
+                _sync(ctx.device)
+                built = clock() - t0
+                outputs = tensor_leaves(prepared.fetch(out))
+                t1 = clock()
+                prepared.run()
+                _sync(ctx.device)
+                iters = timed_iters((clock() - t1) * 1e3, settings)
+        result.build_seconds = prepared.build_seconds if prepared.build_seconds is not None else built
         result.peak_memory_bytes = memory.peak() if prepared.tracks_memory else None
         notes.insert(0, prepared.note)
+        live = LivePeer(result, prepared, prepared.timing_device or ctx.device, round_plan(iters, settings.rounds),
+                        notes=notes)
     except PeerSkipped as exc:
         result.status, result.reason = "skipped", str(exc)
     except Exception as exc:  # a failing peer is a row in the report, never a crash
         result.status, result.reason = "failed", failure_reason(exc)
-    finally:
+    if live is None:
         if prepared is not None and prepared.close is not None:
             prepared.close()
         del prepared
         _release(ctx.device)
     result.note = "; ".join(n for n in notes if n)
-    return result, outputs
+    return result, live, outputs
 
 
-def _time_prepared(
-    prepared: Prepared,
-    ctx: PeerContext,
-    settings: BenchSettings,
-    result: PeerResult,
-    t0: float,
-    timer: Timer,
-    clock: Clock,
-) -> list[torch.Tensor]:
-    device = prepared.timing_device or ctx.device
-    with torch.inference_mode():
-        out = prepared.run()
-        _sync(ctx.device)
-        built = clock() - t0
-        outputs = tensor_leaves(prepared.fetch(out))
-        t1 = clock()
-        prepared.run()
-        _sync(ctx.device)
-        iters = timed_iters((clock() - t1) * 1e3, settings)
-        latency = timer(prepared.run, device, warmup=min(settings.warmup, iters), iters=iters)
-    result.latency = stats(latency)
-    result.throughput = throughput(result.batch, result.latency.median_ms)
-    result.build_seconds = prepared.build_seconds if prepared.build_seconds is not None else built
-    return outputs
+def time_rounds(lives: Sequence[LivePeer], settings: BenchSettings, *, timer: Timer = measure) -> None:
+    """Time the peers taking turns: round r times every live peer once, starting from peer r
+    (a rotating order), its share of the calls; then each gets its statistics. Closes them all."""
+    try:
+        rounds = max((len(live.plan) for live in lives), default=0)
+        for r in range(rounds):
+            start = r % len(lives)
+            for live in [*lives[start:], *lives[:start]]:
+                if live.result.status != "ok" or r >= len(live.plan):
+                    continue
+                warmup = min(settings.warmup, sum(live.plan)) if r == 0 else REWARM
+                try:
+                    with _kiln_notes(live.notes), torch.inference_mode():
+                        latency = timer(live.prepared.run, live.device, warmup=warmup, iters=live.plan[r])
+                except Exception as exc:  # failing mid-run is reported like failing to prepare
+                    live.result.status, live.result.reason = "failed", f"round {r + 1}: {failure_reason(exc)}"
+                    continue
+                live.samples += latency.samples_ms
+                live.round_medians.append(latency.median)
+        for live in lives:
+            result = live.result
+            if result.status == "ok" and live.samples:
+                result.latency = stats_of(live.samples, live.round_medians, settings)
+                result.throughput = throughput(result.batch, result.latency.median_ms)
+            result.note = "; ".join(dict.fromkeys(n for n in live.notes if n))
+    finally:
+        for live in lives:
+            if live.prepared.close is not None:
+                live.prepared.close()
 
 
 def h2d_copy(inputs: Inputs, device: torch.device, settings: BenchSettings, timer: Timer) -> Stats | None:
@@ -330,7 +303,7 @@ def h2d_copy(inputs: Inputs, device: torch.device, settings: BenchSettings, time
         for d, h in zip(dest, host, strict=True):
             d.copy_(h, non_blocking=True)
 
-    return stats(timer(copy, device, warmup=min(settings.warmup, 10), iters=settings.iters))
+    return stats(timer(copy, device, warmup=min(settings.warmup, 10), iters=settings.iters), settings)
 
 
 def select_peers(names: Sequence[str] | None, registry: Mapping[str, Peer]) -> list[Peer]:
@@ -414,7 +387,10 @@ def _zoo_source(target: str, settings: BenchSettings) -> ModelSource:
 def _engine_source(path: Path, settings: BenchSettings, device: str | None) -> ModelSource:
     from kiln.runtime.engine import load as load_engine
 
-    engine = load_engine(path, device=device)
+    if settings.trusted_keys:
+        engine = load_engine(path, device=device, trusted_keys=list(settings.trusted_keys))
+    else:
+        engine = load_engine(path, device=device)
     info = engine.build_info
     batch = engine.inputs[0].shape[0] if engine.inputs and engine.inputs[0].shape else 1
     built = f"{info['precision']}, batch {batch}, built in {info['build_seconds']} s"
@@ -485,7 +461,35 @@ def environment(device: torch.device) -> Environment:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return Environment(str(device), name, torch.__version__, __version__, date, versions)
+    return Environment(
+        str(device), name, torch.__version__, __version__, date, versions, os.cpu_count(), load_average()
+    )
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_notes(environment: Environment, results: Sequence[PeerResult]) -> list[str]:
+    """What a reader must know before comparing rows: a busy machine, noisy rows."""
+    notes = []
+    if environment.busy():
+        notes.append(
+            f"the machine was busy before this run ({environment.load_line()}): timings include waiting "
+            "for other work; compare rows only from a quiet run"
+        )
+    noisy = [r for r in results if r.noisy]
+    if noisy:
+        rows = ", ".join(f"{r.peer} {r.precision} batch {r.batch}" for r in noisy)
+        notes.append(
+            f"noisy timings ({rows}): their speed-ups are marked '?'; rerun on a quiet machine, "
+            "or with more --iters and --rounds"
+        )
+    return notes
 
 
 def _cpu_name() -> str:
@@ -527,6 +531,8 @@ def bench_model(
         for batch in source.batches:
             _bench_batch(report, source, batch, peers, precisions, device, Path(tmp), settings, timer, clock, on_result)
     attach_speedups(report.results)
+    report.environment.load_after = load_average()
+    report.notes += machine_notes(report.environment, report.results)
     return report
 
 
@@ -547,30 +553,29 @@ def _bench_batch(
     inputs = tuple(x.to(device) for x in cpu_inputs)
     report.h2d_copy[batch] = h2d_copy(inputs, device, settings, timer)
     reference = None
+    results, lives = [], []
     for peer, precision in run_plan(peers, precisions):
         ctx = PeerContext(model, inputs, device, precision, source.name, workdir, source.engine)
-        result, outputs = run_peer(peer, ctx, settings, timer=timer, clock=clock)
+        result, live, outputs = prepare_peer(peer, ctx, settings, clock=clock)
         if (peer.name, precision) == BASELINE and result.status == "ok":
             reference = outputs
         if reference is not None and outputs is not None:
             result.accuracy = compare_outputs(outputs, reference, source.task == "classification")
-        report.results.append(result)
+        results.append(result)
+        if live is not None:
+            lives.append(live)
+        elif on_result is not None:
+            on_result(result)
+    timed = [live.result for live in lives]
+    try:
+        time_rounds(lives, settings, timer=timer)
+    finally:
+        del lives
+        _release(device)
+    report.results += results
+    for result in timed:
         if on_result is not None:
             on_result(result)
-
-
-@dataclass
-class ZooEntry:
-    model: str
-    report: BenchReport | None = None
-    error: str = ""
-
-
-@dataclass
-class ZooReport:
-    environment: Environment
-    settings: BenchSettings
-    entries: list[ZooEntry] = field(default_factory=list)
 
 
 def bench_zoo(
@@ -598,6 +603,7 @@ def bench_zoo(
             entry.error = failure_reason(exc)
         zoo_report.entries.append(entry)
         _release(device)
+        zoo_report.environment.load_after = load_average()
         if on_model is not None:
             on_model(zoo_report)
     return zoo_report

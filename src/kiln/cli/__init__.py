@@ -1,5 +1,7 @@
-"""The `kiln` command line: one Typer app; each command registers itself in its own module."""
+"""The `kiln` command line: one Typer app (kiln.cli.app); each command is a module under
+kiln/cli/ registered with `@command("name")` and listed once in kiln.cli.commands.COMMANDS."""
 
-from kiln.cli.commands import app, main
+from kiln.cli.app import app, command, main
+from kiln.cli.commands import COMMANDS
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "command", "main"]

@@ -1,114 +1,115 @@
-"""`kiln bench` and `kiln predict`: command functions for kiln.cli.commands to register.
+"""`kiln bench MODEL|ENGINE` and `kiln bench --zoo`: kiln side by side with its peers.
 
-    app.command("bench")(bench_command)
-    app.command("predict")(predict_command)
-
-`python -m kiln.cli.bench bench|predict …` runs them without the main CLI.
+The terminal table is the markdown table's short form: the columns that fit the terminal,
+noisy rows marked, notes and reasons underneath. The method: docs/benchmarking.md.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from kiln.cli.common import console, fail
-
-
-def _csv(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        values = tuple(int(v) for v in _csv(text.replace("x", ",")))
-    except ValueError:
-        raise typer.BadParameter(f"{what} must be integers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
-    return values
+from kiln.cli.app import command
+from kiln.cli.common import (
+    PRECISIONS,
+    Column,
+    bad,
+    choices,
+    console,
+    csv,
+    device_option,
+    fail,
+    fitted_table,
+    input_shape_option,
+    parse_batches,
+    trusted_key_option,
+)
 
 
-def _peer_names(text: str | None) -> tuple[str, ...] | None:
+def parse_peers(text: str | None) -> tuple[str, ...] | None:
+    """--against: peer names from the registry, comma-separated, or all / none."""
     from kiln.bench.peers import PEERS
 
-    names = _csv(text)
-    if not names:
-        return None
-    for name in names:
-        if name not in PEERS and name not in ("all", "none"):
-            close = difflib.get_close_matches(name, list(PEERS), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise typer.BadParameter(f"unknown peer {name!r}{hint}; known: {', '.join(PEERS)}, all")
-    return tuple(names)
+    return choices(*PEERS, extra=("all", "none"))(text)
 
 
-
-
-# --- kiln bench -----------------------------------------------------------------------------
-
-
-def bench_command(
+@command("bench")
+def bench(
     target: str = typer.Argument(
-        None, metavar="MODEL|ENGINE", help="Zoo name, path/to/file.py:factory, or an engine file."
+        None, metavar="MODEL|ENGINE", show_default=False,
+        help="Zoo name (kiln zoo), path/to/file.py:factory, or an engine file.",
     ),
-    batch: str = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,32 (default: 1)."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16, bf16, comma-separated (CPU: fp32 only)."),
-    against: str = typer.Option(
-        None,
-        "--against",
-        help="Peers besides eager and kiln, comma-separated: eager-cudagraph, compile, "
-        "compile-reduce-overhead, compile-max-autotune, onnxruntime, tensorrt, all "
-        "[default: all default peers; with --zoo: none].",
+    batch: Any = typer.Option(
+        None, "--batch", parser=parse_batches, metavar="N[,N…]", show_default="1, or an engine's own",
+        help="Batch sizes, e.g. 1,32.",
     ),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
-    iters: int = typer.Option(100, "--iters", min=1, help="Timed iterations per peer."),
-    warmup: int = typer.Option(20, "--warmup", min=0, help="Untimed calls before timing."),
+    precision: Any = typer.Option(
+        "fp16", "--precision", parser=choices(*PRECISIONS), metavar="P[,P…]",
+        help=f"Precisions among {', '.join(PRECISIONS)} (CPU: fp32 only).",
+    ),
+    against: Any = typer.Option(
+        None, "--against", parser=parse_peers, metavar="PEER[,PEER…]", show_default="every default peer; --zoo: none",
+        help="Peers besides eager and kiln: eager-cudagraph, compile, compile-reduce-overhead, compile-max-autotune, "
+        "onnxruntime, tensorrt, all, none.",
+    ),
+    device: str = device_option(),
+    iters: int = typer.Option(100, "--iters", metavar="N", min=1, help="Timed calls per peer, over all rounds."),
+    warmup: int = typer.Option(20, "--warmup", metavar="N", min=0, help="Untimed calls before a peer's first round."),
+    rounds: int = typer.Option(
+        5, "--rounds", metavar="N", min=1, help="Rounds in which the peers take turns (their spread is reported)."
+    ),
     max_seconds: float = typer.Option(
-        20.0, "--max-seconds", help="Timing budget per peer; slow peers get fewer iterations."
+        20.0, "--max-seconds", metavar="S", min=0.001, help="Timing budget per peer; slow peers get fewer calls."
     ),
-    input_shape: str = typer.Option(
-        None, "--input-shape", help="Per-sample input shape, e.g. 3,224,224 (or 128 for BERT)."
-    ),
-    json_path: Path = typer.Option(None, "--json", help="Write the results as JSON."),
-    markdown: Path = typer.Option(None, "--markdown", help="Write the results as a markdown table."),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG bar chart of the latencies."),
+    input_shape: Any = input_shape_option(),
+    json_path: Path = typer.Option(None, "--json", metavar="FILE", dir_okay=False, help="Write the results as JSON."),
+    markdown: Path = typer.Option(None, "--markdown", metavar="FILE", dir_okay=False, help="Write a markdown table."),
+    plot: Path = typer.Option(None, "--plot", metavar="FILE", dir_okay=False, help="Write a PNG bar chart."),
     zoo: bool = typer.Option(False, "--zoo", help="The zoo table: eager vs kiln over many models."),
-    models: str = typer.Option(None, "--models", help="With --zoo: these models, comma-separated."),
+    models: str = typer.Option(
+        None, "--models", metavar="MODEL[,MODEL…]", show_default="the zoo table's", help="With --zoo: these models."
+    ),
+    trusted_key: list[Path] = trusted_key_option(),
 ) -> None:
-    """Benchmark MODEL or ENGINE side by side with eager PyTorch, torch.compile, ONNX Runtime, …"""
-    from kiln.bench import runner as bench
+    """Time MODEL or ENGINE side by side with its peers.
+
+    Peers: eager PyTorch, CUDA graphs, torch.compile, ONNX Runtime, TensorRT. The peers take
+    turns in rounds; the spread is reported and noisy rows are flagged.
+    The method: docs/benchmarking.md.
+    """
+    from kiln.bench import runner
     from kiln.errors import KilnError
 
-    settings = bench.BenchSettings(
-        batches=_ints(batch, "--batch"),
-        precisions=tuple(_csv(precision)),
-        peers=_peer_names(against),
+    if not zoo and not target:
+        raise bad("give MODEL or ENGINE, or --zoo")
+    if zoo and target and models:
+        raise bad("give the models either as MODEL or as --models, not both")
+    settings = runner.BenchSettings(
+        batches=batch,
+        precisions=precision,
+        peers=against,
         device=device,
         iters=iters,
         warmup=warmup,
+        rounds=rounds,
         max_seconds=max_seconds,
-        input_shape=_ints(input_shape, "--input-shape"),
+        input_shape=input_shape,
+        trusted_keys=tuple(str(k) for k in trusted_key) if trusted_key else None,
     )
     outputs = {"json": json_path, "markdown": markdown, "plot": plot}
     if zoo:
-        names = _csv(models) or _csv(target) or list(bench.ZOO_MODELS)
-        _run_zoo(names, settings, outputs)
+        _run_zoo(csv(models) or csv(target) or list(runner.ZOO_MODELS), settings, outputs)
         return
-    if not target:
-        raise typer.BadParameter("give MODEL or ENGINE, or --zoo")
     try:
-        report = bench.bench_model(target, settings, on_result=_progress)
-    except (KilnError, ValueError, OSError, RuntimeError) as exc:
+        report = runner.bench_model(target, settings, on_result=_progress)
+    except (KilnError, ValueError, OSError, RuntimeError, ImportError, SyntaxError) as exc:
         raise fail(exc) from None
     console.print(result_table(report))
-    for line in _footer(report):
-        console.print(line)
+    for line in footer(report):
+        console.print(escape(line))
     _write(report, outputs)
 
 
@@ -116,56 +117,62 @@ def _progress(result: Any) -> None:
     status = {"ok": "[green]✓[/]", "skipped": "[yellow]–[/]", "failed": "[red]✗[/]"}[result.status]
     what = f"{result.peer} {result.precision} batch {result.batch}"
     if result.latency:
-        console.print(f"  {status} {what}: {result.latency.median_ms:.3f} ms")
+        noisy = " [yellow](noisy)[/]" if result.latency.noisy else ""
+        console.print(f"  {status} {what}: {result.latency.median_ms:.3f} ms{noisy}")
     else:
-        console.print(f"  {status} {what}: {result.status}: {result.reason}")
+        console.print(f"  {status} {what}: {result.status}: {escape(result.reason)}")
 
 
-def result_table(report: Any) -> Table:
-    """The terminal's view of the markdown table: fewer, shorter columns; notes go below."""
-    from rich import box
+SHORT = {  # the markdown column → the terminal's heading, and how much it matters (9: always kept)
+    "batch": ("batch", 8),
+    "median ms": ("median", 9),
+    "p90 ms": ("p90", 6),
+    "p99 ms": ("p99", 1),
+    "spread": ("spread", 7),
+    "items/s": ("items/s", 2),
+    "speed-up": ("×eager", 8),
+    "build s": ("build s", 4),
+    "peak MiB": ("MiB", 3),
+    "max abs diff": ("max|Δ|", 5),
+    "top-1 agree": ("top-1", 4),
+}
 
-    from kiln.bench import runner as bench
 
-    short = {
-        "batch": "batch",
-        "median ms": "median",
-        "p99 ms": "p99",
-        "items/s": "items/s",
-        "speed-up": "×eager",
-        "build s": "build s",
-        "peak MiB": "MiB",
-        "max abs diff": "max|Δ|",
-        "top-1 agree": "top-1",
-    }
-    rows = [bench.result_cells(r) for r in report.results]
-    index = [bench.COLUMNS.index(c) for c in short]
+def result_table(report: Any) -> Any:
+    """The terminal's view of the markdown table: the columns that fit, notes below."""
+    from kiln.bench import report as writers
+
+    rows = [writers.result_cells(r) for r in report.results]
+    index = [writers.COLUMNS.index(c) for c in SHORT]
     index = [j for j in index if any(row[j] != "—" for row in rows)]  # e.g. no MiB on the CPU
-    title = f"kiln bench: {report.model} (latency in ms)"
-    table = Table(box=box.SIMPLE_HEAD, title=title, caption=report.environment.line())
-    table.add_column("peer", overflow="fold")
-    for j in index:
-        table.add_column(short[bench.COLUMNS[j]], justify="right")
+    columns = [Column("peer", 9)] + [
+        Column(SHORT[writers.COLUMNS[j]][0], SHORT[writers.COLUMNS[j]][1], "right", no_wrap=True) for j in index
+    ]
+    table_rows, styles = [], []
     for i, (r, cells) in enumerate(zip(report.results, rows, strict=True), 1):
-        style = {"skipped": "yellow", "failed": "red"}.get(r.status)
-        peer = f"{r.peer} {r.precision}{_mark(i, cells[-1])}"
-        table.add_row(peer, *(cells[j] for j in index), style=style)
-    return table
+        styles.append({"skipped": "yellow", "failed": "red"}.get(r.status) or ("yellow" if r.noisy else None))
+        noisy = " noisy" if r.noisy else ""
+        peer = f"{r.peer} {r.precision}{noisy}{_mark(i, cells[-1])}"
+        table_rows.append([escape(peer), *(cells[j] for j in index)])
+    title = f"kiln bench: {report.model} (latency in ms)"
+    return fitted_table(columns, table_rows, title=escape(title), styles=styles,
+                        caption=escape(report.environment.line()))
 
 
 def _mark(index: int, note: str) -> str:
     return f" [{index}]" if note else ""
 
 
-def _footer(report: Any) -> list[str]:
-    from kiln.bench import runner as bench
+def footer(report: Any) -> list[str]:
+    """The notes under the table: numbered row notes, weights, the input copy, the report's notes."""
+    from kiln.bench import report as writers
 
     lines = [
         f"[{i}] {r.peer} {r.precision} batch {r.batch}: {cells[-1]}"
         for i, r in enumerate(report.results, 1)
-        if (cells := bench.result_cells(r))[-1]
+        if (cells := writers.result_cells(r))[-1]
     ]
-    lines.append(bench.weights_line(report.pretrained))
+    lines.append(writers.weights_line(report.pretrained))
     for b, copy in report.h2d_copy.items():
         if copy is not None:
             lines.append(f"host→device input copy (pinned), batch {b}: {copy.median_ms:.3f} ms median")
@@ -173,114 +180,51 @@ def _footer(report: Any) -> list[str]:
 
 
 def _write(report: Any, outputs: dict[str, Path | None]) -> None:
-    from kiln.bench import runner as bench
+    from kiln.bench import report as writers
+    from kiln.bench.results import ZooReport
 
-    zoo = isinstance(report, bench.ZooReport)
-    if outputs["json"]:
-        bench.write_json(bench.zoo_to_dict(report) if zoo else bench.report_to_dict(report), outputs["json"])
-    if outputs["markdown"]:
-        text = bench.zoo_markdown(report) if zoo else bench.report_markdown(report)
-        Path(outputs["markdown"]).write_text(text)
-    if outputs["plot"]:
-        (bench.plot_zoo if zoo else bench.plot_report)(report, outputs["plot"])
+    zoo = isinstance(report, ZooReport)
+    try:
+        if outputs["json"]:
+            writers.write_json(writers.zoo_to_dict(report) if zoo else writers.report_to_dict(report), outputs["json"])
+        if outputs["markdown"]:
+            text = writers.zoo_markdown(report) if zoo else writers.report_markdown(report)
+            Path(outputs["markdown"]).write_text(text)
+        if outputs["plot"]:
+            (writers.plot_zoo if zoo else writers.plot_report)(report, outputs["plot"])
+    except (OSError, ImportError) as exc:
+        raise fail(exc) from None
 
 
 def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -> None:
-    from kiln.bench import runner as bench
+    from kiln.bench import report as writers
+    from kiln.bench import runner
     from kiln.errors import KilnError
 
     def on_model(zoo_report: Any) -> None:
         entry = zoo_report.entries[-1]
         mark = "[red]✗[/]" if entry.error else "[green]✓[/]"
-        console.print(f"{mark} {entry.model} ({len(zoo_report.entries)}/{len(names)}) {entry.error}")
+        console.print(f"{mark} {escape(entry.model)} ({len(zoo_report.entries)}/{len(names)}) {escape(entry.error)}")
         _write(zoo_report, outputs)  # rewritten after each model: a cut-short run keeps its rows
 
     try:
-        zoo_report = bench.bench_zoo(names, settings, on_model=on_model)
+        zoo_report = runner.bench_zoo(names, settings, on_model=on_model)
     except (KilnError, ValueError, OSError, RuntimeError) as exc:
         raise fail(exc) from None
-    header, rows = bench.zoo_rows(zoo_report)
-    table = Table(title="kiln zoo benchmark", caption=zoo_report.environment.line())
-    table.add_column(header[0], overflow="fold")
-    for name in header[1:-1]:
-        table.add_column(name, justify="right")
-    notes = []
+    header, rows = writers.zoo_rows(zoo_report)
+    columns = [Column(header[0], 9)] + [
+        Column(name, 8 if name.startswith("speed-up") else 7 if name.endswith(" ms") else 3, "right", no_wrap=True)
+        for name in header[1:-1]
+    ]
+    notes, table_rows = [], []
     for row in rows:
         if row[-1]:
             notes.append(f"[{len(notes) + 1}] {row[0]}: {row[-1]}")
-        table.add_row(row[0] + (f" [{len(notes)}]" if row[-1] else ""), *row[1:-1])
-    console.print(table)
+        table_rows.append([escape(row[0] + (f" [{len(notes)}]" if row[-1] else "")), *row[1:-1]])
+    console.print(fitted_table(columns, table_rows, title="kiln zoo benchmark",
+                               caption=escape(zoo_report.environment.line())))
     for line in notes:
         console.print(line, markup=False)
-
-
-# --- kiln predict ---------------------------------------------------------------------------
-
-
-def predict_command(
-    target: str = typer.Argument(..., metavar="MODEL|ENGINE", help="Zoo classifier name or engine file."),
-    images: list[str] = typer.Argument(
-        None, metavar="IMAGE...", help="Image files, or skimage:NAME samples (e.g. skimage:chelsea)."
-    ),
-    sample: list[str] = typer.Option(
-        None, "--sample", help="A scikit-image sample photograph: chelsea, coffee, astronaut, … (repeat)."
-    ),
-    topk: int = typer.Option(5, "--topk", min=1, help="How many labels to show."),
-    precision: str = typer.Option("fp16", "--precision", help="Engine precision when building MODEL."),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the zoo's random weights."),
-) -> None:
-    """Top-k ImageNet labels for IMAGE(s) from eager and from the engine, side by side."""
-    from kiln.debug.predict import SKIMAGE_PREFIX, predict
-    from kiln.errors import KilnError
-
-    specs = [*(images or []), *(SKIMAGE_PREFIX + s for s in sample or [])]
-    try:
-        report = predict(target, specs, topk=topk, precision=precision, device=device, seed=seed)
-    except (KilnError, ValueError, OSError) as exc:
-        raise fail(exc) from None
-    for line in predict_lines(report):
-        console.print(line)
-    for result in report.images:
-        console.print(prediction_table(result))
-        if result.agreement:
-            console.print(agreement_line(result.agreement))
-
-
-def predict_lines(report: Any) -> list[str]:
-    engine = f"{report.precision} engine on {report.device}"
-    lines = [f"[bold]{report.model}[/] ({engine}); preprocessing: {report.preprocessing}"]
-    if report.weights_warning:
-        lines.append(f"[bold yellow]warning:[/] {report.weights_warning}")
-    return lines + [f"note: {n}" for n in report.notes]
-
-
-def prediction_table(result: Any) -> Table:
-    table = Table("#", "engine", "prob", title=result.image)
-    eager = result.eager
-    if eager:
-        table.add_column("eager")
-        table.add_column("prob")
-    for i, (label, prob) in enumerate(zip(result.engine.labels, result.engine.probs, strict=True)):
-        row = [str(i + 1), label, f"{prob:.4f}"]
-        if eager:
-            row += [eager.labels[i], f"{eager.probs[i]:.4f}"]
-        table.add_row(*row)
-    return table
-
-
-def agreement_line(a: Any) -> str:
-    color = "green" if a.verdict == "agree" else "yellow" if a.same_top1 else "red"
-    return (
-        f"[{color}]{a.verdict}[/]: same top-1 {'yes' if a.same_top1 else 'no'}, "
-        f"top-{a.k} overlap {a.topk_overlap}/{a.k}, max prob difference {a.max_prob_diff:.2e}"
-    )
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-app.command("bench")(bench_command)
-app.command("predict")(predict_command)
-
-
-if __name__ == "__main__":
-    app()
+    if zoo_report.environment.busy():
+        console.print(f"note: the machine was busy before this run ({zoo_report.environment.load_line()})",
+                      markup=False)

@@ -1,21 +1,29 @@
-"""What an engine is, as data: used by `kiln inspect` (table and --json) and summaries."""
+"""What an engine is, as data, in the model's language: used by `kiln inspect` (table and --json).
+
+Each step names the model's module (`layer2.0.conv1`) and source line, not only the FX node;
+a TensorRT region step carries its region's op counts and engine size.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kiln.runtime.engine import Engine
+TENSORRT_REGION_OP = "kiln.tensorrt_region.default"
 
 
-def describe(engine: Engine) -> dict[str, Any]:
+def describe(engine: Any) -> dict[str, Any]:
     plan = engine.plan
     slots = plan["slots"]
+    regions = {r["node"]: r for r in (engine.build_info.get("tensorrt") or {}).get("regions", [])}
     steps = []
     for i, step in enumerate(plan["steps"]):
         outs = [slots[o] for o in step["outputs"]]
+        region = regions.get(step["name"]) if step["op"] == TENSORRT_REGION_OP else None
         steps.append({
             "index": i,
             "name": step["name"],
+            "module": step.get("module") or "",
             "op": step["op"],
             "kernel": step["kernel"],
             "candidates": step["candidates"],
@@ -25,6 +33,9 @@ def describe(engine: Engine) -> dict[str, Any]:
             "output_shape": outs[0]["shape"] if outs else None,
             "memory": outs[0]["kind"] if outs else None,
             "source": step["source"],
+            "tensorrt_region": None if region is None else {
+                "ops": region["ops"], "op_counts": region["op_counts"], "engine_bytes": region["engine_bytes"],
+            },
         })
     mem = plan["memory"]
     return {
@@ -39,5 +50,27 @@ def describe(engine: Engine) -> dict[str, Any]:
             "planned_buffers": len(mem["buffers"]),
             "reuse_ratio": round(mem["planned_bytes"] / mem["arena_bytes"], 2) if mem["arena_bytes"] else None,
         },
+        "signer": signer_of(engine),
+        "signer_verified": bool(getattr(engine, "signer_trusted", False)),
         "build": engine.build_info,
     }
+
+
+def signer_of(engine: Any) -> str | None:
+    """Who signed the engine file (the key's fingerprint), or None for an unsigned file."""
+    signer = getattr(engine, "signer", None)
+    return None if signer is None else str(signer)
+
+
+def short_op(op: str) -> str:
+    """'kiln.conv_bias_act.default' → 'kiln.conv_bias_act' (the overload only when it says something)."""
+    return op.removesuffix(".default")
+
+
+def short_source(source: str) -> str:
+    """'/path/to/resnet.py:146 in forward: out = self.conv1(x)' → 'resnet.py:146'."""
+    head = source.split(" in ", 1)[0]
+    if ":" not in head or head.startswith("unknown"):
+        return "-"
+    file, _, line = head.rpartition(":")
+    return f"{Path(file).name}:{line}"

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from kiln.cli.app import command
 from kiln.cli.common import console, fail
 
 
@@ -31,23 +32,26 @@ def _parse_autoscaling(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+@command("serve")
 def serve_command(
     engines: list[Path] = typer.Argument(..., help="Engine files; each is served as /v2/models/<file stem>.",
                                          metavar="ENGINE..."),
-    port: int = typer.Option(8000, help="HTTP port."),
-    host: str = typer.Option("127.0.0.1", help="HTTP address to listen on (0.0.0.0: every interface)."),
-    replicas: int = typer.Option(None, min=1, show_default="one per GPU; one on a CPU", help="Replicas per engine."),
-    max_batch: int = typer.Option(32, min=1, help="Most requests in one dynamic batch."),
-    batch_wait_ms: float = typer.Option(2.0, min=0.0, help="Longest wait for a batch to fill, in ms."),
+    port: int = typer.Option(8000, metavar="N", help="HTTP port."),
+    host: str = typer.Option("127.0.0.1", metavar="ADDRESS",
+                             help="HTTP address to listen on (0.0.0.0: every interface)."),
+    replicas: int = typer.Option(None, min=1, metavar="N", show_default="one per GPU; one on a CPU",
+                                 help="Replicas per engine."),
+    max_batch: int = typer.Option(32, min=1, metavar="N", help="Most requests in one dynamic batch."),
+    batch_wait_ms: float = typer.Option(2.0, min=0.0, metavar="MS", help="Longest wait for a batch to fill, in ms."),
     device: str = typer.Option(None, parser=_parse_device, metavar="cuda|cpu",
                                show_default="the kind each engine was built for", help="Where replicas run."),
-    address: str = typer.Option(None, show_default="a new local Ray instance, loopback only",
+    address: str = typer.Option(None, metavar="ADDRESS", show_default="a new local Ray instance, loopback only",
                                 help="Ray cluster to join: its address (head:6379), or auto for the one `ray start` "
                                 "started here."),
     autoscaling: str = typer.Option(None, parser=_parse_autoscaling, metavar="JSON",
                                     help="Ray Serve autoscaling_config, e.g. '{\"min_replicas\":1,\"max_replicas\":4}' "
                                     "(instead of --replicas)."),
-    cpus_per_replica: float = typer.Option(1.0, min=0.0, help="CPUs Ray reserves for each replica."),
+    cpus_per_replica: float = typer.Option(1.0, min=0.0, metavar="N", help="CPUs Ray reserves for each replica."),
     access_log: bool = typer.Option(False, help="Log every request (Ray Serve's access log)."),
 ) -> None:
     """Serve ENGINE(s) over HTTP (Open Inference Protocol / KServe v2) on Ray Serve, with dynamic batching."""
