@@ -45,6 +45,7 @@ BUILD_SIDE = (
     "kiln.debug",
     "kiln.onnx",
     "kiln.zoo",
+    "kiln.catalog",
 )
 
 
@@ -220,7 +221,7 @@ def test_loading_kiln_runtime_in_a_fresh_interpreter_loads_no_build_side_module(
 
 
 # Neither side: the package roots, what both sides share, and the serving layer over the runtime.
-SHARED = ("kiln", "kiln.tensorrt", "kiln.tensorrt.check", "kiln.timing", "kiln.shapes", "kiln.dims", "kiln.catalog")
+SHARED = ("kiln", "kiln.tensorrt", "kiln.tensorrt.check", "kiln.timing", "kiln.shapes", "kiln.dims")
 SERVING = ("kiln.serve",)
 
 

@@ -16,6 +16,7 @@ COMMANDS = (
     "run",
     "inspect",
     "zoo",
+    "catalog",
     "bench",
     "predict",
     "export_onnx",

@@ -31,9 +31,6 @@ _PINNED = threading.Lock()
 
 
 def _register(name: str, backend: SDPBackend) -> None:
-    # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
-    @register_kernel(name, provider="torch", implements=SDPA, supports=_on_cuda,
-                     writes_planned_outputs=False, priority=Priority.CANDIDATE)
     def make(op_name: str, out: OutVariant | None) -> StepFn:
         def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
             with _PINNED, sdpa_kernel([backend]):
@@ -42,6 +39,9 @@ def _register(name: str, backend: SDPBackend) -> None:
         return run
 
     make.__doc__ = f"scaled_dot_product_attention on the {backend.name} backend only."
+    # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
+    register_kernel(name, provider="torch", implements=SDPA, supports=_on_cuda, writes_planned_outputs=False,
+                    priority=Priority.CANDIDATE)(make)
 
 
 for _name, _backend in BACKENDS.items():
