@@ -119,3 +119,17 @@ def test_kiln_catalog_refuses_an_unknown_kind_in_one_line():
     result = _cli("kernel")
     assert result.exit_code == 2
     assert "Traceback" not in result.output and "not one of passes" in result.output
+
+
+def test_a_registered_pass_missing_from_the_pipeline_is_refused():
+    import kiln.passes as passes
+    from kiln.passes.registry import register_pass
+
+    register_pass("test_unlisted")(lambda graph: graph)
+    try:
+        with pytest.raises(RuntimeError, match=r"misses registered ones \(\['test_unlisted'\]\)"):
+            passes._in_pipeline_order()
+    finally:
+        del PASSES["test_unlisted"]
+    passes._in_pipeline_order()
+    assert list(PASSES) == list(PIPELINE)

@@ -239,3 +239,57 @@ def test_gpu_kernel_matches_its_op(case):
             pytest.skip(f"{case.kernel} is unavailable on this GPU: {exc}")  # the tuner drops it the same way
         raise
 
+
+
+# -- the registry's rules ---------------------------------------------------------------------------
+
+
+def test_equal_priorities_are_ordered_by_name_not_registration():
+    from kiln.kernels import Priority, candidates, register_kernel
+
+    names = ["test.tie_b", "test.tie_a", "test.tie_c"]
+    try:
+        for name in names:  # registered out of order
+            register_kernel(name, provider="test", implements="kilntest.tie.default",
+                            priority=Priority.CANDIDATE)(lambda op, out: None)
+        register_kernel("test.tie_default", provider="test", implements=("kilntest.other.default",
+                                                                          "kilntest.tie.default"))(lambda op, out: None)
+        call = OpCall("kilntest.tie.default", (), (), "cpu")
+        assert [k.name for k in candidates(call)] == ["test.tie_default", "test.tie_a", "test.tie_b", "test.tie_c"]
+    finally:
+        for name in [*names, "test.tie_default"]:
+            KERNELS.pop(name, None)
+
+
+def test_implements_takes_op_names_and_namespaces():
+    from kiln.kernels import register_kernel
+
+    with pytest.raises(TypeError, match="implements= takes op names"):
+        register_kernel("test.bad", provider="test", implements=("aten.relu.default", 3))
+    assert "test.bad" not in KERNELS
+    assert KERNELS["aten"].implements("aten.relu.default") and not KERNELS["aten"].implements("kiln.pointwise.default")
+    assert KERNELS["kiln.reference"].implements("kiln.linear_act.default")
+    assert not KERNELS["kiln.reference"].implements("kilnx.linear_act.default")
+    assert not KERNELS["planner.concat_in_place"].implements("aten.cat.default"), "placed by the planner only"
+
+
+def test_untimed_choices_and_candidates_of_the_fused_ops():
+    """The default comes first and the reference before the timed candidates (by name)."""
+    from kiln.kernels import candidates
+
+    x, w, b = (TensorSpec(n, s, torch.float16) for n, s in (("x", (2, 8, 8, 8)), ("w", (8, 8, 1, 1)), ("b", (8,))))
+    conv = OpCall(CONV, (x, w, b) + (None,) * 6, (x,), "cuda", (None, None, None, [1, 1], [0, 0], [1, 1], 1, "silu",
+                                                                 None))
+    names = [k.name for k in candidates(conv)]
+    assert names[:2] == ["cudnn.conv_then_act", "kiln.reference"]
+    timed = ["cublaslt.conv1x1_gemm", "cudnn.conv_bias_relu"]
+    if triton is not None:
+        timed += ["triton.conv1x1_act.narrow", "triton.conv1x1_act.wide", "triton.conv_act", "triton.conv_epilogue"]
+    assert names[2:] == timed
+    a, wt, bias = (TensorSpec(n, s, torch.float16) for n, s in (("x", (4, 8)), ("w", (8, 16)), ("b", (16,))))
+    linear = OpCall(LINEAR, (a, wt, bias, None), (a,), "cuda", (None, None, None, "gelu"))
+    names = [k.name for k in candidates(linear)]
+    triton_linear = ["triton.linear_act.narrow", "triton.linear_act.wide"] if triton is not None else []
+    assert names == ["cublaslt.linear_epilogue", "kiln.reference", "cublaslt.linear_gelu_tanh", *triton_linear]
+    assert [k.name for k in candidates(linear, exact=True)] == ["cublaslt.linear_epilogue", "kiln.reference",
+                                                               *triton_linear]
