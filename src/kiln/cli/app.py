@@ -73,7 +73,7 @@ class KilnCommand(TyperCommand):
                 name = param.metavar or (param.name or "").upper()
                 if param.nargs != 1 and not name.endswith("..."):
                     name += "..."
-                pieces.append(name if param.required else f"[{name}]")
+                pieces.append(name if param.required or name.startswith("[") else f"[{name}]")
         return pieces
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
@@ -106,7 +106,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain, conventional help: readable at 80 columns and in pipes and CI logs
-    context_settings={"help_option_names": HELP_OPTIONS, "max_content_width": 100},
+    context_settings={"help_option_names": HELP_OPTIONS, "terminal_width": 80},  # help reads the same everywhere
 )
 
 
