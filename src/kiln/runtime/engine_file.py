@@ -177,7 +177,9 @@ def read_engine(path: str | os.PathLike, trusted_keys: Any = None) -> EngineFile
     signer, trusted_ok = _check_signature(metadata, actual, trusted, path)
     header = _parse_json(header_json, path, "its kiln header")
     validate.validate_header(header, {e.name: (e.dtype, e.shape) for e in entries}, where=str(path))
-    return EngineFile(header, _tensors(data, entries), signer, trusted_ok)
+    weights = _tensors(data, entries)
+    validate.check_weight_indices(header, weights, str(path))
+    return EngineFile(header, weights, signer, trusted_ok)
 
 
 def _read_bytes(path: Path) -> bytearray:

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_TENSOR_BYTES",
     "WeightSpec",
     "check_json_depth",
+    "check_weight_indices",
     "out_variant_matches",
     "validate_header",
 ]
@@ -213,21 +214,44 @@ _DATA_DEPENDENT = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.d
 _ATTENTION = frozenset(n for n in ALLOWED_OPS if "scaled_dot_product" in n)
 
 
-def _check_no_dropout(args: dict[str, Any]) -> str | None:
+Shapes = dict[str, "tuple[int, ...] | None"]  # an argument's declared shape, where it is one tensor
+
+
+def _check_no_dropout(args: dict[str, Any], shapes: Shapes) -> str | None:
     p = args.get("dropout_p", 0.0)
     if p in (0, 0.0, None):
         return None
     return f"dropout_p must be 0 in an engine (dropout draws random numbers), got {p!r}"
 
 
-def _check_activation(args: dict[str, Any]) -> str | None:
+def _check_activation(args: dict[str, Any], shapes: Shapes) -> str | None:
     act = args.get("act")
     if act not in _activations():
         return f"unknown activation {act!r}; known: {', '.join(sorted(_activations()))}"
     return None
 
 
-def _check_pointwise(args: dict[str, Any]) -> str | None:
+def _check_conv(args: dict[str, Any], shapes: Shapes) -> str | None:
+    """What convolution's kernels check and its meta function does not: list lengths and signs."""
+    x = shapes.get("input", shapes.get("x"))
+    spatial = len(x) - 2 if x is not None else None
+    limits = {"stride": 1, "dilation": 1, "padding": 0, "output_padding": 0}
+    for name, lowest in limits.items():
+        if name not in args:
+            continue
+        value = args[name]
+        values = [value] if _is_int(value) else value if isinstance(value, list) else None
+        if values is None or not all(_is_int(v) and v >= lowest for v in values):
+            return f"convolution {name} must be integers >= {lowest}, got {_brief(value)}"
+        if spatial is not None and len(values) not in (1, spatial):
+            return f"convolution {name} {values} does not match the input's {spatial} spatial dims"
+    groups = args.get("groups", 1)
+    if not _is_int(groups) or groups < 1:
+        return f"convolution groups must be a positive integer, got {_brief(groups)}"
+    return _check_activation(args, shapes) if "act" in args else None
+
+
+def _check_pointwise(args: dict[str, Any], shapes: Shapes) -> str | None:
     from kiln.ops.pointwise import parse_program
 
     try:
@@ -237,7 +261,7 @@ def _check_pointwise(args: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_region(args: dict[str, Any]) -> str | None:
+def _check_region(args: dict[str, Any], shapes: Shapes) -> str | None:
     try:
         _region_module().parse_spec(args.get("spec"))
     except Exception as exc:  # RegionRuntimeError
@@ -245,14 +269,35 @@ def _check_region(args: dict[str, Any]) -> str | None:
     return None
 
 
-# Constant-argument rules per op, given the op's arguments by schema name (decoded JSON).
-OP_RULES: dict[str, Callable[[dict[str, Any]], str | None]] = {
+# Constant-argument rules per op, given its arguments by schema name (JSON as in the file) and
+# the declared shapes of its tensor arguments; each returns what is wrong, or None.
+OP_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {
     **{name: _check_no_dropout for name in _ATTENTION},
-    "kiln.conv_bias_act.default": _check_activation,
+    "aten.convolution.default": _check_conv,
+    "kiln.conv_bias_act.default": _check_conv,
     "kiln.linear_act.default": _check_activation,
     "kiln.pointwise.default": _check_pointwise,
     "kiln.tensorrt_region.default": _check_region,
 }
+
+# Index tensors that are weights are checked against the size they index, once the weights are
+# read (check_weight_indices): op → (index argument, indexed argument, dim argument or fixed
+# dim, whether negative indices count from the end).
+INDEX_ARGUMENTS: dict[str, tuple[str, str, str | int, bool]] = {
+    "aten.embedding.default": ("indices", "weight", 0, False),
+    "aten.index_select.default": ("index", "self", "dim", False),
+    "aten.gather.default": ("index", "self", "dim", False),
+    "aten.scatter.src": ("index", "self", "dim", False),
+    "aten.scatter.value": ("index", "self", "dim", False),
+    "aten.scatter_add.default": ("index", "self", "dim", False),
+    "aten.scatter_reduce.two": ("index", "self", "dim", False),
+    "aten.index_add.default": ("index", "self", "dim", False),
+}
+# Kernels whose `supports` describes the machine (is a runtime installed?) rather than the call:
+# where it says no, the step itself explains at run time (RegionRuntimeError).
+_ENVIRONMENT_KERNELS = frozenset({"tensorrt"})
+# Arguments naming a dimension of the op's first tensor (unsqueeze/stack may name one past it).
+_DIM_ARGUMENTS = ("dim", "dims", "dim0", "dim1")
 
 
 def _region_module() -> Any:
@@ -335,6 +380,13 @@ def out_variant_matches(op: str, out_op: str, out_args: list[str]) -> str | None
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # tab, LF and CR are fine
 _SLOT_KINDS = ("input", "buffer", "view", "heap", "slice")
+_SLOT_FIELDS = {  # the fields each kind of slot has (kiln.plan.planner)
+    "input": {"kind", "shape", "stride", "dtype"},
+    "view": {"kind", "shape", "stride", "dtype"},
+    "heap": {"kind", "shape", "stride", "dtype"},
+    "buffer": {"kind", "shape", "stride", "dtype", "offset", "nbytes"},
+    "slice": {"kind", "shape", "stride", "dtype", "offset", "nbytes", "base", "base_offset"},
+}
 _VALUE_KINDS = ("slot", "weight", "tuple", "float", "dtype", "device", "memory_format", "layout")
 _SPECIAL_FLOATS = ("inf", "-inf", "nan")
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -501,6 +553,9 @@ class _Validator:
             kind = slot.get("kind")
             if kind not in _SLOT_KINDS:
                 self.fail(f"kind must be one of {', '.join(_SLOT_KINDS)}, got {_brief(kind)}")
+            extra = set(slot) - _SLOT_FIELDS[kind]
+            if extra:
+                self.fail(f"a {kind} slot has no field(s) {', '.join(sorted(map(str, extra)))}")
             shape = self.shape(slot.get("shape"), "shape")
             stride = self.shape(slot.get("stride"), "stride")
             if len(stride) != len(shape):
@@ -513,6 +568,9 @@ class _Validator:
             if kind == "input" and (shape, dtype) != self.graph_inputs[i]:
                 self.fail(f"slot {i} ({list(shape)}, {dtype}) is not graph input {i} {self.graph_inputs[i]}")
             span = _span(shape, stride) * dtype.itemsize
+            if kind in ("input", "heap", "buffer") and span != nbytes:
+                self.fail(f"a {kind} slot is dense, but shape {list(shape)} with stride {list(stride)} overlaps "
+                          "itself or leaves gaps")
             info = {"kind": kind, "shape": shape, "stride": stride, "dtype": dtype, "span": span, "bytes": nbytes}
             if kind in ("buffer", "slice"):
                 info["offset"] = self.integer(slot.get("offset"), "offset", 0, MAX_ARENA_BYTES)
@@ -593,13 +651,67 @@ class _Validator:
                 self.fail(f"op {op_name} writes into one of its arguments")
             kernel = self.check_kernel(step, op_name)
             bound = self.check_arguments(step, schema, op_name, index)
+            shapes = {k: self.ref_shape(v) for k, v in bound.items()}
             rule = OP_RULES.get(op_name)
-            problem = rule(bound) if rule is not None else None
+            problem = rule(bound, shapes) if rule is not None else None
             if problem:
                 self.fail(problem)
+            self.check_dims(schema, bound, shapes, op_name)
             self.check_step_outputs(step, schema, op_name, kernel, index, n_slots)
+            self.check_supports(step, kernel, op_name)
             self.step_ops.append((op, bound))
         self.steps = steps
+
+    def ref_shape(self, value: Any) -> tuple[int, ...] | None:
+        """The declared shape of a tensor reference (checked already), else None."""
+        if isinstance(value, dict) and "slot" in value:
+            return self.slots[value["slot"]]["shape"]
+        if isinstance(value, dict) and "weight" in value:
+            return self.weights[value["weight"]][1]
+        return None
+
+    def check_dims(self, schema: Any, bound: dict[str, Any], shapes: Shapes, op_name: str) -> None:
+        """Dimension arguments lie within the rank of the op's first tensor (some meta functions
+        do not check, the kernels do)."""
+        first = next((shapes[a.name] for a in schema.arguments if shapes.get(a.name) is not None), None)
+        if first is None:
+            return
+        rank = max(len(first), 1)
+        for name in _DIM_ARGUMENTS:
+            value = bound.get(name)
+            values = [value] if _is_int(value) else value if isinstance(value, list) else []
+            for v in values:
+                if _is_int(v) and not -(rank + 1) <= v <= rank:
+                    self.fail(f"{op_name} argument {name}={v} is outside the {len(first)} dims of its input")
+
+    def check_supports(self, step: dict[str, Any], kernel: Any, op_name: str) -> None:
+        """The kernel accepts this call, as selection asked when it was built: a kernel with
+        preconditions (a Triton or cuBLASLt kernel computing addresses from shapes) never runs
+        outside them. Skipped where this machine cannot run the engine at all (load then says so)."""
+        if step["kernel"] in PLANNER_KERNELS or kernel.name in _ENVIRONMENT_KERNELS:
+            return
+        if self.device_type == "cuda" and not _cuda_matches(self.header["build"].get("compute_capability")):
+            return
+        from kiln.kernels import OpCall
+
+        def spec(value: Any) -> specs.TensorSpec | None:
+            shape = self.ref_shape(value)
+            if shape is None:
+                return None
+            dtype = self.slots[value["slot"]]["dtype"] if "slot" in value else self.weights[value["weight"]][0]
+            return specs.TensorSpec("", shape, dtype)
+
+        device = torch.device(self.device_type)
+        constants = tuple(specs.decode_value(a, lambda r: None, device) for a in step["args"])
+        outputs = tuple(specs.TensorSpec("", self.slots[o]["shape"], self.slots[o]["dtype"]) for o in step["outputs"])
+        call = OpCall(op_name, tuple(spec(a) for a in step["args"]), outputs, self.device_type, constants)
+        try:
+            ok = kernel.supports(call)
+        except Exception:  # a precondition check that cannot even read the call does not hold
+            ok = False
+        if not ok:
+            self.fail(f"kernel {kernel.name} does not accept this call of {op_name} (its device, dtypes, shapes "
+                      "or constants are outside what the kernel handles)")
 
     def check_descriptive(self, value: Any, key: str) -> None:
         """A field the runtime never interprets: bounded, and its text free of control characters."""
@@ -964,6 +1076,50 @@ class _Validator:
                 if tuple(r.shape) != s["shape"] or r.dtype != s["dtype"]:
                     self.fail(f"{op_name} gives {list(r.shape)} {r.dtype} for slot {slot}, the plan declares "
                               f"{list(s['shape'])} {s['dtype']}")
+
+
+def _cuda_matches(capability: Any) -> bool:
+    """Whether this machine can run a CUDA engine built for `capability` (else load refuses it)."""
+    if not torch.cuda.is_available():
+        return False
+    return capability is None or list(capability) == list(torch.cuda.get_device_capability())
+
+
+def check_weight_indices(header: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> None:
+    """Index tensors that are weights (INDEX_ARGUMENTS) hold only indices in range of what they
+    index: ATen would refuse them only when the step runs. Called once the weights are read."""
+    plan = header["plan"]
+    for index, step in enumerate(plan["steps"]):
+        rule = INDEX_ARGUMENTS.get(step["op"])
+        if rule is None:
+            continue
+        index_arg, target_arg, dim_arg, negative = rule
+        schema = resolve_op(step["op"])._schema
+        names = [a.name for a in schema.arguments if not a.kwarg_only]
+        bound = {**dict(zip(names, step["args"])), **step["kwargs"]}
+        ref, target = bound.get(index_arg), bound.get(target_arg)
+        if not (isinstance(ref, dict) and "weight" in ref):
+            continue
+        if isinstance(target, dict) and "slot" in target:
+            shape = plan["slots"][target["slot"]]["shape"]
+        elif isinstance(target, dict) and "weight" in target:
+            shape = list(weights[target["weight"]].shape)
+        else:
+            continue
+        dim = bound.get(dim_arg, 0) if isinstance(dim_arg, str) else dim_arg
+        if not _is_int(dim) or not shape or not -len(shape) <= dim < len(shape):
+            continue
+        size = shape[dim]
+        values = weights[ref["weight"]]
+        if values.numel() == 0 or values.dtype.is_floating_point or values.dtype == torch.bool:
+            continue
+        lo, hi = int(values.min()), int(values.max())
+        if hi >= size or lo < (-size if negative else 0):
+            raise EngineFileError(
+                f"{where} is not a valid kiln engine: step {index} ({step['name']}): weight {ref['weight']!r} "
+                f"holds indices from {lo} to {hi} into a dimension of size {size}. The file is damaged or was "
+                "crafted; rebuild it with `kiln build`."
+            )
 
 
 def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
