@@ -182,18 +182,26 @@ class ExecutionContext:
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """Run checked positional inputs (Engine.bind_inputs) and return the model's structure."""
-        with self._exclusive():
+        if not self._busy.acquire(blocking=False):
+            raise self._in_use()
+        try:
             self.calls += 1
             return self.engine.structure(self._run(inputs))
+        finally:
+            self._busy.release()
+
+    @staticmethod
+    def _in_use() -> KilnError:
+        return KilnError(
+            "this execution context is already running a call (in another thread): a context runs one "
+            "call at a time. Give each thread its own (engine.create_context()), or call the engine "
+            "itself, which lends every call a context of its own."
+        )
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         if not self._busy.acquire(blocking=False):
-            raise KilnError(
-                "this execution context is already running a call (in another thread): a context runs one "
-                "call at a time. Give each thread its own (engine.create_context()), or call the engine "
-                "itself, which lends every call a context of its own."
-            )
+            raise self._in_use()
         try:
             yield
         finally:
@@ -226,7 +234,8 @@ class ExecutionContext:
         return out
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        return [x.detach().to(s.dtype).contiguous() for x, s in zip(inputs, self.engine.graph_inputs)]
+        return [(x.detach() if x.requires_grad else x).to(s.dtype).contiguous()
+                for x, s in zip(inputs, self.engine.graph_inputs)]
 
     def run_steps(self, graph_inputs: list[torch.Tensor]) -> list[Any]:
         """Execute every step in order on the current stream; the flat graph outputs, not yet

@@ -125,7 +125,9 @@ def _nbytes(spec: TensorSpec) -> int:
 
 
 def _unusable_tensor(x: torch.Tensor, spec: TensorSpec) -> str | None:
-    """Why a tensor cannot be an engine input whatever its shape, or None."""
+    """Why a tensor cannot be an engine input whatever its shape, or None (check_inputs asks
+    only once something else looks wrong: a quantized tensor has another dtype, a meta tensor
+    another device, so the common case pays for none of this)."""
     if x.is_nested:
         return "a nested tensor; engines take dense (strided) tensors of the shape they were built for"
     if x.layout != torch.strided:
@@ -184,8 +186,11 @@ class Engine:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.bind_inputs(args, kwargs)
-        with self._pool.lend() as context:
+        context = self._pool.acquire()
+        try:
             return context.run(inputs)
+        finally:
+            self._pool.release(context)
 
     def create_context(self) -> ExecutionContext:
         """A new execution context of your own (arena, and on CUDA its CUDA graph and stream),
@@ -308,9 +313,8 @@ class Engine:
             where = f"input {i} ({spec.name!r})"
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"{where} must be a tensor, got {type(x).__name__}")
-            problem = _unusable_tensor(x, spec)
-            if problem is not None:
-                raise InputError(f"{where} is {problem}")
+            if x.layout != torch.strided or x.is_nested:  # (quantized and meta: diagnosed below)
+                raise InputError(f"{where} is {_unusable_tensor(x, spec)}")
             if x.dim() != len(spec.shape):
                 raise InputError(
                     f"{where} has rank {x.dim()} (shape {tuple(x.shape)}); the engine expects rank "
@@ -322,10 +326,17 @@ class Engine:
                     "Engines have fixed shapes: rebuild with the new shape (kiln build --input-shape/--batch)."
                 )
             if x.dtype != spec.dtype:
+                problem = _unusable_tensor(x, spec)
+                if problem is not None:
+                    raise InputError(f"{where} is {problem}")
                 raise InputError(f"{where} has dtype {x.dtype}; the engine expects {spec.dtype}")
-            if x.device.type != self.device.type or (
-                x.device.index is not None and self.device.index is not None and x.device.index != self.device.index
-            ):
+            device = x.device
+            if device != self.device and (device.type != self.device.type or (
+                device.index is not None and self.device.index is not None and device.index != self.device.index
+            )):
+                problem = _unusable_tensor(x, spec)
+                if problem is not None:
+                    raise InputError(f"{where} is {problem}")
                 raise InputError(
                     f"{where} is on {x.device}; the engine runs on {self.device}. Move it with .to('{self.device}')."
                 )
