@@ -258,9 +258,7 @@ def _gpu_wrong_outputs(engine, inputs_per_thread):
 
     def call(*x):
         with torch.inference_mode():
-            out = engine(*x)
-        torch.cuda.current_stream().synchronize()
-        return out
+            return engine(*x)
 
     got = hammer(call, inputs_per_thread)
     torch.cuda.synchronize()
@@ -293,7 +291,6 @@ def test_gpu_resnet18_fp16_threads_get_the_single_thread_outputs():
     assert 1 <= len(engine.contexts) <= THREADS
     graphs = [c.graph for c in engine.contexts]
     assert all(g is not None for g in graphs) and len({id(g) for g in graphs}) == len(graphs)
-    assert len({c.stream for c in engine.contexts}) >= 1
     assert engine.outputs[0].dtype == torch.float32  # the model's dtype, not the fp16 inside
     assert engine.context_bytes >= engine.plan["memory"]["arena_bytes"]
 

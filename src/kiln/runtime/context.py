@@ -82,19 +82,26 @@ class _LaunchGate:
         self._capturing = False
         self._waiting = 0
 
-    @contextlib.contextmanager
-    def launching(self) -> Iterator[None]:
+    def enter(self) -> None:
+        """A call starts enqueuing work (waits while a capture runs or waits to run)."""
         with self._cond:
             while self._capturing or self._waiting:
                 self._cond.wait()
             self._launching += 1
+
+    def exit(self) -> None:
+        with self._cond:
+            self._launching -= 1
+            if not self._launching and self._waiting:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def launching(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._launching -= 1
-                if not self._launching:
-                    self._cond.notify_all()
+            self.exit()
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -217,20 +224,25 @@ class ExecutionContext:
         if engine.use_cuda_graph and self.graph is None:
             self._capture()
         caller = torch.cuda.current_stream(engine.device)
-        with _GATE.launching(), torch.cuda.stream(self.stream), torch.no_grad():
-            self.stream.wait_stream(caller)  # the inputs are ready
-            if engine.use_cuda_graph and self.graph is not None:
-                for static, x in zip(self._static_inputs, inputs):
-                    static.copy_(x)
-                self.graph.replay()
-                flat = self._static_outputs
-            else:
-                flat = self.run_steps(self._bind(inputs))
-            out = engine.deliver(flat)  # copied out on this stream, before any later call here
-            for value in out:
-                if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                    value.record_stream(caller)
-            caller.wait_stream(self.stream)
+        _GATE.enter()
+        try:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(caller)  # the inputs are ready
+                if engine.use_cuda_graph and self.graph is not None:
+                    for static, x in zip(self._static_inputs, inputs):
+                        static.copy_(x.detach() if x.requires_grad else x)
+                    self.graph.replay()
+                    out = engine.deliver(self._static_outputs)
+                else:
+                    with torch.no_grad():
+                        out = engine.deliver(self.run_steps(self._bind(inputs)))
+                # the outputs were copied out on this stream, before any later call on this context
+                for value in out:
+                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                        value.record_stream(caller)  # and are the caller's, used on its stream
+                caller.wait_stream(self.stream)
+        finally:
+            _GATE.exit()
         return out
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

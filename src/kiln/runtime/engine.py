@@ -169,7 +169,7 @@ class Engine:
         self.plan: dict[str, Any] = header["plan"]
         self.build_info: dict[str, Any] = build
         self.device = _check_device(build, device)
-        self.weights = {k: v.to(self.device) for k, v in weights.items()}
+        self.weights = {k: v.detach().to(self.device) for k, v in weights.items()}  # read-only, never grad
         self.inputs = [TensorSpec.from_json(s) for s in self.plan["inputs"]]
         self.input_names = [s.name for s in self.inputs]
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
