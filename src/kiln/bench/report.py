@@ -270,7 +270,7 @@ def _bars(ax: Any, labels: list[str], series: dict[str, list[Stats | None]], hor
     """Median bars with p10–p90 whiskers; noisy bars hatched and labelled. True if any was noisy."""
     n = max(len(series), 1)
     width = 0.8 / n
-    values = [s.median_ms for ss in series.values() for s in ss if s and s.median_ms]
+    values = [v for ss in series.values() for s in ss if s for v in (s.median_ms, s.p90_ms) if v]
     any_noisy = False
     for i, (name, stats) in enumerate(series.items()):
         pos = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]

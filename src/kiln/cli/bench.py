@@ -213,7 +213,8 @@ def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -
         raise fail(exc) from None
     header, rows = writers.zoo_rows(zoo_report)
     columns = [Column(header[0], 9)] + [
-        Column(name, 8 if name.startswith("speed-up") else 7 if name.endswith(" ms") else 3, "right", no_wrap=True)
+        Column(name, 8 if name.startswith("speed-up") else 7 if name.endswith(" ms") else 6 if name == "batch" else 3,
+               "right", no_wrap=True)
         for name in header[1:-1]
     ]
     notes, table_rows = [], []
