@@ -71,6 +71,8 @@ def test_compile_takes_keyword_inputs():
         ((torch.randn(3, 4),), {"x": torch.randn(3, 4)}, "multiple values for argument 'x'"),
         ((torch.randn(3, 4),), {"bias": [torch.randn(4)]}, "keyword input 'bias' is a list"),
         ((), {"x": None}, "no tensor"),
+        (None, None, "got a NoneType"),
+        ((), None, "got an empty tuple"),
     ],
 )
 def test_keyword_inputs_that_do_not_fit_are_named(args, kwargs, message):

@@ -195,15 +195,17 @@ def bind_example_inputs(model: Any, example_inputs: Any, kwargs: dict[str, Any] 
         if kwargs:
             raise CaptureError("give keyword inputs either as example_inputs (a dict) or as kwargs, not both")
         example_inputs, kwargs = (), example_inputs
+    given = example_inputs
     if example_inputs is None:
         example_inputs = ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     kwargs = dict(kwargs or {})
     if not isinstance(example_inputs, (tuple, list)) or not (example_inputs or kwargs):
+        what = "an empty tuple" if isinstance(given, (tuple, list)) else f"a {type(given).__name__}"
         raise CaptureError(
             "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of them by "
-            f"forward parameter name, got {type(example_inputs).__name__}"
+            f"forward parameter name (or give kwargs=), got {what}"
         )
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
