@@ -385,3 +385,22 @@ def test_saving_refuses_a_plan_the_loader_would_refuse(tiny, tmp_path):
     with pytest.raises(kiln.EngineFileError, match="closed vocabulary"):
         engine.save(tmp_path / "never.kiln")
     assert not (tmp_path / "never.kiln").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny_transformer", "pointwise_fusion", "resnet18", "bert-tiny"])
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_cuda_plans_validate_and_reload_identically(name, precision, tmp_path):
+    """On CUDA, plans hold backend ops (attention variants), Triton/cuBLASLt/cuDNN kernels and
+    concatenations done in place: all must pass validation, including each kernel's supports()."""
+    model, inputs = REPRESENTATIVE[name]()
+    inputs = tuple(x.cuda() for x in inputs)
+    engine = kiln.build(model.cuda(), inputs, precision=precision, device="cuda")
+    ops = {s["op"] for s in engine.plan["steps"]}
+    assert ops <= ALLOWED_OPS, f"{name}: ops the builder emits but the loader refuses: {sorted(ops - ALLOWED_OPS)}"
+    path = tmp_path / "m.kiln"
+    engine.save(path)
+    loaded = kiln.load(path)
+    for got, want in zip(torch.utils._pytree.tree_leaves(loaded(*inputs)),
+                         torch.utils._pytree.tree_leaves(engine(*inputs))):
+        assert torch.equal(got, want)

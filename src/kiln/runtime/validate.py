@@ -397,6 +397,20 @@ _STEP_FIELDS = {  # field → required; other fields are descriptive (see _check
 _DESCRIPTIVE_LIMIT = MAX_TEXT_CHARS
 
 
+def _number_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+# The shapes of the descriptive step fields kiln writes (tools such as `kiln inspect` read them).
+_DESCRIPTIVE_TYPES: dict[str, Callable[[Any], bool]] = {
+    "source": lambda v: v is None or isinstance(v, str),
+    "module": lambda v: v is None or isinstance(v, str),
+    "candidates": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "timings_ms": lambda v: isinstance(v, dict) and all(_number_or_none(x) for x in v.values()),
+    "concat_copy_ms": _number_or_none,
+}
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -638,6 +652,9 @@ class _Validator:
             for key, value in step.items():
                 if key not in _STEP_FIELDS:
                     self.check_descriptive(value, key)
+                    expected = _DESCRIPTIVE_TYPES.get(key)
+                    if expected is not None and not expected(value):
+                        self.fail(f"{key} is not what kiln writes there ({_brief(value)})")
             op_name = step["op"]
             if not isinstance(op_name, str) or op_name not in ALLOWED_OPS:
                 self.fail(f"op {_brief(op_name)} is not in kiln's closed vocabulary of side-effect-free compute "
