@@ -249,6 +249,8 @@ def test_inputs_that_require_grad_run_and_outputs_are_detached(small, make):
         (lambda x: None, "must be a tensor, got NoneType"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_unusable_tensors_are_input_errors(small, make, message):
     model, x = small
     engine = kiln.build(model, (x,))
