@@ -1,0 +1,123 @@
+"""Quantize / dequantize as kiln ops: 8-bit formats and their reference implementations.
+
+Symmetric quantization only (zero point 0), as TensorRT's explicit Q/DQ: a real value
+x is stored as q = clamp(round(x / scale)) in int8, or as the float8 e4m3 value nearest
+to x / scale (saturated at ±448). Activations take one scale per tensor (a float
+argument of the op), weights one scale per output channel (an fp32 tensor and the axis
+it runs along). A graph with Q/DQ pairs in it still runs under plain PyTorch: this is
+the CPU reference path (simulated quantization) that the 8-bit kernels are checked
+against.
+
+This module lives on the runtime side (kiln.ops): an engine that stores int8 / fp8
+weights and Q/DQ steps needs these ops and nothing from the build side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """An 8-bit storage format: its name, storage dtype and largest representable magnitude."""
+
+    name: str
+    dtype: torch.dtype
+    qmax: float  # the largest |q|: scale = amax / qmax
+    qmin: float  # the most negative q
+
+    def scale(self, amax: float) -> float:
+        """The scale that maps `amax` to the format's largest value (1.0 for an all-zero tensor)."""
+        amax = float(amax)
+        if not amax > 0.0 or amax != amax or amax == float("inf"):
+            return 1.0
+        return amax / self.qmax
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        y = x.float() / scale
+        if self.dtype.is_floating_point:
+            return y.clamp(self.qmin, self.qmax).to(self.dtype)
+        return torch.round(y).clamp(self.qmin, self.qmax).to(self.dtype)
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        """x rounded to the format at `scale` and back, in fp32 (what Q then DQ computes)."""
+        return self.quantize(x, scale).float() * scale
+
+
+INT8 = QuantFormat("int8", torch.int8, 127.0, -128.0)
+FP8_E4M3 = QuantFormat("fp8_e4m3", torch.float8_e4m3fn, 448.0, -448.0)
+FORMATS: dict[str, QuantFormat] = {f.name: f for f in (INT8, FP8_E4M3)}
+FORMAT_ALIASES = {"fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"}
+
+
+def quant_format(name: str | QuantFormat) -> QuantFormat:
+    """The format called `name` ("int8", "fp8" / "fp8_e4m3"); a ValueError names the known ones."""
+    if isinstance(name, QuantFormat):
+        return name
+    key = FORMAT_ALIASES.get(str(name).lower(), str(name).lower())
+    try:
+        return FORMATS[key]
+    except KeyError:
+        known = ", ".join([*FORMATS, *FORMAT_ALIASES])
+        raise ValueError(f"unknown quantization format {name!r}; known: {known}") from None
+
+
+def format_of(dtype: torch.dtype) -> QuantFormat:
+    for f in FORMATS.values():
+        if f.dtype == dtype:
+            return f
+    raise ValueError(f"{dtype} is not a quantized storage dtype; known: {[str(f.dtype) for f in FORMATS.values()]}")
+
+
+def _channel_shape(x: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+    axis = axis % x.dim()
+    if scales.dim() != 1 or scales.shape[0] != x.shape[axis]:
+        raise ValueError(
+            f"per-channel scales of shape {tuple(scales.shape)} do not match axis {axis} of a tensor "
+            f"of shape {tuple(x.shape)}"
+        )
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scales.float().reshape(shape)
+
+
+def _define(name: str) -> Callable:
+    """Register `reference` as op kiln::name, and as its own fake implementation."""
+
+    def deco(reference: Callable) -> torch.library.CustomOpDef:
+        op = torch.library.custom_op(f"kiln::{name}", mutates_args=())(reference)
+        op.register_fake(reference)
+        return op
+
+    return deco
+
+
+@_define("quantize_per_tensor")
+def quantize_per_tensor(x: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
+    """x / scale in the 8-bit format `fmt` ("int8" or "fp8_e4m3"), rounded and saturated."""
+    return quant_format(fmt).quantize(x, scale)
+
+
+@_define("dequantize_per_tensor")
+def dequantize_per_tensor(q: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """q · scale as `dtype` (q: int8 or float8_e4m3fn)."""
+    return (q.float() * scale).to(dtype)
+
+
+@_define("quantize_per_channel")
+def quantize_per_channel(x: torch.Tensor, scales: torch.Tensor, axis: int, fmt: str) -> torch.Tensor:
+    """x / scales[c] along `axis`, in the 8-bit format `fmt`."""
+    return quant_format(fmt).quantize(x, _channel_shape(x, scales, axis))
+
+
+@_define("dequantize_per_channel")
+def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int, dtype: torch.dtype) -> torch.Tensor:
+    """q · scales[c] along `axis`, as `dtype`."""
+    return (q.float() * _channel_shape(q, scales, axis)).to(dtype)
+
+
+QUANTIZE_OPS = (torch.ops.kiln.quantize_per_tensor.default, torch.ops.kiln.quantize_per_channel.default)
+DEQUANTIZE_OPS = (torch.ops.kiln.dequantize_per_tensor.default, torch.ops.kiln.dequantize_per_channel.default)
