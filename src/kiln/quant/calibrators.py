@@ -210,6 +210,8 @@ def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    if not q.sum() > 0:
+        return np.inf
     p = p / p.sum()
     q = q / q.sum()
     m = p > 0
