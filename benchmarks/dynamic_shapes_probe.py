@@ -40,8 +40,8 @@ REAL_EXPORT = torch.export.export
 def capture(model: torch.nn.Module, inputs: tuple, dynamic_shapes: Any) -> Any:
     spec = normalize(dynamic_shapes, inputs)
 
-    def export(m: torch.nn.Module, args: tuple, **kw: Any) -> Any:
-        return REAL_EXPORT(m, args, dynamic_shapes=spec.to_torch_export(), **kw)
+    def export(m: torch.nn.Module, args: tuple, *rest: Any, **kw: Any) -> Any:
+        return REAL_EXPORT(m, args, *rest, dynamic_shapes=spec.to_torch_export(), **kw)
 
     with unittest.mock.patch.object(torch.export, "export", export):
         graph = capture_module.capture(model.eval(), spec.export_inputs(inputs), device=torch.device("cpu"))
