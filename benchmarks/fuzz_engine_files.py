@@ -2,8 +2,10 @@
 
     python benchmarks/fuzz_engine_files.py --cases 10000 --workers 2 --timeout 60
     python benchmarks/fuzz_engine_files.py --cases 2000 --signed     # every load given a trusted key
+    python benchmarks/fuzz_engine_files.py --cases 3000 --model transformer
 
-A small engine (a conv → bn → relu → conv → pool → linear net, 5 steps) is built and saved;
+A small engine (by default a conv → bn → relu → conv → pool → linear net, 5 steps; with
+--model transformer an embedding + encoder layer + head, ~40 steps) is built and saved;
 each case is a mutation of that file, loaded and run in a worker subprocess with a per-case
 timeout (a worker that overruns is killed and counted as a hang; one that dies, as a crash).
 Mutations: bit flips and byte edits anywhere or in the JSON header, truncation, appended and
@@ -79,6 +81,31 @@ def tiny_conv_net() -> tuple[Any, tuple[Any, ...]]:
         nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     ).eval()
     return model, (torch.randn(2, 3, 16, 16),)
+
+
+def tiny_transformer() -> tuple[Any, tuple[Any, ...]]:
+    """Embedding → 1 encoder layer (attention, layer norm, GELU MLP) → head: ~40 steps with
+    views, attention, kiln's fused ops and pointwise programs."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, activation="gelu")
+            self.enc = nn.TransformerEncoder(layer, 1)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, ids: Any) -> Any:
+            return self.head(self.enc(self.emb(ids))).softmax(-1)
+
+    return Model().eval(), (torch.randint(0, 50, (2, 6)),)
+
+
+MODELS = {"conv": tiny_conv_net, "transformer": tiny_transformer}
 
 
 # -- mutations (parent) ----------------------------------------------------------------------------------
@@ -279,7 +306,7 @@ def _edit(header: dict[str, Any], rng: random.Random) -> str:
 # -- the worker (a subprocess) ----------------------------------------------------------------------------
 
 
-def worker(base: str, canaries: str, trusted: str | None) -> None:
+def worker(base: str, canaries: str, trusted: str | None, model: str) -> None:
     import torch
 
     import kiln
@@ -313,7 +340,7 @@ def worker(base: str, canaries: str, trusted: str | None) -> None:
         out["<cwd>"] = (0, 0, "\n".join(sorted(os.listdir("."))).encode())
         return out
 
-    _, inputs = tiny_conv_net()
+    _, inputs = MODELS[model]()
     keys = [trusted] if trusted else None
     expected = kiln.load(base, trusted_keys=keys)(*inputs)
     before = snapshot()
@@ -335,7 +362,8 @@ def worker(base: str, canaries: str, trusted: str | None) -> None:
         if engine is not None:
             try:
                 got = engine(*inputs)
-                same = isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.equal(got, expected)
+                same = isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype \
+                    and torch.equal(got, expected)
                 outcome = "identical" if same else "different"
             except kiln.KilnError as exc:
                 outcome, detail = "call_kiln", f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -404,7 +432,8 @@ class Worker:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=3, metavar=("BASE", "CANARIES", "TRUSTED"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("BASE", "CANARIES", "TRUSTED", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=sorted(MODELS), default="conv", help="the engine to mutate")
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
@@ -413,8 +442,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the work directory (cases that were defects)")
     args = parser.parse_args()
     if args.worker:
-        base, canaries, trusted = args.worker
-        worker(base, canaries, None if trusted == "-" else trusted)
+        base, canaries, trusted, model_name = args.worker
+        worker(base, canaries, None if trusted == "-" else trusted, model_name)
         return
 
     import torch
@@ -428,7 +457,7 @@ def main() -> None:
     canaries.mkdir(exist_ok=True)
     (canaries / "victim.py").write_text("print('original')\n")
     (canaries / "secret.txt").write_text("the secret\n")
-    model, inputs = tiny_conv_net()
+    model, inputs = MODELS[args.model]()
     engine = kiln.build(model, inputs, device="cpu")
     base = work / "base.kiln"
     trusted = "-"
@@ -454,7 +483,7 @@ def main() -> None:
     lock = threading.Lock()
     next_case = [0]
     started = time.perf_counter()
-    cmd = [sys.executable, __file__, "--worker", str(base), str(canaries), trusted]
+    cmd = [sys.executable, __file__, "--worker", str(base), str(canaries), trusted, args.model]
 
     def drive(w: int) -> None:
         runner = Worker(cmd, work / f"worker{w}.log")

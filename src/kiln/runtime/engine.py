@@ -359,7 +359,7 @@ class Engine:
 
         The plan is first checked as load() will check it: kiln never writes a file it would refuse."""
         validate.validate_header(
-            self.header, {k: (v.dtype, tuple(v.shape)) for k, v in self.weights.items()}, where="this engine"
+            self.header, {k: (v.dtype, tuple(v.shape)) for k, v in self.weights.items()}, where=str(path), saving=True
         )
         engine_file.write(path, self.header, self.weights, sign_key=sign_key)
 

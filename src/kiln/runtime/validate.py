@@ -327,13 +327,21 @@ class _Invalid(Exception):
     """One broken rule; turned into an EngineFileError naming the file (and step)."""
 
 
-def validate_header(header: Any, weights: dict[str, WeightSpec], where: str = "the engine file") -> None:
+def validate_header(
+    header: Any, weights: dict[str, WeightSpec], where: str = "the engine file", saving: bool = False
+) -> None:
     """Check an engine header (parsed JSON) against the rules of this module, given the file's
-    weights' dtypes and shapes; raise EngineFileError naming `where`, the step and the rule."""
+    weights' dtypes and shapes; raise EngineFileError naming `where`, the step and the rule.
+    With `saving`, the header is one kiln built and is about to write (Engine.save)."""
     try:
         check_json_depth(header)
         _Validator(header, weights).run()
     except _Invalid as exc:
+        if saving:
+            raise EngineFileError(
+                f"kiln will not write {where}: its plan breaks a rule every load enforces ({exc}). "
+                "kiln built this plan itself, so this is a kiln bug: please report it with the model."
+            ) from None
         raise EngineFileError(
             f"{where} is not a valid kiln engine: {exc}. The file is damaged, was written by an "
             "incompatible kiln, or was crafted; rebuild it with `kiln build`."
