@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from kiln.graph import CapturedGraph, source_line
+from kiln.graph import CapturedGraph, module_path, source_line
 
 aten = torch.ops.aten
 
@@ -100,15 +100,6 @@ class Site:
     def describe(self) -> str:
         where = self.module or "<top level>"
         return f"{where} ({self.op}, node {self.name})"
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost module path that produced `node` ("layer2.0.conv1"), "" at top level."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return str(path)
 
 
 def op_name(node: fx.Node) -> str:
