@@ -189,3 +189,22 @@ def test_calibration_table_round_trips_as_json():
     assert again == table
     with pytest.raises(ValueError, match="not a calibration table"):
         CalibrationTable.from_dict({"format": "int8"})
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quantizes_after_kiln_passes(fmt):
+    """Fused ops (kiln::conv_bias_act, kiln::linear_act with its (in, out) weight) are sites too."""
+    from kiln.passes import run_passes
+
+    graph, _ = run_passes(_graph())
+    sites = find_sites(graph)
+    targets = {s.node.target for s in sites}
+    assert ops.conv_bias_act.default in targets and ops.linear_act.default in targets
+    linear = next(s for s in sites if s.node.target == ops.linear_act.default)
+    assert stored_axis(tuple(linear.weights[0].constant.meta["val"].shape), [], -1) == 1
+    table = calibrate(graph, _batches(2), "mse", fmt)
+    qgraph = insert_qdq(graph, table)
+    x = torch.randn(2, 3, 8, 8)
+    for ref, out in zip(graph.run(x), qgraph.run(x)):
+        assert not torch.equal(out, ref)
+        assert _cos(out, ref) > (0.999 if fmt == "int8" else 0.995)
