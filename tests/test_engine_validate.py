@@ -71,11 +71,26 @@ def test_dangerous_ops_are_not_allowed():
 
 
 def test_every_kiln_op_has_been_reviewed():
-    import kiln.kernels  # noqa: F401  (imports every module defining kiln:: ops)
-    import kiln.ops  # noqa: F401
+    """Every kiln:: op kiln's own modules define (imported in a fresh process, so ops that tests
+    register do not count) is either allowed in plans or explicitly reviewed and refused."""
+    import subprocess
+    import sys
 
-    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("kiln::")}
-    assert names, "no kiln:: ops registered: the test would prove nothing"
+    script = (
+        "import importlib, pkgutil, torch, kiln\n"
+        "for m in pkgutil.walk_packages(kiln.__path__, 'kiln.'):\n"
+        "    if m.name.endswith('__main__'):\n"
+        "        continue\n"
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except (Exception, SystemExit):\n"
+        "        pass\n"
+        "print('\\n'.join(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('kiln::')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = set(out.stdout.split())
+    assert {"kiln::conv_bias_act", "kiln::pointwise"} <= names, "kiln's ops were not found: the test proves nothing"
     for qualified in sorted(names):
         base, _, overload = qualified.removeprefix("kiln::").partition(".")
         name = f"kiln.{base}.{overload or 'default'}"

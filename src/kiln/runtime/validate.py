@@ -402,7 +402,8 @@ _STEP_FIELDS = {  # field → required; other fields are descriptive (see _check
     "name": True, "op": True, "kernel": True, "args": True, "kwargs": True, "outputs": True, "multi": True,
     "out_variant": False, "writes_into": False, "stream": False, "fork": False, "join": False,
 }
-_DESCRIPTIVE_LIMIT = MAX_TEXT_CHARS
+_DESCRIPTIVE_LIMIT = MAX_TEXT_CHARS  # per descriptive step field
+_BUILD_INFO_LIMIT = 1 << 24  # per build info field (a TensorRT partition report can be long)
 
 
 def _number_or_none(v: Any) -> bool:
@@ -541,7 +542,7 @@ class _Validator:
         for key, value in build.items():
             if key not in checked:
                 self.text(key, "a build info key")
-                self.check_descriptive(value, key)
+                self.check_descriptive(value, key, _BUILD_INFO_LIMIT)
 
     def check_io(self) -> None:
         self.where = "plan"
@@ -738,9 +739,9 @@ class _Validator:
             self.fail(f"kernel {kernel.name} does not accept this call of {op_name} (its device, dtypes, shapes "
                       "or constants are outside what the kernel handles)")
 
-    def check_descriptive(self, value: Any, key: str) -> None:
+    def check_descriptive(self, value: Any, key: str, limit: int = _DESCRIPTIVE_LIMIT) -> None:
         """A field the runtime never interprets: bounded, and its text free of control characters."""
-        budget = [_DESCRIPTIVE_LIMIT]
+        budget = [limit]
 
         def walk(v: Any) -> None:
             budget[0] -= 1
@@ -758,7 +759,7 @@ class _Validator:
             elif not (v is None or isinstance(v, (bool, int, float))):
                 self.fail(f"{key} holds a {type(v).__name__}")
             if budget[0] < 0:
-                self.fail(f"{key} is longer than {_DESCRIPTIVE_LIMIT} characters")
+                self.fail(f"{key} is longer than {limit} characters")
 
         walk(value)
 
