@@ -30,6 +30,7 @@ import kiln.tensorrt.runtime.engine as trt_engine  # noqa: E402
 from kiln import zoo  # noqa: E402
 from kiln.builder import BuildConfig  # noqa: E402
 from kiln.cli.commands import app  # noqa: E402
+from kiln.kernels import KERNELS, register_kernel  # noqa: E402
 from kiln.tensorrt import IncompleteConversionError, RegionRuntimeError  # noqa: E402
 from kiln.tensorrt.runtime.region import REGION_OP, parse_spec  # noqa: E402
 
@@ -100,13 +101,24 @@ class WithCumsum(nn.Module):
         return torch.relu(b) + a.sigmoid()
 
 
-@torch.library.custom_op("kiln::test_running_max", mutates_args=())
+@torch.library.custom_op("kilntest::running_max", mutates_args=())
 def running_max(x: torch.Tensor) -> torch.Tensor:
-    """A custom op TensorRT knows nothing about (kiln's reference kernel runs it)."""
+    """A custom op TensorRT knows nothing about (outside kiln's namespace: a test kernel runs it)."""
     return torch.cummax(x, dim=-1).values
 
 
 running_max.register_fake(lambda x: torch.empty_like(x))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _running_max_kernel() -> Iterator[None]:
+    def make(name: str, out: object) -> object:
+        return lambda args, kwargs, outs: running_max(*args, **kwargs)
+
+    register_kernel("test.running_max", provider="test", implements="kilntest.running_max.default",
+                    writes_planned_outputs=False)(make)
+    yield
+    KERNELS.pop("test.running_max", None)
 
 
 class WithCustomOp(nn.Module):
@@ -117,7 +129,7 @@ class WithCustomOp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv(x))
-        y = torch.ops.kiln.test_running_max(y)
+        y = torch.ops.kilntest.running_max(y)
         return self.fc(y.mean(-1).flatten(1)).sigmoid()
 
 
@@ -181,10 +193,10 @@ def test_custom_op_splits_a_cnn_into_two_engines(emulate: None) -> None:
     model, x = WithCustomOp().eval(), torch.randn(2, 3, 6, 6)
     engine = _build(model, (x,))
     ops = [op for op, _ in _kernels(engine)]
-    assert ops == [REGION_OP, "kiln.test_running_max.default", REGION_OP]
+    assert ops == [REGION_OP, "kilntest.running_max.default", REGION_OP]
     outside = engine.build_info["tensorrt"]["outside"]
-    assert [o["op"] for o in outside] == ["kiln.test_running_max.default"]
-    assert "torch.ops.kiln.test_running_max(y)" in outside[0]["source"]
+    assert [o["op"] for o in outside] == ["kilntest.running_max.default"]
+    assert "torch.ops.kilntest.running_max(y)" in outside[0]["source"]
     with torch.no_grad():
         _assert_same(engine(x), model(x))
 
@@ -193,7 +205,7 @@ def test_require_full_lists_every_unconverted_op_before_building(monkeypatch: py
     class Two(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.cumsum(x.relu(), dim=-1)
-            return torch.ops.kiln.test_running_max(y) * 2
+            return torch.ops.kilntest.running_max(y) * 2
 
     def no_engines(*args: object, **kwargs: object) -> None:
         raise AssertionError("require_full must fail before building any engine")
@@ -204,9 +216,9 @@ def test_require_full_lists_every_unconverted_op_before_building(monkeypatch: py
     message = str(info.value)
     assert "2 op(s)" in message
     assert "aten.cumsum.default (node cumsum)" in message and "y = torch.cumsum(x.relu(), dim=-1)" in message
-    assert "kiln.test_running_max.default" in message and "test_tensorrt_partition.py" in message
+    assert "kilntest.running_max.default" in message and "test_tensorrt_partition.py" in message
     assert "@kiln.tensorrt.converter(torch.ops.aten.cumsum.default)" in message and "--require-full" in message
-    assert [o["op"] for o in info.value.ops] == ["aten.cumsum.default", "kiln.test_running_max.default"]
+    assert [o["op"] for o in info.value.ops] == ["aten.cumsum.default", "kilntest.running_max.default"]
 
 
 def test_region_reading_a_later_region_is_ordered_after_it(emulate: None) -> None:
