@@ -70,11 +70,11 @@ def _conv(kernel: int = 3, stride: int = 1, padding: int = 1, groups: int = 1, a
     return make
 
 
-def _linear(act: str = "relu", rows: int = 16) -> Callable[[str, torch.dtype], tuple]:
+def _linear(act: str = "relu", rows: int = 16, bias: bool = True) -> Callable[[str, torch.dtype], tuple]:
     def make(device: str, dtype: torch.dtype) -> tuple:
         x = torch.randn(rows, 32, device=device, dtype=dtype)
         w = torch.randn(32, 24, device=device, dtype=dtype) / 6
-        return (x, w, torch.randn(24, device=device, dtype=dtype), act)
+        return (x, w, torch.randn(24, device=device, dtype=dtype) if bias else None, act)
 
     return make
 
@@ -134,6 +134,7 @@ CASES: list[Case] = [
     Case("cublaslt.patch_conv_gemm", CONV, _conv(kernel=4, stride=4, padding=0, size=16, memory_format=CL),
          label="channels-last"),
     Case("cublaslt.linear_epilogue", LINEAR, _linear("relu")),
+    Case("cublaslt.linear_epilogue", LINEAR, _linear("silu", bias=False), label="no-bias"),
     Case("cublaslt.linear_gelu_tanh", LINEAR, _linear("gelu"), where="gpu", dtype=torch.float16, tol=5e-3),
     # Triton: fp32 in the interpreter, fp16 compiled on the GPU
     *_triton("triton.conv_epilogue", CONV, _conv(residual=True, memory_format=CL)),
@@ -259,6 +260,19 @@ def test_equal_priorities_are_ordered_by_name_not_registration():
     finally:
         for name in [*names, "test.tie_default"]:
             KERNELS.pop(name, None)
+
+
+def test_a_linear_without_bias_runs_a_gemm_kernel_on_cuda():
+    """T5's linears have no bias: on CUDA a GEMM kernel comes before the reference, in every dtype."""
+    from kiln.kernels import candidates
+
+    for dtype in (torch.float16, torch.float32):
+        a, wt = TensorSpec("x", (256, 64), dtype), TensorSpec("w", (64, 96), dtype)
+        out = TensorSpec("y", (256, 96), dtype)
+        linear = OpCall(LINEAR, (a, wt, None, None), (out,), "cuda", (None, None, None, "none"))
+        names = [k.name for k in candidates(linear)]
+        assert names[0] == "cublaslt.linear_epilogue", names
+        assert "cublaslt.linear_gelu_tanh" not in names
 
 
 def test_implements_takes_op_names_and_namespaces():

@@ -22,8 +22,7 @@ def _epilogue_fits(call: OpCall) -> bool:
         call.device_type == "cuda"
         and x is not None
         and len(x.shape) == 2
-        and bias is not None
-        and len(bias.shape) == 1
+        and (bias is None or len(bias.shape) == 1)
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
 
@@ -37,10 +36,13 @@ def _epilogue_fits(call: OpCall) -> bool:
     priority=Priority.DEFAULT,
 )
 def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
-    """One cuBLASLt GEMM with bias + ReLU/GELU-tanh epilogue; other activations follow in place."""
+    """One cuBLASLt GEMM with bias + ReLU/GELU-tanh epilogue; other activations follow in place.
+    Without a bias (T5's linears) it is one cuBLAS GEMM and the activation in place."""
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, w_t, bias, act = args
+        if bias is None:
+            return INPLACE[act](torch.mm(x, w_t))
         if act in EPILOGUES:
             return torch.ops.aten._addmm_activation(bias, x, w_t, use_gelu=EPILOGUES[act])
         return INPLACE[act](torch.addmm(bias, x, w_t))
@@ -51,6 +53,7 @@ def make_epilogue(name: str, out: OutVariant | None) -> StepFn:
 def _half_precision_gelu(call: OpCall) -> bool:
     return (
         _epilogue_fits(call)
+        and call.inputs[2] is not None
         and call.inputs[0].dtype in (torch.float16, torch.bfloat16)
         and call.constant(3) == "gelu"
     )
