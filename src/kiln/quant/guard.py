@@ -164,7 +164,7 @@ class GuardReport:
 
     def summary(self) -> str:
         targets = ", ".join(self.targets)
-        first = self.targets[0].split(">")[0].split("<")[0] if self.targets else "cosine"
+        first = parse_targets(self.targets)[0].metric
         state = "met" if self.met else "NOT met"
         kept = ", ".join(k.module or k.name for k in self.kept) or "none"
         return (
