@@ -53,6 +53,8 @@ def parse() -> argparse.Namespace:
                    help="kill one replica (ray.kill) once this fraction of requests is answered; 0: never")
     p.add_argument("--retries", type=int, default=1, help="re-sends of a request that got a 5xx or no answer")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a client waits for an answer")
+    p.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="the server answers a request not done in this time with HTTP 408 (kiln serve's default)")
     p.add_argument("--engine-throughput", action="store_true",
                    help="also time the engine in-process at its own batch (rows/s) before serving")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -111,7 +113,8 @@ def main() -> int:
 
     t_start = time.perf_counter()
     served = kiln.serve.run([path], port=args.port, replicas=args.replicas, max_batch=args.max_batch,
-                            batch_wait_ms=args.batch_wait_ms, device=args.device)
+                            batch_wait_ms=args.batch_wait_ms, device=args.device,
+                            request_timeout_s=args.request_timeout_s or None)
     startup_s = time.perf_counter() - t_start
     try:
         results = load(args, served.url, name, inputs, references)

@@ -631,6 +631,27 @@ def test_deployment_options():
         model_name("/x/kiln.kiln")
 
 
+def test_a_bad_engine_file_fails_before_ray_starts(tmp_path):
+    """kiln serve reads and verifies every file first: one error line, no traceback, no Ray."""
+    from typer.testing import CliRunner
+
+    from kiln.cli.commands import app
+    from kiln.serve.deploy import check_engine
+
+    good = tmp_path / "m.kiln"
+    kiln.build(torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),), device="cpu").save(good)
+    assert check_engine(good) == "cpu"
+    bad = tmp_path / "bad.kiln"
+    data = bytearray(good.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(kiln.EngineFileError, match="integrity check"):
+        check_engine(bad)
+    result = CliRunner().invoke(app, ["serve", str(bad), "--port", str(free_port())])
+    assert result.exit_code == 1
+    assert "integrity check" in result.output and "Traceback" not in result.output
+
+
 def test_json_data_of_half_precision_is_plain_numbers():
     assert protocol.json_data(torch.tensor([1.5, 2], dtype=torch.bfloat16)) == [1.5, 2.0]
     assert np.asarray(protocol.json_data(torch.tensor([[True], [False]]))).tolist() == [True, False]

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from kiln.cli.app import command
-from kiln.cli.common import console, fail
+from kiln.cli.common import console, fail, trusted_key_option
 
 
 def _parse_device(text: str | None) -> str | None:
@@ -53,6 +53,9 @@ def serve_command(
                                     "(instead of --replicas)."),
     cpus_per_replica: float = typer.Option(1.0, min=0.0, metavar="N", help="CPUs Ray reserves for each replica."),
     access_log: bool = typer.Option(False, help="Log every request (Ray Serve's access log)."),
+    trusted_key: list[Path] = trusted_key_option(),
+    request_timeout_s: float = typer.Option(30.0, min=0.0, metavar="S", help="Answer a request not done in S "
+                                            "seconds with an error (HTTP 408) instead of letting it wait; 0: never."),
 ) -> None:
     """Serve ENGINE(s) over HTTP (Open Inference Protocol / KServe v2) on Ray Serve, with dynamic batching."""
     try:
@@ -66,16 +69,17 @@ def serve_command(
         served = deploy.run(
             engines, host=host, port=port, address=address, device=device, max_batch=max_batch,
             batch_wait_ms=batch_wait_ms, replicas=replicas, autoscaling=autoscaling,
-            cpus_per_replica=cpus_per_replica, access_log=access_log,
+            cpus_per_replica=cpus_per_replica, access_log=access_log, request_timeout_s=request_timeout_s or None,
+            trusted_keys=trusted_key or None,
         )
     except (KilnError, ValueError, OSError) as exc:
         raise fail(exc) from None
     for name, path in served.models.items():
-        console.print(f"  [green]✓[/] {name:<20} {served.url}/v2/models/{name}/infer   ({path})")
+        console.print(f"  [green]✓[/] {name:<12} {served.url}/v2/models/{name}/infer   ({path})", soft_wrap=True)
     for url in served.metrics:
-        console.print(f"  metrics (Prometheus): {url}")
+        console.print(f"  metrics (Prometheus): {url}", soft_wrap=True)
     console.print(f"  Ray: {served.ray_address}" + ("  (local, loopback only)" if served.started_ray else ""))
-    console.print(f"ready: {served.url}/v2/health/ready   (Ctrl-C stops)")
+    console.print(f"ready: {served.url}/v2/health/ready   (Ctrl-C or SIGTERM stops)", soft_wrap=True)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -78,7 +78,8 @@ class Client:
 
     def infer(self, model: str, inputs: Mapping[str, torch.Tensor], binary: bool = True,
               outputs: Sequence[str] | None = None, request_id: str | None = None) -> dict[str, torch.Tensor]:
-        """Outputs by name. A 4xx answer raises InputError with the server's message; 5xx, ServerError."""
+        """Outputs by name. A 4xx answer raises InputError with the server's message; 5xx, 408 (timed out)
+        and 429 (overloaded), ServerError: those may succeed when sent again."""
         body, headers = protocol.encode_request(inputs, binary=binary, request_id=request_id, outputs=outputs,
                                                 binary_outputs=binary)
         reply = self.request("POST", f"/v2/models/{model}/infer", body, headers)
@@ -120,6 +121,6 @@ def _raise_for(reply: Reply) -> None:
         message = json.loads(reply.body)["error"]
     except (ValueError, KeyError, TypeError):
         message = reply.body[:500].decode(errors="replace")
-    if 400 <= reply.status < 500:
+    if 400 <= reply.status < 500 and reply.status not in (408, 429):  # timeouts and back-pressure: try again
         raise InputError(f"HTTP {reply.status}: {message}")
     raise ServerError(f"HTTP {reply.status}: {message}", reply.status)

@@ -8,7 +8,6 @@ answers server metadata, liveness, readiness and unknown model names.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import EngineFileError
+from kiln.errors import EngineFileError, KilnError
 
 MODEL_DEPLOYMENT = "KilnModel"
 SERVER_APP = "kiln"
@@ -37,19 +36,14 @@ def model_name(engine_path: str | os.PathLike, name: str | None = None) -> str:
     return chosen
 
 
-def engine_device_type(engine_path: str | os.PathLike) -> str:
-    """The device kind ('cuda' or 'cpu') an engine file was built for, read from its header only."""
-    from safetensors import safe_open
+def check_engine(engine_path: str | os.PathLike, trusted_keys: Sequence[str] | None = None) -> str:
+    """Read and verify an engine file as its replicas will (format, digest, signature with
+    `trusted_keys`, plan validation), without a device; returns the device kind it was built for.
+    A bad file fails here, with kiln's EngineFileError, before any replica starts."""
+    from kiln.runtime import engine_file
 
-    path = Path(engine_path)
-    if not path.is_file():
-        raise EngineFileError(f"no engine file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["kiln.header"])
-        return str(header["build"]["device_type"])
-    except Exception as exc:  # any damage: say so in kiln's words; replicas re-read and verify the file
-        raise EngineFileError(f"{path} is not a readable kiln engine file ({type(exc).__name__}: {exc})") from None
+    contents = engine_file.read_engine(engine_path, list(trusted_keys) if trusted_keys else None)
+    return str(contents.header["build"]["device_type"])
 
 
 def deployment_options(
@@ -104,14 +98,16 @@ def app(
     gpus_per_replica: float = 1.0,
     cpus_per_replica: float = 1.0,
     ray_actor_options: Mapping[str, Any] | None = None,
+    trusted_keys: Sequence[str | os.PathLike] | None = None,
 ) -> Any:
     """The Ray Serve application serving one engine file (a bound KilnModel deployment).
 
     Run it alone (`serve.run(kiln.serve.app("m.kiln"), route_prefix="/v2/models/m")`) or pass
     it to your own deployment's `.bind(...)` and call `await handle.infer.remote({"x": tensor})`.
     `device` defaults to the kind the engine was built for; `replicas` to one per GPU of the
-    connected Ray cluster (CUDA engines) or one (CPU engines). The engine file must be readable
-    at the same path on every node that runs a replica.
+    connected Ray cluster (CUDA engines) or one (CPU engines). With `trusted_keys` (public key
+    files), replicas refuse an engine none of them signed. The engine file (and the keys) must be
+    readable at the same path on every node that runs a replica.
     """
     from ray import serve
 
@@ -119,12 +115,14 @@ def app(
 
     path = Path(engine_path).resolve()
     chosen = model_name(path, name)
-    kind = device or engine_device_type(path)
+    keys = [str(Path(k).resolve()) for k in trusted_keys] if trusted_keys else None
+    kind = device or check_engine(path, keys)
     options = deployment_options(
         kind, max_batch=max_batch, replicas=replicas, autoscaling=autoscaling, gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options,
     )
-    return serve.deployment(KilnModel).options(**options).bind(str(path), chosen, device, max_batch, batch_wait_ms)
+    return serve.deployment(KilnModel).options(**options).bind(str(path), chosen, device, max_batch, batch_wait_ms,
+                                                               keys)
 
 
 def server_app(models: Mapping[str, str]) -> Any:
@@ -163,12 +161,17 @@ def run(
     autoscaling: Mapping[str, Any] | None = None,
     cpus_per_replica: float = 1.0,
     access_log: bool = False,
+    request_timeout_s: float | None = 30.0,
+    trusted_keys: Sequence[str | os.PathLike] | None = None,
 ) -> Served:
     """Serve every engine over the Open Inference Protocol; returns once all are ready.
 
     A local Ray instance (loopback only) is started unless Ray is already initialized in
     this process or `address` names an existing cluster. GPU replicas share each GPU among
-    the engines (one replica of each engine per GPU by default).
+    the engines (one replica of each engine per GPU by default). A request not answered
+    within `request_timeout_s` is answered by the HTTP proxy with an error (408), so no client
+    waits forever on a replica that died; None: no limit. `host`, `port` and the timeout
+    apply when this call starts Serve (an existing Serve instance keeps its own).
     """
     names: dict[str, str] = {}
     for p in engine_paths:
@@ -178,28 +181,37 @@ def run(
         if not Path(p).is_file():
             raise EngineFileError(f"no engine file at {p}")
         names[chosen] = str(Path(p).resolve())
-    kinds = {n: device or engine_device_type(p) for n, p in names.items()}
+    keys = [str(Path(k).resolve()) for k in trusted_keys] if trusted_keys else None
+    kinds = {n: check_engine(p, keys) for n, p in names.items()}  # a bad file fails here, not in a replica
+    if device is not None:
+        kinds = dict.fromkeys(kinds, device)
     started = connect(address)
     import ray
     from ray import serve
 
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
         logging_config = {"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"}
         gpu_share = 1.0 / max(1, sum(1 for k in kinds.values() if k.startswith("cuda")))
         targets = [
-            (app(p, name=n, device=device, max_batch=max_batch, batch_wait_ms=batch_wait_ms, replicas=replicas,
-                 autoscaling=autoscaling, gpus_per_replica=gpu_share, cpus_per_replica=cpus_per_replica),
+            (app(p, name=n, device=kinds[n], max_batch=max_batch, batch_wait_ms=batch_wait_ms, replicas=replicas,
+                 autoscaling=autoscaling, gpus_per_replica=gpu_share, cpus_per_replica=cpus_per_replica,
+                 trusted_keys=keys),
              n, f"/v2/models/{n}")
             for n, p in names.items()
         ]
         targets.append((server_app({n: n for n in names}), SERVER_APP, "/v2"))
-        if hasattr(serve, "run_many") and hasattr(serve, "RunTarget"):  # all at once (Ray >= 2.4x)
-            serve.run_many([serve.RunTarget(target=a, name=n, route_prefix=r, logging_config=logging_config)
-                            for a, n, r in targets])
-        else:
-            for a, n, r in targets:
-                serve.run(a, name=n, route_prefix=r, logging_config=logging_config)
+        try:
+            if hasattr(serve, "run_many") and hasattr(serve, "RunTarget"):  # all at once (newer Ray)
+                serve.run_many([serve.RunTarget(target=a, name=n, route_prefix=r, logging_config=logging_config)
+                                for a, n, r in targets])
+            else:
+                for a, n, r in targets:
+                    serve.run(a, name=n, route_prefix=r, logging_config=logging_config)
+        except RuntimeError as exc:  # a replica failed to start: Ray's log above holds its traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KilnError(f"Ray Serve could not start the models ({first}); the replica's error is in the "
+                            "log above") from None
     except BaseException:
         if started:
             _stop(started_ray=True, applications=[])

@@ -98,9 +98,12 @@ class KilnModel:
     """One engine behind the Open Inference Protocol, with dynamic batching."""
 
     def __init__(self, engine_path: str, name: str, device: str | None = None, max_batch: int = 32,
-                 batch_wait_ms: float = 2.0):
+                 batch_wait_ms: float = 2.0, trusted_keys: list[str] | None = None):
         self.name = name
-        self.engine = kiln.load(engine_path, device=device)
+        if trusted_keys:
+            self.engine = kiln.load(engine_path, device=device, trusted_keys=trusted_keys)
+        else:
+            self.engine = kiln.load(engine_path, device=device)
         self.device = self.engine.device
         self.batching: Batching | None = engine_batching(self.engine)
         self.signature = signature(self.engine.inputs, self.engine.outputs, batched=self.batching is not None)
