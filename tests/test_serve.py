@@ -265,6 +265,34 @@ def test_engine_batching_detects_a_shared_leading_axis():
         engine_batching(fake_engine(specs, [], batch_range=(4, 2)))
 
 
+def test_dynamic_shape_engines_batch_over_their_dim():
+    """An engine whose axis 0 is a Dim (docs/dynamic-shapes.md) batches over the Dim's range and
+    shows -1 on every dynamic axis; a dim that is not the shared leading one is no batch axis."""
+    dims = {"batch": SimpleNamespace(min=1, max=64), "seq": SimpleNamespace(min=8, max=128)}
+    inputs = [TensorSpec("ids", ("batch", "seq"), torch.int64), TensorSpec("mask", ("batch", "seq"), torch.int64)]
+    outputs = [TensorSpec("y", ("batch", 16), torch.float32)]
+    assert engine_batching(fake_engine(inputs, outputs, dims=dims)) == Batching(1, 64)
+    meta = signature(inputs, outputs, batched=True)
+    assert [m.shape for m in meta.inputs] == [(-1, -1), (-1, -1)] and meta.outputs[0].shape == (-1, 16)
+    assert engine_batching(fake_engine(inputs, [TensorSpec("y", ("seq",), torch.float32)], dims=dims)) is None
+    assert engine_batching(fake_engine(inputs, outputs, dims={})) is None
+
+
+def test_requests_of_other_shapes_never_share_a_call():
+    """Rows of requests differing past axis 0 (a dynamic seq axis) go to separate engine calls."""
+    requests = [[torch.randn(n, seq, 3), torch.randint(0, 9, (n, 2))] for n, seq in [(1, 4), (2, 5), (1, 4), (3, 5)]]
+    shapes = []
+
+    def call(chunk):
+        shapes.append(tuple(chunk[0].shape))
+        return [chunk[0] * 2, chunk[1] + 1]
+
+    results = run_batched(call, requests, Batching(1, 8))
+    assert sorted(shapes) == [(2, 4, 3), (5, 5, 3)]
+    for request, (y, z) in zip(requests, results):
+        assert torch.equal(y, request[0] * 2) and torch.equal(z, request[1] + 1)
+
+
 def test_calls_cut_rows_into_engine_batches():
     assert Batching(4, 4).calls(9) == [(0, 4, 4), (4, 4, 4), (8, 1, 4)]
     assert Batching(1, 4).calls(9) == [(0, 4, 4), (4, 4, 4), (8, 1, 1)]

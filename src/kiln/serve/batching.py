@@ -1,12 +1,12 @@
 """From single requests to engine calls: the batch axis, padding and slicing. No Ray.
 
 A request holds `n >= 1` rows (samples) along axis 0 of every input. The rows of a
-dynamic batch of requests are laid end to end and cut into engine calls of at most
-`max_rows`; a call with fewer than `min_rows` rows is padded with zeros, and the
-padding is sliced off the outputs. A static engine (built for batch B) takes exactly B
-rows per call (min = max = B); an engine with a batch range (`engine.batch_range`,
-from the dynamic-shapes work) takes any count in its range, so it is padded only below
-its minimum.
+dynamic batch of requests (of the same shapes past axis 0) are laid end to end and cut
+into engine calls of at most `max_rows`; a call with fewer than `min_rows` rows is
+padded with zeros, and the padding is sliced off the outputs. A static engine (built for
+batch B) takes exactly B rows per call (min = max = B); a dynamic-shape engine whose
+batch axis is a Dim (`engine.dims`), or one declaring `batch_range`, takes any count in
+its range, so it is padded only below its minimum.
 
 Axis 0 is taken to be an independent batch axis when every input and every tensor
 output of the engine leads with the same size; otherwise each request must have the
@@ -47,8 +47,9 @@ class Batching:
 def engine_batching(engine: Any) -> Batching | None:
     """How an engine's calls batch requests, or None when it has no batch axis.
 
-    An engine that declares `batch_range = (min, max)` takes any batch in that range;
-    a static engine takes exactly the batch its inputs were built for.
+    A static engine takes exactly the batch its inputs were built for. A dynamic-shape engine
+    (docs/dynamic-shapes.md) whose inputs and outputs all lead with one of its `engine.dims`
+    takes any batch in that dim's range, as does an engine declaring `batch_range = (min, max)`.
     """
     declared = getattr(engine, "batch_range", None)
     if declared is not None:
@@ -59,22 +60,34 @@ def engine_batching(engine: Any) -> Batching | None:
     shapes = [tuple(s.shape) for s in engine.inputs] + [tuple(s.shape) for s in engine.outputs if s is not None]
     if not engine.inputs or any(len(s) == 0 for s in shapes):
         return None
-    batch = shapes[0][0]
-    if batch < 1 or any(s[0] != batch for s in shapes):
+    leads = {str(s[0]) for s in shapes}
+    if len(leads) != 1:
         return None
-    return Batching(batch, batch)
+    lead = shapes[0][0]
+    if isinstance(lead, int):
+        return Batching(lead, lead) if lead >= 1 else None
+    dim = (getattr(engine, "dims", None) or {}).get(str(lead))  # a dynamic axis: its Dim's range
+    if dim is None or not hasattr(dim, "min") or not hasattr(dim, "max"):
+        return None
+    return Batching(int(dim.min), int(dim.max))
 
 
 def signature(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec | None], batched: bool) -> Signature:
-    """The protocol's view of an engine: -1 on the batch axis when requests are batched."""
+    """The protocol's view of an engine: -1 on the batch axis when requests are batched, and on
+    every axis a dynamic-shape engine takes a range of sizes for (the engine checks the range)."""
 
     def meta(spec: TensorSpec) -> TensorMeta:
-        shape = tuple(spec.shape)
+        shape = tuple(d if isinstance(d, int) else -1 for d in spec.shape)
         if batched:
             shape = (-1, *shape[1:])
         return TensorMeta(spec.name, datatype_name(spec.dtype), shape)
 
     return Signature(tuple(meta(s) for s in inputs), tuple(meta(s) for s in outputs if s is not None))
+
+
+def static_shapes(specs: Sequence[TensorSpec]) -> bool:
+    """Whether every dimension is a fixed size (no dynamic-shape dims)."""
+    return all(isinstance(d, int) for s in specs for d in s.shape)
 
 
 def request_rows(inputs: Sequence[torch.Tensor], names: Sequence[str]) -> int:
@@ -106,6 +119,15 @@ def run_batched(
                 on_call(1, 1)
             results.append(list(call(list(inputs))))
         return results
+    groups: dict[tuple, list[int]] = {}  # requests whose rows can share a call (same shapes past axis 0)
+    for i, inputs in enumerate(requests):
+        groups.setdefault(tuple(tuple(x.shape[1:]) for x in inputs), []).append(i)
+    if len(groups) > 1:
+        answers: list[Tensors] = [[] for _ in requests]
+        for members in groups.values():
+            for i, out in zip(members, run_batched(call, [requests[i] for i in members], batching, on_call)):
+                answers[i] = out
+        return answers
     counts = [int(r[0].shape[0]) for r in requests]
     n_inputs = len(requests[0])
     columns = [_concat([r[i] for r in requests]) for i in range(n_inputs)]

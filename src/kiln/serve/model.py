@@ -26,7 +26,15 @@ from starlette.responses import Response
 import kiln
 from kiln.errors import InputError
 from kiln.serve import protocol
-from kiln.serve.batching import Batching, engine_batching, flat_outputs, request_rows, run_batched, signature
+from kiln.serve.batching import (
+    Batching,
+    engine_batching,
+    flat_outputs,
+    request_rows,
+    run_batched,
+    signature,
+    static_shapes,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -215,6 +223,8 @@ class KilnModel:
         return [flat[i].cpu() for i in self.tensor_outputs]
 
     def _warm_up(self) -> None:
+        if not static_shapes(self.engine.inputs):  # a dynamic-shape engine captures each size on first use
+            return
         with torch.inference_mode():
             self.engine(*[torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in self.engine.inputs])
 
