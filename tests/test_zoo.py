@@ -25,8 +25,11 @@ REQUIRED_NAMES = [
     "efficientnet_b0",
     "bert-base",
     "bert-tiny",
+    *zoo.ZOO_TABLE,
 ]
-IMAGE_NAMES = [n for n in zoo.names() if not n.startswith("bert")]
+IMAGE_NAMES = [n for n in zoo.names() if n not in zoo.HF_MODELS]
+# torchvision's RegNet computes its block widths with tensor ops: it cannot be made on meta.
+NOT_ON_META = {"regnet_y_400mf"}
 
 
 def run(zm: zoo.ZooModel):
@@ -68,11 +71,122 @@ def test_create_small_classifiers(name, family):
     assert run(zm).shape == (1, 1000)
 
 
-@pytest.mark.parametrize("name", IMAGE_NAMES)
+@pytest.mark.parametrize("name", [n for n in IMAGE_NAMES if n not in NOT_ON_META])
 def test_every_image_model_builds_with_default_shape(name):
     zm, out = create_on_meta(name, batch=2)
-    assert zm.example_inputs[0].shape == (2, 3, 224, 224)
+    size = 299 if name == "inception_v3" else 224
+    assert zm.example_inputs[0].shape == (2, 3, size, size)
     assert out.shape == (2, 1000)
+
+
+# Per-sample input shape and output shapes at the default config (batch 2), on meta.
+TRANSFORMERS_DEFAULTS = {
+    "bert-base": ((128,), {"last_hidden_state": (2, 128, 768), "pooler_output": (2, 768)}),
+    "minilm-l6": ((128,), {"last_hidden_state": (2, 128, 384), "pooler_output": (2, 384)}),
+    "roberta-base": ((128,), {"last_hidden_state": (2, 128, 768), "pooler_output": (2, 768)}),
+    "distilbert-base": ((128,), {"last_hidden_state": (2, 128, 768)}),
+    "t5-base-encoder": ((128,), {"last_hidden_state": (2, 128, 768)}),
+    "wav2vec2-base": ((16000,), {"last_hidden_state": (2, 49, 768), "extract_features": (2, 49, 512)}),
+    "whisper-base-encoder": ((80, 3000), {"last_hidden_state": (2, 1500, 512)}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS_DEFAULTS))
+def test_transformers_models_default_shapes(name):
+    shape, outputs = TRANSFORMERS_DEFAULTS[name]
+    zm, out = create_on_meta(name, batch=2)
+    assert zm.family == "transformers" and zm.pretrained is False
+    assert [tuple(x.shape) for x in zm.example_inputs] == [(2, *shape)]
+    assert {k: tuple(v.shape) for k, v in out.items() if v is not None} == outputs
+
+
+def test_zoo_table_spans_the_families():
+    table = zoo.ZOO_TABLE
+    assert len(table) >= 20 and len(set(table)) == len(table)
+    assert set(table) <= set(zoo.names())
+    tasks = {zoo.HF_MODELS[n].task for n in table if n in zoo.HF_MODELS}
+    assert tasks == {"encoder", "decoder", "audio"}
+    assert sum(n not in zoo.HF_MODELS for n in table) >= 10  # CNNs and vision transformers
+
+
+def test_architectures_follow_their_named_configs():
+    t5 = zoo.HF_MODELS["t5-base-encoder"]
+    assert (t5.fields["d_model"], t5.fields["num_layers"], t5.fields["num_heads"]) == (768, 12, 12)
+    with torch.device("meta"):
+        gpt2 = zoo.create("gpt2").model.config
+        llama = zoo.create("llama-small").model.config
+        whisper = zoo.create("whisper-base-encoder").model.config
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.vocab_size, gpt2.n_positions) == (12, 768, 12, 50257, 1024)
+    assert llama.num_key_value_heads < llama.num_attention_heads  # grouped-query attention
+    assert (whisper.d_model, whisper.encoder_layers) == (512, 6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-small"])
+def test_decoders_are_a_prefill_pass_without_cache(name):
+    with torch.device("meta"):
+        zm = zoo.create(name, batch=2)
+    assert zm.task == "decoder" and zm.model.config.use_cache is False
+    assert "use_cache=False" in zm.note and "random weights" in zm.note
+    assert zm.example_inputs[0].shape == (2, 128)
+    with torch.device("meta"):
+        assert zoo.create(name, overrides={"use_cache": True}).model.config.use_cache is True
+
+
+def test_overrides_change_the_architecture():
+    zm = zoo.create("t5-base-encoder", batch=2, input_shape=(8,),
+                    overrides=dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64, vocab_size=100))
+    assert len(zm.model.encoder.block) == 1
+    assert zm.example_inputs[0].max() < 100
+    assert run(zm).last_hidden_state.shape == (2, 8, 32)
+    tm, out = create_on_meta("deit_small_patch16_224", overrides=dict(img_size=64, depth=1))
+    assert tm.example_inputs[0].shape == (1, 3, 64, 64) and len(tm.model.blocks) == 1 and out.shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("gpt2", {"n_layers": 2}, r"GPT2Config has no field 'n_layers'; close matches: n_layer"),
+        ("resnet18", {"widht": 3}, r"torchvision's resnet18 does not take these overrides"),
+        ("efficientnet_b0", {"dpeth": 3}, r"timm's efficientnet_b0 does not take these overrides"),
+    ],
+)
+def test_unknown_overrides_are_errors(name, overrides, message):
+    with pytest.raises(zoo.ZooError, match=message):
+        create_on_meta(name, overrides=overrides)
+
+
+def test_regnet_default_shape_on_cpu():
+    zm = zoo.create("regnet_y_400mf", batch=2)
+    assert zm.example_inputs[0].shape == (2, 3, 224, 224)
+    assert zm.model.to("meta")(zm.example_inputs[0].to("meta")).shape == (2, 1000)
+
+
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("wav2vec2-base", (399,), r"\(samples,\) with samples >= 400"),
+        ("wav2vec2-base", (1, 400), r"\(samples,\)"),
+        ("whisper-base-encoder", (80, 301), r"\(mel_bins, frames\) with an even number of frames"),
+        ("gpt2", (1025,), r"\(seq,\) with 1 <= seq <= 1024"),
+        ("roberta-base", (513,), r"\(seq,\) with 1 <= seq <= 512"),
+    ],
+)
+def test_audio_and_text_input_shape_errors(name, shape, message):
+    with pytest.raises(zoo.ZooError, match=message):
+        create_on_meta(name, input_shape=shape)
+
+
+def test_audio_input_shapes_set_the_inputs():
+    zm, out = create_on_meta("whisper-base-encoder", input_shape=(80, 200))
+    assert zm.example_inputs[0].shape == (1, 80, 200) and zm.model.config.max_source_positions == 100
+    assert out.last_hidden_state.shape == (1, 100, 512)
+    zm, out = create_on_meta("wav2vec2-base", input_shape=(400,))
+    assert out.last_hidden_state.shape == (1, 1, 768)
+
+
+def test_too_small_image_is_a_zoo_error():
+    with pytest.raises(zoo.ZooError, match=r"inception_v3 cannot run on example inputs of shape \(1, 3, 64, 64\)"):
+        zoo.create("inception_v3", input_shape=(3, 64, 64))
 
 
 def test_batch_and_input_shape_override():
@@ -107,8 +221,9 @@ def test_batch_must_be_positive():
 def test_other_torchvision_and_timm_names():
     tv, out = create_on_meta("torchvision/efficientnet_b0")
     assert tv.family == "torchvision" and out.shape == (1, 1000)
-    inception, out = create_on_meta("inception_v3")
+    inception, out = create_on_meta("torchvision/inception_v3")
     assert inception.example_inputs[0].shape == (1, 3, 299, 299) and out.shape == (1, 1000)
+    assert inception.model.AuxLogits is None, "the training-only auxiliary classifier is left out"
     tm = zoo.create("timm/resnet18", input_shape=(3, 64, 64))
     assert (tm.family, tm.task) == ("timm", "classification")
     assert run(tm).shape == (1, 1000)

@@ -5,6 +5,11 @@ models are built with seeded random weights, so ``pretrained`` is False througho
 
 A name is one of: a registered zoo name (see ``names()``), ``torchvision/<name>`` or a bare
 torchvision classification name, ``timm/<name>``, or ``path/to/file.py:factory``.
+
+``ZOO_TABLE`` is the broad benchmark set (``kiln bench --zoo``, docs/zoo_table.md): at least one
+model per architecture family: CNNs, vision transformers, text encoders, decoders (a prefill
+pass) and audio encoders. Hugging Face models are built from their configs (the named
+checkpoint's architecture, random weights), never downloaded.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import functools
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ZOO_TABLE",
     "ZooError",
     "ZooModel",
     "create",
@@ -38,6 +44,11 @@ RANDOM_WEIGHTS_NOTE = (
 )
 IMAGE_SHAPE = (3, 224, 224)
 BERT_SEQ_LEN = 128
+SEQ_LEN = BERT_SEQ_LEN  # default sequence length of every text model
+DECODER_NOTE = (
+    "a prefill pass: logits for every position of the prompt, built with use_cache=False (no "
+    "key/value cache returned, so every peer does the same work)"
+)
 
 
 class ZooError(ValueError):
@@ -57,7 +68,8 @@ class ZooModel:
 
 Shape = tuple[int, ...]
 Inputs = tuple[torch.Tensor, ...]
-Builder = Callable[[str, int, Shape | None, torch.Generator], tuple[torch.nn.Module, Inputs]]
+Overrides = Mapping[str, Any]
+Builder = Callable[[str, int, Shape | None, torch.Generator, Overrides], tuple[torch.nn.Module, Inputs]]
 
 
 @dataclass(frozen=True)
@@ -66,17 +78,23 @@ class _Entry:
     family: str
     task: str
     target: str
+    note: str = ""
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register(*zoo_names: str, family: str, task: str) -> Callable[[Builder], Builder]:
-    """Register ``build(name, batch, input_shape, generator)`` under each of ``zoo_names``."""
+def register(
+    *zoo_names: str, family: str, task: str | Mapping[str, str], note: str | Mapping[str, str] = ""
+) -> Callable[[Builder], Builder]:
+    """Register ``build(name, batch, input_shape, generator, overrides)`` under each of
+    ``zoo_names``; ``task`` and ``note`` are one string or one per name."""
 
     def decorate(build: Builder) -> Builder:
         for name in zoo_names:
-            _REGISTRY[name] = _Entry(build, family, task, name)
+            name_task = task if isinstance(task, str) else task[name]
+            name_note = note if isinstance(note, str) else note.get(name, "")
+            _REGISTRY[name] = _Entry(build, family, name_task, name, name_note)
         return build
 
     return decorate
@@ -87,11 +105,20 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: int = 0) -> ZooModel:
+def create(
+    name: str,
+    batch: int = 1,
+    input_shape: Shape | None = None,
+    seed: int = 0,
+    overrides: Overrides | None = None,
+) -> ZooModel:
     """Build zoo model ``name`` with seeded random weights and seeded example inputs.
 
-    ``input_shape`` is the per-sample shape without the batch dimension: (C, H, W) for
-    images, (seq,) for BERT.
+    ``input_shape`` is the per-sample shape of the first input, without the batch dimension:
+    (C, H, W) for images, (seq,) for text, (samples,) for waveforms, (mel_bins, frames) for
+    Whisper's encoder. ``overrides`` change the architecture: config fields of a transformers
+    model (e.g. ``{"num_hidden_layers": 2}``), keyword arguments of ``timm.create_model`` or of
+    torchvision's ``get_model`` (tests use them to build small versions of big models).
     """
     if batch < 1:
         raise ZooError(f"batch must be >= 1, got {batch}")
@@ -99,15 +126,20 @@ def create(name: str, batch: int = 1, input_shape: Shape | None = None, seed: in
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, inputs = entry.build(entry.target, batch, _shape(input_shape), generator)
+        model, inputs = entry.build(entry.target, batch, _shape(input_shape), generator, dict(overrides or {}))
         _randomize_zero_layers(model)
-        _calibrate_batchnorm(model, inputs)
+        try:
+            _calibrate_batchnorm(model, inputs)
+        except RuntimeError as e:  # e.g. an image too small for the network's downsampling
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ZooError(f"{name} cannot run on example inputs of shape {shapes}: {message}") from e
     return ZooModel(
         name=name,
         model=model.eval(),
         example_inputs=inputs,
         pretrained=False,
-        note=RANDOM_WEIGHTS_NOTE,
+        note="; ".join(n for n in (RANDOM_WEIGHTS_NOTE, entry.note) if n),
         family=entry.family,
         task=_task(entry, model),
     )
@@ -274,19 +306,30 @@ TORCHVISION_CLASSIFIERS = (
     "squeezenet1_0",
     "squeezenet1_1",
     *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
+    "resnext50_32x4d",
     *(f"densenet{d}" for d in (121, 161, 169, 201)),
     *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
     "mobilenet_v2",
+    "mobilenet_v3_large",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "inception_v3",
+    "swin_t",
     "vit_b_16",
 )
+# Constructor arguments the zoo sets unless overridden: torchvision warns when inception_v3's
+# init_weights is left unset, and its auxiliary classifier is for training only (an eval-mode
+# model never runs it, but batch-norm calibration would, and it needs inputs of 299x299).
+TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"init_weights": True, "aux_logits": False}}
 
 
 @register(*TORCHVISION_CLASSIFIERS, family="torchvision", task="classification")
 def _build_torchvision(
-    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator
+    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator, overrides: Overrides
 ) -> tuple[torch.nn.Module, Inputs]:
     tv = _require("torchvision")
-    model = tv.models.get_model(name, weights=None)
+    kwargs = {**TORCHVISION_KWARGS.get(name, {}), **overrides}
+    model = _construct(f"torchvision's {name}", lambda: tv.models.get_model(name, weights=None, **kwargs))
     fixed_size = getattr(model, "image_size", None)
     shape = input_shape or _torchvision_default_shape(tv, name, fixed_size)
     if isinstance(fixed_size, int) and tuple(shape[1:]) != (fixed_size, fixed_size):
@@ -301,62 +344,251 @@ def _torchvision_default_shape(tv: ModuleType, name: str, fixed_size: Any) -> Sh
     return (3, crop[0], crop[-1])
 
 
+def _construct(what: str, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Call a model constructor; an argument it does not take (a bad override) is a ZooError."""
+    try:
+        return make()
+    except TypeError as e:
+        raise ZooError(f"{what} does not take these overrides: {e}") from e
+
+
 # --- timm -----------------------------------------------------------------------------
 
 
-@register("efficientnet_b0", family="timm", task="classification")
+@register("efficientnet_b0", "deit_small_patch16_224", family="timm", task="classification")
 def _build_timm(
-    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator
+    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator, overrides: Overrides
 ) -> tuple[torch.nn.Module, Inputs]:
     timm = _require("timm")
-    model = timm.create_model(name, pretrained=False)
-    shape = input_shape or tuple(timm.data.resolve_model_data_config(model)["input_size"])
+    model = _construct(f"timm's {name}", lambda: timm.create_model(name, pretrained=False, **overrides))
+    shape = input_shape or _timm_default_shape(timm, model, overrides)
     return model, _images(batch, shape, generator)
+
+
+def _timm_default_shape(timm: ModuleType, model: torch.nn.Module, overrides: Overrides) -> Shape:
+    size = overrides.get("img_size")  # the pretrained config's input_size does not follow it
+    if isinstance(size, int):
+        return (3, size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (3, int(size[0]), int(size[1]))
+    return tuple(timm.data.resolve_model_data_config(model)["input_size"])
 
 
 # --- transformers ---------------------------------------------------------------------
 
-BERT_CONFIGS: dict[str, dict[str, Any]] = {
-    "bert-tiny": dict(
-        num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512
+
+def _max_positions(config: Any) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _roberta_max_positions(config: Any) -> int:
+    # RoBERTa's position ids start after its padding index.
+    return int(config.max_position_embeddings) - int(config.pad_token_id) - 1
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """A transformers model built from a config with random weights (no checkpoint download).
+
+    ``model``: its class, an attribute of ``transformers`` or a dotted path inside it;
+    ``fields``: the config fields of the architecture it stands for (the rest are the config
+    class's defaults); ``inputs``: "tokens", "waveform" or "mel" (see _HF_INPUTS)."""
+
+    model: str
+    config: str
+    fields: dict[str, Any]
+    task: str = "encoder"
+    inputs: str = "tokens"
+    max_len: Callable[[Any], int | None] = _max_positions
+    note: str = ""
+
+
+HF_MODELS: dict[str, HFModel] = {
+    "bert-tiny": HFModel(
+        "BertModel", "BertConfig",
+        dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     ),
-    "bert-base": {},
-    "bert-large": dict(
-        num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096
+    "bert-base": HFModel("BertModel", "BertConfig", {}),
+    "bert-large": HFModel(
+        "BertModel", "BertConfig",
+        dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+    ),
+    # sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT of width 384
+    "minilm-l6": HFModel(
+        "BertModel", "BertConfig",
+        dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536),
+    ),
+    "roberta-base": HFModel(
+        "RobertaModel", "RobertaConfig",
+        dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5),
+        max_len=_roberta_max_positions,
+    ),
+    "distilbert-base": HFModel("DistilBertModel", "DistilBertConfig", {}),
+    # t5-base's encoder stack: relative position bias, RMS norm, no-bias linears, ReLU FFN
+    "t5-base-encoder": HFModel(
+        "T5EncoderModel", "T5Config",
+        dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, feed_forward_proj="relu"),
+    ),
+    "gpt2": HFModel("GPT2LMHeadModel", "GPT2Config", dict(use_cache=False), task="decoder", note=DECODER_NOTE),
+    # A small Llama-architecture decoder: RMS norm, rotary embeddings, grouped-query attention, SwiGLU
+    "llama-small": HFModel(
+        "LlamaForCausalLM", "LlamaConfig",
+        dict(
+            hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False,
+        ),
+        task="decoder", note=DECODER_NOTE,
+    ),
+    # facebook/wav2vec2-base: 7 conv feature layers (group norm), convolutional position embedding
+    "wav2vec2-base": HFModel("Wav2Vec2Model", "Wav2Vec2Config", {}, task="audio", inputs="waveform"),
+    # openai/whisper-base's encoder: two conv layers over 80 mel bins, then 6 transformer layers
+    "whisper-base-encoder": HFModel(
+        "models.whisper.modeling_whisper.WhisperEncoder", "WhisperConfig",
+        dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048),
+        task="audio", inputs="mel",
     ),
 }
 
 
-@register(*BERT_CONFIGS, family="transformers", task="encoder")
-def _build_bert(
-    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator
+@register(
+    *HF_MODELS,
+    family="transformers",
+    task={n: m.task for n, m in HF_MODELS.items()},
+    note={n: m.note for n, m in HF_MODELS.items()},
+)
+def _build_transformers(
+    name: str, batch: int, input_shape: Shape | None, generator: torch.Generator, overrides: Overrides
 ) -> tuple[torch.nn.Module, Inputs]:
     transformers = _require("transformers")
-    config = transformers.BertConfig(**BERT_CONFIGS[name])
-    seq = _bert_seq_len(name, input_shape, config.max_position_embeddings)
-    model = _bert_model(transformers, config)
-    return model, _token_inputs(batch, seq, config.vocab_size, generator)
+    spec = HF_MODELS[name]
+    shape_of, make_inputs = _HF_INPUTS[spec.inputs]
+    config_cls = getattr(transformers, spec.config)
+    fields = {**spec.fields, **_checked_overrides(name, config_cls(), overrides)}
+    probe = config_cls(**fields)
+    shape, shape_fields = shape_of(name, spec, probe, input_shape)
+    config = config_cls(**{**fields, **shape_fields}) if shape_fields else probe
+    model = _hf_model(_hf_class(transformers, spec.model), config)
+    return model, make_inputs(batch, shape, config, generator)
 
 
-def _bert_model(transformers: ModuleType, config: Any) -> torch.nn.Module:
+def _checked_overrides(name: str, default_config: Any, overrides: Overrides) -> dict[str, Any]:
+    """Config fields only: a config class silently keeps any unknown keyword as an attribute."""
+    for key in overrides:
+        if not hasattr(default_config, key):
+            known = [k for k in default_config.to_dict() if not k.startswith("_")]
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ZooError(f"{name}: {type(default_config).__name__} has no field {key!r}{hint}")
+    return dict(overrides)
+
+
+def _hf_class(transformers: ModuleType, path: str) -> type:
+    module_path, _, cls_name = path.rpartition(".")
+    module = importlib.import_module(f"transformers.{module_path}") if module_path else transformers
+    return getattr(module, cls_name)
+
+
+def _hf_model(cls: type, config: Any) -> torch.nn.Module:
     # SDPA exports cleanly (checked with transformers 4.46 and 5.x): torch.export keeps
     # aten.scaled_dot_product_attention, which kiln can map to flash attention, and
     # run_decompositions() lowers it to softmax/bmm, matching eager. "eager" is only the
-    # fallback for a transformers version whose BERT has no SDPA path.
+    # fallback for a transformers version whose model has no SDPA path.
     try:
-        return transformers.AutoModel.from_config(config, attn_implementation="sdpa")
+        return cls._from_config(config, attn_implementation="sdpa")
     except (ValueError, ImportError):
-        return transformers.AutoModel.from_config(config, attn_implementation="eager")
+        return cls._from_config(config, attn_implementation="eager")
 
 
-def _bert_seq_len(name: str, input_shape: Shape | None, max_len: int) -> int:
+# Input kinds: (per-sample shape from input_shape and the config, plus config fields the shape
+# sets) and (batch, shape, config, generator) → example inputs.
+ShapeOf = Callable[[str, HFModel, Any, Shape | None], tuple[Shape, dict[str, Any]]]
+MakeInputs = Callable[[int, Shape, Any, torch.Generator], Inputs]
+
+
+def _token_shape(name: str, spec: HFModel, config: Any, input_shape: Shape | None) -> tuple[Shape, dict[str, Any]]:
+    max_len = spec.max_len(config)
     if input_shape is None:
-        return BERT_SEQ_LEN
-    if len(input_shape) != 1 or not 1 <= input_shape[0] <= max_len:
+        return (SEQ_LEN if max_len is None else min(SEQ_LEN, max_len),), {}
+    limit = "" if max_len is None else f" <= {max_len}"
+    if len(input_shape) != 1 or input_shape[0] < 1 or (max_len is not None and input_shape[0] > max_len):
+        raise ZooError(f"{name} input_shape must be (seq,) with 1 <= seq{limit}, got {input_shape}")
+    return input_shape, {}
+
+
+def _tokens(batch: int, shape: Shape, config: Any, generator: torch.Generator) -> Inputs:
+    return _token_inputs(batch, shape[0], config.vocab_size, generator)
+
+
+WAVEFORM_SAMPLES = 16000  # one second at 16 kHz
+
+
+def _waveform_shape(
+    name: str, spec: HFModel, config: Any, input_shape: Shape | None
+) -> tuple[Shape, dict[str, Any]]:
+    shortest = 1  # the feature extractor's receptive field: one output frame
+    for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
+        shortest = (shortest - 1) * stride + kernel
+    if input_shape is None:
+        return (max(WAVEFORM_SAMPLES, shortest),), {}
+    if len(input_shape) != 1 or input_shape[0] < shortest:
+        raise ZooError(f"{name} input_shape must be (samples,) with samples >= {shortest}, got {input_shape}")
+    return input_shape, {}
+
+
+def _waveform(batch: int, shape: Shape, config: Any, generator: torch.Generator) -> Inputs:
+    return (torch.randn((batch, *shape), generator=generator, device="cpu"),)
+
+
+def _mel_shape(name: str, spec: HFModel, config: Any, input_shape: Shape | None) -> tuple[Shape, dict[str, Any]]:
+    # Whisper's encoder takes exactly 2 * max_source_positions frames (its two convolutions
+    # halve them once); other lengths set max_source_positions.
+    if input_shape is None:
+        return (config.num_mel_bins, 2 * config.max_source_positions), {}
+    if len(input_shape) != 2 or input_shape[0] < 1 or input_shape[1] < 2 or input_shape[1] % 2:
         raise ZooError(
-            f"{name} input_shape must be (seq,) with 1 <= seq <= {max_len}, got {input_shape}"
+            f"{name} input_shape must be (mel_bins, frames) with an even number of frames, got {input_shape}"
         )
-    return input_shape[0]
+    mel_bins, frames = input_shape
+    return input_shape, {"num_mel_bins": mel_bins, "max_source_positions": frames // 2}
+
+
+_HF_INPUTS: dict[str, tuple[ShapeOf, MakeInputs]] = {
+    "tokens": (_token_shape, _tokens),
+    "waveform": (_waveform_shape, _waveform),
+    "mel": (_mel_shape, _waveform),
+}
+
+
+# --- the benchmark table --------------------------------------------------------------
+
+# `kiln bench --zoo` and docs/zoo_table.md: one or more models per family, each a registered name.
+ZOO_TABLE: tuple[str, ...] = (
+    # CNNs
+    "resnet50",
+    "resnext50_32x4d",
+    "efficientnet_b0",
+    "mobilenet_v3_large",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "densenet121",
+    "inception_v3",
+    # vision transformers
+    "swin_t",
+    "vit_b_16",
+    "deit_small_patch16_224",
+    # text encoders
+    "bert-base",
+    "roberta-base",
+    "distilbert-base",
+    "minilm-l6",
+    "t5-base-encoder",
+    # decoders (prefill)
+    "gpt2",
+    "llama-small",
+    # audio encoders
+    "wav2vec2-base",
+    "whisper-base-encoder",
+)
 
 
 # --- factory files --------------------------------------------------------------------
