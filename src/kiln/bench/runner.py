@@ -48,24 +48,14 @@ from kiln.bench.results import (
 )
 from kiln.errors import KilnWarning
 from kiln.timing import Latency, measure
+from kiln.zoo import ZOO_TABLE
 
 __all__ = [
     "BASELINE", "PRECISIONS", "ZOO_MODELS", "Accuracy", "BenchReport", "BenchSettings", "Environment", "PeerResult",
     "Stats", "ZooEntry", "ZooReport", "bench_model", "bench_zoo",
 ]
 
-ZOO_MODELS = (
-    "alexnet",
-    "squeezenet1_0",
-    "squeezenet1_1",
-    *(f"resnet{d}" for d in (18, 34, 50, 101, 152)),
-    *(f"densenet{d}" for d in (121, 161, 169, 201)),
-    *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
-    "mobilenet_v2",
-    "efficientnet_b0",
-    "vit_b_16",
-    "bert-base",
-)
+ZOO_MODELS = ZOO_TABLE  # the broad zoo, one list for the table and the tests: kiln.zoo.ZOO_TABLE
 REWARM = 1  # untimed calls before each later round: the caches another peer may have evicted
 Inputs = tuple[torch.Tensor, ...]
 
