@@ -21,7 +21,7 @@ import torch
 
 import kiln
 from kiln import zoo
-from numerics import REL_TOL, assert_close, leaves, rel_error
+from numerics import REL_TOL, assert_as_accurate_as_eager, assert_close, leaves, rel_error
 from test_zoo_engines import CORE_ZOO
 
 SMALL_IMAGE = (3, 64, 64)
@@ -113,6 +113,21 @@ def test_small_fp32_engine_matches_eager(name):
     got = engine(*zm.example_inputs)
     assert type(got) is type(expected), "the engine returns the model's output type"
     assert_fp32_close(got, expected, zm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SMALL))
+def test_small_fp16_engine_on_gpu_as_accurate_as_eager_fp16(name):
+    zm = small(name)
+    model = zm.model.cuda()
+    inputs = [x.cuda() for x in zm.example_inputs]
+    with torch.no_grad():
+        expected = model(*inputs)
+        half = [x.half() if x.is_floating_point() else x for x in inputs]
+        eager_fp16 = copy.deepcopy(model).half()(*half)
+    engine = kiln.build(model, inputs, precision="fp16", device="cuda")
+    assert engine.build_info["precision"] == "fp16"
+    assert_as_accurate_as_eager(engine(*inputs), expected, eager_fp16, "fp16")
 
 
 # --- decoders (issue 12 item 5): a prefill pass as an engine ------------------------------------
