@@ -90,6 +90,13 @@ def _pointwise(device: str, dtype: torch.dtype) -> tuple:
     return ([x, torch.randn(1, 8, 1, 1, device=device, dtype=dtype)], program)
 
 
+def _rowwise(device: str, dtype: torch.dtype) -> tuple:
+    """RMSNorm as a row program: mean of squares along the last axis, then the weight."""
+    program = ('{"body":[["mul",0,0],["row_mean",2],["add",3,{"const":1e-06}],["rsqrt",4],["mul",0,5],'
+               '["mul",1,6]],"inputs":2,"kiln_rowwise":1}')
+    return ([torch.randn(3, 5, 96, device=device, dtype=dtype), torch.randn(96, device=device, dtype=dtype)], program)
+
+
 def _spatial_mean(device: str, dtype: torch.dtype) -> tuple:
     x = torch.randn(2, 24, 7, 9, device=device, dtype=dtype).contiguous(memory_format=CL)
     return (x, [2, 3], True)
@@ -146,6 +153,7 @@ CASES: list[Case] = [
     *_triton("triton.add_layer_norm", LAYER_NORM, _layer_norm),
     *_triton("triton.spatial_mean", "aten.mean.dim", _spatial_mean),
     *_triton("triton.pointwise", POINTWISE, _pointwise),
+    *_triton("triton.rowwise", "kiln.rowwise.default", _rowwise),
     # TensorRT: a region built here, run by the TensorRT runtime
     Case("tensorrt", "kiln.tensorrt_region.default", lambda d, t: _tensorrt_region(d, t), where="gpu",
          reference=lambda inputs, engine, spec: [torch.relu(inputs[0]) * 2]),

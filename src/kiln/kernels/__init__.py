@@ -17,6 +17,7 @@ the list below (for a new module), and tests/test_kernel_catalog.py (its case).
     triton_layer_norm      residual add + layer norm in one Triton launch
     triton_mean            spatial mean of channels-last activations in Triton
     triton_pointwise       Triton kernels generated from kiln::pointwise programs
+    triton_rowwise         Triton kernels generated from kiln::rowwise programs (one row per instance)
     tensorrt               a TensorRT engine as one step (kiln::tensorrt_region)
     concat                 the concatenation the memory planner already did
 """
@@ -37,6 +38,7 @@ from kiln.kernels import (  # noqa: F401  (each registers its kernels)
     triton_layer_norm,
     triton_mean,
     triton_pointwise,
+    triton_rowwise,
 )
 from kiln.kernels.registry import (
     KERNELS,

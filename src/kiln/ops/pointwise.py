@@ -12,6 +12,14 @@ operands do. Only the ops in `OPS` (kiln.ops.vocabulary.POINTWISE_OPS) exist: lo
 program validates it completely, so kernels generated from it (kiln.kernels.triton_pointwise)
 only ever contain code that kiln wrote.
 
+Row programs (`kiln::rowwise`, header key "kiln_rowwise") add the reductions of
+`ROW_REDUCTIONS` (row_sum, row_mean, row_max, row_min: along the last axis of the broadcast
+inputs, keepdim) to those ops, so a normalization or a softmax with its pointwise prologue
+and epilogue is one program: e.g. RMSNorm is
+`[["mul",0,0],["row_mean",2],["add",3,{"const":1e-6}],["rsqrt",4],["mul",0,5],["mul",6,1]]`.
+A reduction's operand spans the whole row (its last dim is the row's), which the fusion
+pass guarantees and kernels check.
+
 The reference implementation interprets the program with torch ops, so a graph holding
 `kiln::pointwise` nodes still runs under plain PyTorch. Its result is laid out like the
 first input that has the result's full shape (contiguous when none has), which keeps
@@ -29,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kiln.ops.vocabulary import CONST, DTYPE, POINTWISE_OPS, SCALAR, VALUE, OpDef
+from kiln.ops.vocabulary import CONST, DTYPE, POINTWISE_OPS, ROW_REDUCTIONS, SCALAR, VALUE, OpDef
 from kiln.specs import dtype_name
 
 VERSION = 1
@@ -92,17 +100,25 @@ class Instr:
     args: tuple[Operand, ...]
 
 
+POINTWISE_KIND, ROWWISE_KIND = "kiln_pointwise", "kiln_rowwise"  # the header key of each program kind
+
+
 @dataclass(frozen=True)
 class Program:
     n_inputs: int
     body: tuple[Instr, ...]
+    kind: str = POINTWISE_KIND
 
     def to_json(self) -> str:
         """The canonical text: equal programs give equal text (the kernel cache key)."""
         body = [[ins.op, *(_operand_json(a) for a in ins.args)] for ins in self.body]
         return json.dumps(
-            {"kiln_pointwise": VERSION, "inputs": self.n_inputs, "body": body}, separators=(",", ":"), sort_keys=True
+            {self.kind: VERSION, "inputs": self.n_inputs, "body": body}, separators=(",", ":"), sort_keys=True
         )
+
+    @property
+    def reductions(self) -> tuple[Instr, ...]:
+        return tuple(ins for ins in self.body if ins.op in ROW_REDUCTIONS)
 
 
 def _operand_json(arg: Operand) -> Any:
@@ -116,6 +132,8 @@ def _operand_json(arg: Operand) -> Any:
 # -- the op set: kiln.ops.vocabulary.POINTWISE_OPS ------------------------------------------------
 
 OPS: dict[str, OpDef] = POINTWISE_OPS
+ROW_OPS: dict[str, OpDef] = {**POINTWISE_OPS, **ROW_REDUCTIONS}
+KIND_OPS: dict[str, dict[str, OpDef]] = {POINTWISE_KIND: OPS, ROWWISE_KIND: ROW_OPS}
 
 
 # -- parsing and validation -----------------------------------------------------------------------
@@ -124,6 +142,17 @@ OPS: dict[str, OpDef] = POINTWISE_OPS
 @functools.lru_cache(maxsize=4096)
 def parse_program(text: str) -> Program:
     """Validate program text completely; raise PointwiseProgramError naming the first problem."""
+    return _parse(text, POINTWISE_KIND)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_row_program(text: str) -> Program:
+    """Validate a row program (kiln::rowwise: pointwise ops and row reductions) completely."""
+    return _parse(text, ROWWISE_KIND)
+
+
+def _parse(text: str, kind: str) -> Program:
+    ops = KIND_OPS[kind]
     if not isinstance(text, str):
         raise PointwiseProgramError(f"a pointwise program is JSON text, got {type(text).__name__}")
     if len(text) > MAX_PROGRAM_CHARS:
@@ -132,13 +161,11 @@ def parse_program(text: str) -> Program:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PointwiseProgramError(f"pointwise program is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict) or set(obj) != {"kiln_pointwise", "inputs", "body"}:
+    if not isinstance(obj, dict) or set(obj) != {kind, "inputs", "body"}:
+        raise PointwiseProgramError(f"a {kind} program is an object with exactly the keys {kind}, inputs, body")
+    if obj[kind] != VERSION:
         raise PointwiseProgramError(
-            "a pointwise program is an object with exactly the keys kiln_pointwise, inputs, body"
-        )
-    if obj["kiln_pointwise"] != VERSION:
-        raise PointwiseProgramError(
-            f"pointwise program version {obj['kiln_pointwise']!r} is not supported (this kiln reads {VERSION})"
+            f"{kind} program version {obj[kind]!r} is not supported (this kiln reads {VERSION})"
         )
     n_inputs = obj["inputs"]
     if not _is_int(n_inputs) or not 1 <= n_inputs <= MAX_INPUTS:
@@ -146,7 +173,7 @@ def parse_program(text: str) -> Program:
     body = obj["body"]
     if not isinstance(body, list) or not 1 <= len(body) <= MAX_INSTRUCTIONS:
         raise PointwiseProgramError(f"'body' must be a list of 1..{MAX_INSTRUCTIONS} instructions")
-    program = Program(n_inputs, tuple(_parse_instr(raw, n_inputs + i, i) for i, raw in enumerate(body)))
+    program = Program(n_inputs, tuple(_parse_instr(raw, n_inputs + i, i, ops) for i, raw in enumerate(body)), kind)
     _check_all_used(program)
     return program
 
@@ -155,14 +182,14 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _parse_instr(raw: Any, n_values: int, index: int) -> Instr:
+def _parse_instr(raw: Any, n_values: int, index: int, ops: dict[str, OpDef]) -> Instr:
     where = f"instruction {index}"
     if not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
         raise PointwiseProgramError(f"{where} must be a list [op, operands...], got {raw!r}")
     op, operands = raw[0], raw[1:]
-    opdef = OPS.get(op)
+    opdef = ops.get(op)
     if opdef is None:
-        raise PointwiseProgramError(f"{where}: unknown op {op!r}; known: {', '.join(sorted(OPS))}")
+        raise PointwiseProgramError(f"{where}: unknown op {op!r}; known: {', '.join(sorted(ops))}")
     if len(operands) != len(opdef.operands):
         raise PointwiseProgramError(f"{where}: {op} takes {len(opdef.operands)} operand(s), got {len(operands)}")
     args = tuple(_parse_operand(a, kind, n_values, f"{where} ({op})") for a, kind in zip(operands, opdef.operands))
@@ -220,7 +247,8 @@ class Var:
 class ProgramBuilder:
     """Build a program op by op; inputs may be reordered when building."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = POINTWISE_KIND) -> None:
+        self.kind = kind
         self._n_inputs = 0
         self._body: list[tuple[str, tuple[Var | Const | torch.dtype, ...]]] = []
 
@@ -246,7 +274,7 @@ class ProgramBuilder:
             return position[a.index] if a.is_input else self._n_inputs + a.index
 
         body = tuple(Instr(op, tuple(number(a) for a in args)) for op, args in self._body)
-        return parse_program(Program(self._n_inputs, body).to_json())
+        return _parse(Program(self._n_inputs, body, self.kind).to_json(), self.kind)
 
 
 # -- the reference ------------------------------------------------------------------------------
@@ -257,9 +285,10 @@ def evaluate(program: Program, inputs: Sequence[torch.Tensor]) -> list[Any]:
     if len(inputs) != program.n_inputs:
         raise PointwiseProgramError(f"pointwise program takes {program.n_inputs} inputs, got {len(inputs)}")
     values: list[Any] = list(inputs)
+    ops = KIND_OPS[program.kind]
     for ins in program.body:
         args = [values[a] if _is_int(a) else a.value if isinstance(a, Const) else a for a in ins.args]
-        values.append(OPS[ins.op].reference(*args))
+        values.append(ops[ins.op].reference(*args))
     return values
 
 
@@ -306,3 +335,12 @@ def pointwise(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
 
 
 pointwise.register_fake(lambda inputs, program: run_program(parse_program(program), inputs))
+
+
+@torch.library.custom_op("kiln::rowwise", mutates_args=())
+def rowwise(inputs: list[torch.Tensor], program: str) -> torch.Tensor:
+    """A fused row program: pointwise ops and reductions along the last axis (see kiln.ops.pointwise)."""
+    return run_program(parse_row_program(program), inputs)
+
+
+rowwise.register_fake(lambda inputs, program: run_program(parse_row_program(program), inputs))

@@ -132,5 +132,14 @@ POINTWISE_OPS: dict[str, OpDef] = {
     "cast": OpDef((VALUE, DTYPE), lambda x, dtype: x.to(dtype)),
 }
 
+# Reductions along the last axis (keepdim) that row programs (kiln::rowwise) add to POINTWISE_OPS:
+# one row of the broadcast inputs in, one value per row out, broadcast back to later ops.
+ROW_REDUCTIONS: dict[str, OpDef] = {
+    "row_sum": OpDef((VALUE,), lambda x: torch.sum(x, -1, keepdim=True)),
+    "row_mean": OpDef((VALUE,), lambda x: torch.mean(x, -1, keepdim=True)),
+    "row_max": OpDef((VALUE,), lambda x: torch.amax(x, -1, keepdim=True)),
+    "row_min": OpDef((VALUE,), lambda x: torch.amin(x, -1, keepdim=True)),
+}
+
 # Activations a pointwise program spells with other ops.
 NOT_POINTWISE_OPS = {"none": "nothing to compute", "relu6": "clamp(x, 0, 6)"}

@@ -27,6 +27,7 @@ from kiln.passes import (  # noqa: F401  (each registers its pass)
     fuse_layer_norm,
     fuse_linear,
     fuse_pointwise,
+    fuse_rowwise,
     horizontal,
 )
 from kiln.passes.registry import PASSES, Pass, RegisteredPass, register_pass
@@ -56,6 +57,7 @@ PIPELINE: tuple[str, ...] = (
     "horizontal_fuse_conv",  # sibling convolutions (opt-in: default=False)
     "fuse_layer_norm",  # residual add + layer norm → kiln::add_layer_norm
     "channels_last",  # convolutional graphs → channels-last activations
+    "fuse_rowwise",  # last-dim reductions (norms, softmax) + their elementwise neighbours → kiln::rowwise
     "fuse_pointwise",  # chains of elementwise ops → kiln::pointwise
 )
 

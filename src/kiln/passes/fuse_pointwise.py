@@ -26,7 +26,17 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from kiln.graph import CapturedGraph
-from kiln.ops.pointwise import DTYPES, MAX_INPUTS, MAX_INSTRUCTIONS, Const, Program, ProgramBuilder, Var
+from kiln.ops.pointwise import (
+    DTYPES,
+    MAX_INPUTS,
+    MAX_INSTRUCTIONS,
+    POINTWISE_KIND,
+    Const,
+    PointwiseProgramError,
+    Program,
+    ProgramBuilder,
+    Var,
+)
 from kiln.passes.registry import register_pass
 from kiln.specs import dtype_name
 
@@ -151,6 +161,40 @@ def _to_copy(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
     return b.emit("cast", operand(node.args[0]), dtype)
 
 
+def _pow(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
+    """pow(x, c) for the exponents that are other ops exactly: x², x³, √x, 1/√x, 1/x."""
+    x, exponent = operand(node.args[0]), _arg(node, 1, "exponent", None)
+    if node.kwargs or isinstance(exponent, bool) or exponent not in (2, 3, 0.5, -0.5, -1):
+        raise _NotFusable(f"pow with exponent {exponent!r}")
+    if exponent == 2:
+        return b.emit("mul", x, x)
+    if exponent == 3:
+        return b.emit("mul", b.emit("mul", x, x), x)
+    if _val(node.args[0]) is None or not _val(node.args[0]).is_floating_point():
+        raise _NotFusable("fractional power of an integer tensor")
+    return b.emit({0.5: "sqrt", -0.5: "rsqrt", -1: "reciprocal"}[exponent], x)
+
+
+def _isinf(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
+    source = _val(node.args[0])
+    if source is None or not source.is_floating_point() or len(node.args) != 1:
+        raise _NotFusable("isinf of a non-float tensor")
+    return b.emit("eq", b.emit("abs", operand(node.args[0])), Const(float("inf")))
+
+
+def _clamp_tensor(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
+    """clamp(x, min, max) with tensor bounds: maximum, then minimum (as torch clamps)."""
+    x = operand(node.args[0])
+    low, high = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
+    if low is None and high is None:
+        raise _NotFusable("clamp without bounds")
+    if low is not None:
+        x = b.emit("maximum", x, operand(low))
+    if high is not None:
+        x = b.emit("minimum", x, operand(high))
+    return x
+
+
 def _where(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
     if len(node.args) != 3 or node.kwargs:
         raise _NotFusable("unexpected arguments")
@@ -204,6 +248,9 @@ LOWERINGS: dict[Any, Lowering] = {
     aten.bitwise_and.Tensor: _bool_only("and", 2),
     aten.bitwise_or.Tensor: _bool_only("or", 2),
     aten.where.self: _where,
+    aten.pow.Tensor_Scalar: _pow,
+    aten.isinf.default: _isinf,
+    aten.clamp.Tensor: _clamp_tensor,
     aten._to_copy.default: _to_copy,
 }
 
@@ -284,12 +331,14 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
-def lower_group(group: list[fx.Node]) -> tuple[Program, list[fx.Node]]:
+def lower_group(
+    group: list[fx.Node], lowerings: dict[Any, Lowering] = LOWERINGS, kind: str = POINTWISE_KIND
+) -> tuple[Program, list[fx.Node]]:
     """The program computing the group's root from its inputs, and those inputs in program order.
 
     An input laid out like the root goes first, since the result takes the first full-size
     input's layout."""
-    b = ProgramBuilder()
+    b = ProgramBuilder(kind)
     values: dict[fx.Node, Var] = {}
     inputs: dict[fx.Node, Var] = {}
 
@@ -303,7 +352,7 @@ def lower_group(group: list[fx.Node]) -> tuple[Program, list[fx.Node]]:
         return inputs[arg]
 
     for node in group:
-        values[node] = LOWERINGS[node.target](b, node, operand)
+        values[node] = lowerings[node.target](b, node, operand)
     root = _val(group[-1])
     order = list(inputs)
     like_root = [n for n in order if _same_layout(_val(n), root)]
@@ -313,28 +362,39 @@ def lower_group(group: list[fx.Node]) -> tuple[Program, list[fx.Node]]:
     return b.build([inputs[n].index for n in order]), order
 
 
-def _fused_val(inputs: list[fx.Node], program: str) -> torch.Tensor | None:
+def _fused_val(inputs: list[fx.Node], program: str, op: Any = POINTWISE) -> torch.Tensor | None:
     vals = [_val(n) for n in inputs]
     fake_mode = detect_fake_mode(vals)
     if fake_mode is None:
         return None
     with fake_mode:
-        return POINTWISE(vals, program)
+        return op(vals, program)
 
 
-def _rewrite(graph: fx.Graph, group: list[fx.Node]) -> bool:
-    """Replace `group` with one kiln::pointwise node; False (graph untouched) if it cannot."""
+def rewrite_group(
+    graph: fx.Graph,
+    group: list[fx.Node],
+    op: Any = POINTWISE,
+    lowerings: dict[Any, Lowering] = LOWERINGS,
+    kind: str = POINTWISE_KIND,
+    prefix: str = "pointwise",
+) -> bool:
+    """Replace `group` with one node of `op` (kiln::pointwise, kiln::rowwise) running its
+    program; False (graph untouched) if it cannot."""
     root = group[-1]
-    program, inputs = lower_group(group)
+    try:
+        program, inputs = lower_group(group, lowerings, kind)
+    except (_NotFusable, PointwiseProgramError):
+        return False
     if len(inputs) > MAX_INPUTS or len(program.body) > MAX_INSTRUCTIONS:
         return False
     text = program.to_json()
-    val = _fused_val(inputs, text)
+    val = _fused_val(inputs, text, op)
     expected = _val(root)
     if val is None or val.dtype != expected.dtype or not _same_layout(val, expected):
         return False  # consumers were traced against the root's layout; keep it
     with graph.inserting_before(root):
-        fused = graph.create_node("call_function", POINTWISE, (inputs, text), name=f"pointwise_{root.name}")
+        fused = graph.create_node("call_function", op, (inputs, text), name=f"{prefix}_{root.name}")
     fused.meta.update({k: root.meta[k] for k in KEPT_META if k in root.meta})
     fused.meta["val"] = val
     fused.meta["fused_from"] = [n.name for n in group]
@@ -348,7 +408,7 @@ def _rewrite(graph: fx.Graph, group: list[fx.Node]) -> bool:
 def fuse_pointwise(graph: CapturedGraph) -> CapturedGraph:
     """Fuse chains of elementwise ops into single kiln::pointwise kernels."""
     g = copy.deepcopy(graph.module.graph)
-    rewritten = [_rewrite(g, group) for group in find_groups(g)]
+    rewritten = [rewrite_group(g, group) for group in find_groups(g)]
     if not any(rewritten):
         return graph
     g.lint()

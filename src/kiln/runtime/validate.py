@@ -192,7 +192,7 @@ _ALLOWED_TABLE: dict[str, str] = {
     """,
     "kiln's own ops (torch.library, mutates_args=(), reference implementations in kiln.ops)": """
         kiln.conv_bias_act.default kiln.linear_act.default kiln.add_layer_norm.default
-        kiln.pointwise.default kiln.tensorrt_region.default
+        kiln.pointwise.default kiln.rowwise.default kiln.tensorrt_region.default
         kiln.quantize_per_tensor.default kiln.dequantize_per_tensor.default
         kiln.quantize_per_channel.default kiln.dequantize_per_channel.default
     """,
@@ -261,6 +261,16 @@ def _check_pointwise(args: dict[str, Any], shapes: Shapes) -> str | None:
     return None
 
 
+def _check_rowwise(args: dict[str, Any], shapes: Shapes) -> str | None:
+    from kiln.ops.pointwise import parse_row_program
+
+    try:
+        parse_row_program(args.get("program"))
+    except Exception as exc:  # PointwiseProgramError, or anything a malformed program provokes
+        return f"invalid rowwise program: {_first_line(exc)}"
+    return None
+
+
 def _check_region(args: dict[str, Any], shapes: Shapes) -> str | None:
     try:
         _region_module().parse_spec(args.get("spec"))
@@ -277,6 +287,7 @@ OP_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {
     "kiln.conv_bias_act.default": _check_conv,
     "kiln.linear_act.default": _check_activation,
     "kiln.pointwise.default": _check_pointwise,
+    "kiln.rowwise.default": _check_rowwise,
     "kiln.tensorrt_region.default": _check_region,
 }
 
