@@ -17,6 +17,7 @@ from kiln.errors import (  # noqa: E402
     UnsupportedOpError,
 )
 from kiln.runtime import Engine, EngineModule, load  # noqa: E402
+from kiln.shapes import Dim  # noqa: E402, F401  (dynamic shapes: kiln.Dim("batch", min=1, opt=8, max=64))
 
 
 def __getattr__(name: str):

@@ -15,15 +15,17 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.capture.export import bind_example_inputs, capture, check_model
+from kiln.capture.export import _resized, bind_example_inputs, capture, check_model
 from kiln.capture.failures import explain
 from kiln.capture.rewrites import check_names
+from kiln.dims import DynamicSpec, normalize
 from kiln.errors import KilnError, KilnWarning
 from kiln.passes import run_passes
 from kiln.plan.planner import make_plan
 from kiln.runtime.engine import Engine, EngineModule, default_device
 from kiln.select.selection import select_kernels
 from kiln.select.tune import TimingCache, default_cache_path
+from kiln.shapes import probe_bindings
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGES = ("capture", "passes", "select", "plan")
@@ -58,6 +60,7 @@ class BuildConfig:
     streams: str = "auto"  # side streams for independent branches: "auto" (kept where timed faster), "on", "off"
     model_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
+    check_dims: bool = True  # dynamic shapes: run the engine at every probe size against the model
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -96,6 +99,7 @@ def build(
     kwargs: dict[str, Any] | None = None,
     config: BuildConfig | None = None,
     reporter: Reporter | None = None,
+    dynamic_shapes: Any = None,
 ) -> Engine:
     """Build `model` into an Engine for the shapes of its example inputs.
 
@@ -104,12 +108,21 @@ def build(
     `kwargs` adds keyword inputs to positional ones. Non-tensor keyword values (None, bool,
     int, float, str) are traced as constants. The engine's inputs are named after forward's
     parameters. `model` itself is left as it was (mode, device, dtype, weights); a model in
-    train mode is built with eval semantics (with a KilnWarning)."""
+    train mode is built with eval semantics (with a KilnWarning).
+
+    `dynamic_shapes` makes axes dynamic, as torch.export's argument of that name but with
+    kiln.Dim(name, min=, opt=, max=) ranges: a tuple with one entry per input ({axis: Dim},
+    a per-axis list, or None) or a dict by argument name. The engine then takes any size in
+    each range; it is tuned at opt and its memory planned for max (docs/dynamic-shapes.md)."""
     check_model(model)
     config = config or BuildConfig(precision=precision, device=None if device is None else str(device))
     reporter = reporter or _Quiet()
     _check_config(config)
     inputs = bind_example_inputs(model, example_inputs, kwargs)
+    try:
+        spec = normalize(dynamic_shapes, inputs.tensors, inputs.names)
+    except (ValueError, TypeError) as exc:
+        raise KilnError(f"dynamic_shapes: {exc}") from None
     target = resolve_device(config.device)
     used = resolve_precision(config.precision, target)
     times: dict[str, float] = {}
@@ -128,7 +141,8 @@ def build(
         times[name] = round(time.perf_counter() - t0, 4)
 
     with stage("capture"):
-        graph = capture(model, inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites)
+        graph = capture(model, inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites,
+                        dynamic=spec)
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
     tensorrt_report = None
@@ -157,7 +171,7 @@ def build(
                 plan, streams_info["used"] = multi, True
             elif multi["side_branches"]:
                 trial = _build_info(model, config, target, used, {}, 0.0)
-                tensors = [x.to(target) for x in inputs.tensors]
+                tensors = [x.to(target) for x in spec.at(inputs.tensors, spec.opt_binding())]
                 one, two = (_replay_ms(Engine({"plan": p, "build": trial}, weights, target), tensors)
                             for p in (plan, multi))
                 faster = two < one * STREAM_GAIN
@@ -176,7 +190,67 @@ def build(
     info["input_ranges"] = _int_ranges(inputs.tensors)
     # non-tensor keyword inputs the engine was traced with (a call may repeat them, not change them)
     info["constant_inputs"] = inputs.constants
-    return Engine({"plan": plan, "build": info}, weights, target)
+    engine = Engine({"plan": plan, "build": info}, weights, target)
+    if spec.dynamic:
+        info["dims"] = {"dims": spec.to_json(), "checked": None}
+        if config.check_dims:
+            with stage("check_dims"):
+                info["dims"]["checked"] = check_dims(engine, model, inputs, spec, used)
+    return engine
+
+
+def check_dims(
+    engine: Engine, model: torch.nn.Module, inputs: Any, spec: DynamicSpec, precision: str
+) -> list[dict[str, Any]]:
+    """Run a dynamic engine at every probe binding (kiln.shapes.probe_bindings: opt, min, max,
+    each dim alone at its ends, an awkward prime size) against the model itself, with the
+    build precision's tolerance; a KilnError names the size and the output that differ. This
+    is what catches a model that treats size 1 differently from the size it was traced at
+    (torch.export assumes dynamic sizes are never 0 or 1)."""
+    from torch.utils import _pytree as pytree
+
+    rtol, atol = (1e-3, 1e-4) if precision == "fp32" else (3e-2, 3e-2)
+    results = []
+    model_device = next((p.device for p in model.parameters()), engine.device)
+    for binding in probe_bindings(list(spec.dims.values())):
+        tensors = spec.at(inputs.tensors, binding)
+        resized = _resized(inputs, tensors)
+        args, kwargs = resized.map(lambda x: x.to(model_device))
+        with torch.no_grad(), _quiet_eval(model):
+            want = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        e_args, e_kwargs = resized.map(lambda x: x.to(engine.device))
+        e_kwargs = {k: v for k, v in e_kwargs.items() if k not in inputs.constants}
+        got = [t for t in pytree.tree_leaves(engine(*e_args, **e_kwargs)) if isinstance(t, torch.Tensor)]
+        worst = 0.0
+        for i, (g, w) in enumerate(zip(got, want)):
+            w = w.to(device=g.device, dtype=g.dtype) if g.is_floating_point() else w.to(g.device)
+            if tuple(g.shape) != tuple(w.shape) or not torch.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
+                sizes = ", ".join(f"{k} = {v}" for k, v in binding.items())
+                err = (f"shape {tuple(g.shape)} instead of {tuple(w.shape)}" if tuple(g.shape) != tuple(w.shape)
+                       else f"max abs error {(g.double() - w.double()).abs().max().item():.3g}")
+                one = [k for k, v in binding.items() if v == 1]
+                hint = (" The model treats size 1 differently from the size it was traced at (torch.export "
+                        f"assumes dynamic sizes are never 1): set min=2 for {', '.join(one)}, or make that path "
+                        "shape-generic." if one else
+                        " The model's computation depends on these sizes in a way the traced graph does not "
+                        "capture: narrow the range, or fix this axis.")
+                raise KilnError(f"the dynamic engine differs from the model at {sizes}: output {i} has {err}.{hint}")
+            if g.is_floating_point() and g.numel():
+                worst = max(worst, (g.double() - w.double()).abs().max().item())
+        results.append({"binding": dict(binding), "max_abs_error": worst})
+    return results
+
+
+@contextlib.contextmanager
+def _quiet_eval(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block (capture already warned about train mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _check_config(config: BuildConfig) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from kiln.specs import TensorSpec, build_structure
@@ -37,6 +37,9 @@ class CapturedGraph:
     # fp32 originals of weights stored in a lower precision, for passes that fold weights
     masters: dict[str, torch.Tensor] = field(default_factory=dict)
     rewrites: dict[str, int] = field(default_factory=dict)  # capture-time rewrites applied, with counts
+    # dynamic shapes (docs/dynamic-shapes.md): the Dims by name, and shape-environment symbol → dim name
+    dims: dict[str, Any] = field(default_factory=dict)
+    symbols: dict[str, str] = field(default_factory=dict)
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Run the graph eagerly, casting like an engine does; returns the model's structure."""
@@ -190,7 +193,16 @@ def finish(graph: CapturedGraph) -> CapturedGraph:
 
 
 def refresh_meta(graph: CapturedGraph) -> None:
-    """Recompute every node's meta["val"] (shape, dtype, strides) after a rewrite."""
+    """Recompute every node's meta["val"] (shape, dtype, strides) after a rewrite. A graph with
+    dynamic dims propagates from its placeholders' own symbolic values, so shapes stay symbolic."""
+    if graph.dims:
+        from torch._guards import detect_fake_mode
+
+        vals = [n.meta["val"] for n in graph.module.graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode(vals)
+        mode.allow_non_fake_inputs = True
+        FakeTensorProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
+        return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = [
         mode.from_tensor(torch.empty(s.shape, dtype=s.dtype, device=graph.device)) for s in graph.graph_inputs
@@ -280,8 +292,15 @@ def infer_meta(node: fx.Node) -> None:
     """Set meta["val"] of a new node from its inputs' fake values, so later matches see shapes."""
     from torch._guards import detect_fake_mode
 
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
     mode = detect_fake_mode([n.meta["val"] for n in node.all_input_nodes]) or FakeTensorMode()
     mode.allow_non_fake_inputs = True
+
+    def fake(n: fx.Node) -> Any:  # real values (weights) as fakes of this mode: symbolic shapes need it
+        val = n.meta["val"]
+        if mode.shape_env is not None and isinstance(val, torch.Tensor) and not isinstance(val, FakeTensor):
+            return mode.from_tensor(val)
+        return val
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
     with mode:
         node.meta["val"] = node.target(*args, **kwargs)

@@ -539,6 +539,43 @@ def specialize_plan(plan: Mapping[str, Any], binding: Binding) -> dict[str, Any]
     return out
 
 
+def as_static_plan(
+    plan: Mapping[str, Any], binding: Binding, fallbacks: bool | Mapping[str, bool] = False, tight: bool = False
+) -> dict[str, Any]:
+    """`plan` specialized at `binding` (specialize_plan) in exactly the form of a static plan:
+    no `dims`, no `planned_at`, no `fallback` fields. With `fallbacks` a mapping (fallback
+    kernel → whether it writes planned outputs), every step that has a fallback runs it (without
+    its out-variant where it does not write planned outputs); with `tight`, the arena is what
+    this binding's slots need (a static plan's arena is exactly that)."""
+    out = specialize_plan(plan, binding)
+    out.pop("dims", None)
+    memory = {k: v for k, v in out.get("memory", {}).items() if k != "planned_at"}
+    if tight:
+        ends = [s["offset"] + s["nbytes"] for s in out.get("slots", []) if s.get("kind") in ("buffer", "slice")]
+        memory["arena_bytes"] = max(ends, default=0)
+    out["memory"] = memory
+    steps = []
+    for step in out.get("steps", []):
+        name = step.get("fallback")
+        if isinstance(fallbacks, Mapping) and isinstance(name, str):
+            steps.append(use_fallback(step, name, bool(fallbacks.get(name, True))))
+        else:
+            steps.append({k: v for k, v in step.items() if k != "fallback"})
+    out["steps"] = steps
+    return out
+
+
+def use_fallback(step: Mapping[str, Any], kernel: str, writes_planned_outputs: bool) -> dict[str, Any]:
+    """`step` run by its fallback kernel: without the out-variant where that kernel allocates
+    its own outputs."""
+    new = {k: v for k, v in step.items() if k != "fallback"}
+    new["kernel"] = kernel
+    if not writes_planned_outputs:
+        new["out_variant"] = None
+        new.pop("writes_into", None)
+    return new
+
+
 def _value(e: Expr, binding: Binding) -> int:
     if isinstance(e, int):
         return e

@@ -49,8 +49,11 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 @dataclass
 class TensorSpec:
+    """A tensor's name, shape and dtype. In a dynamic-shape engine a size may be an expression
+    over the engine's dims (kiln.shapes: a dim name or {op: [...]}), else it is an int."""
+
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[Any, ...]
     dtype: torch.dtype
 
     def to_json(self) -> dict[str, Any]:
@@ -58,10 +61,27 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> TensorSpec:
-        return cls(str(obj["name"]), tuple(int(d) for d in obj["shape"]), dtype_from_name(obj["dtype"]))
+        return cls(str(obj["name"]), tuple(_size(d) for d in obj["shape"]), dtype_from_name(obj["dtype"]))
+
+    @property
+    def dynamic(self) -> bool:
+        return not all(isinstance(d, int) for d in self.shape)
 
     def describe(self) -> str:
+        if self.dynamic:
+            from kiln.shapes import render_shape
+
+            return f"{render_shape(self.shape)} {dtype_name(self.dtype)}"
         return f"{tuple(self.shape)} {dtype_name(self.dtype)}"
+
+
+def _size(d: Any) -> Any:
+    """One size read from a file: an int, or a well-formed size expression (kiln.shapes.validate)."""
+    if isinstance(d, (str, dict)):
+        from kiln.shapes import validate
+
+        return validate(d)
+    return int(d)
 
 
 # -- output structure ---------------------------------------------------------------------

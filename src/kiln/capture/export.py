@@ -28,8 +28,10 @@ from torch.utils import _pytree as pytree
 from kiln.capture.data_dependent import make_static
 from kiln.capture.failures import UNKNOWN_OUTPUT, explain
 from kiln.capture.rewrites import check_names, rewritten
+from kiln.dims import DynamicSpec, constraint_lines
 from kiln.errors import CaptureError, KilnError, KilnWarning
 from kiln.graph import CapturedGraph, source_line  # noqa: F401  (re-exported)
+from kiln.shapes import ShapeExprError, expr_of
 from kiln.specs import TensorSpec, encode_structure
 
 DROPPED_OPS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -80,8 +82,13 @@ def capture(
     compute_dtype: torch.dtype = torch.float32,
     rewrites: list[str] | None = None,
     kwargs: dict[str, Any] | None = None,
+    dynamic: DynamicSpec | None = None,
 ) -> CapturedGraph:
     """Export `model` on `device` with floating weights and inputs in `compute_dtype`.
+
+    With `dynamic` (kiln.dims.normalize), the axes it names are traced as symbols over their
+    Dims' ranges (at opt, or 2 where opt is 1) and the graph's shapes are symbolic
+    (docs/dynamic-shapes.md).
 
     `example_inputs` is a tensor, a tuple of tensors, or a dict of them by forward parameter
     name; `kwargs` adds keyword inputs. `rewrites` names the kiln.capture.rewrites to trace
@@ -90,6 +97,9 @@ def capture(
     check_model(model)
     inputs = bind_example_inputs(model, example_inputs, kwargs)
     check_names(rewrites)
+    dynamic = dynamic if dynamic is not None and dynamic.dynamic else None
+    if dynamic is not None:
+        inputs = _resized(inputs, dynamic.export_inputs(inputs.tensors))
     user_specs = [TensorSpec(name, tuple(x.shape), x.dtype) for name, x in zip(inputs.names, inputs.tensors)]
     originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with eval_mode(model):
@@ -97,12 +107,19 @@ def capture(
         cast = cast or any(x.is_floating_point() and x.dtype != compute_dtype for x in inputs.tensors)
         try:
             try:
-                program, applied = _export(traced, inputs, device, compute_dtype, rewrites)
+                program, applied = _export(traced, inputs, device, compute_dtype, rewrites, dynamic)
             except Exception as exc:
                 if not _without_cache(model, inputs, exc):
                     raise
-                program, applied = _export(traced, inputs, device, compute_dtype, rewrites)
+                program, applied = _export(traced, inputs, device, compute_dtype, rewrites, dynamic)
         except Exception as exc:  # torch.export raises many kinds; explain() names the known ones
+            if dynamic is not None and constraint_lines(exc):
+                raise CaptureError(
+                    f"torch.export cannot trace {type(model).__name__} over the ranges given "
+                    f"({', '.join(d.describe() for d in dynamic.dims.values())}):\n  "
+                    + "\n  ".join(constraint_lines(exc))
+                    + "\nWhat to do: narrow the range (or fix that axis), as suggested above."
+                ) from exc
             raise explain(exc, model, "capture") from exc
         _check_no_mutation(program)
         eager_dtypes = _eager_output_dtypes(model, inputs) if cast else None
@@ -124,22 +141,62 @@ def capture(
             f"torch.export gave {type(model).__name__} {len(input_names)} tensor input(s) for "
             f"{len(user_specs)} example tensor(s) ({', '.join(inputs.names)}); pass tensors, not nested containers"
         )
+    dims, symbols = {}, {}
+    if dynamic is not None:
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        try:
+            symbols = dynamic.symbol_names([n.meta.get("val") for n in placeholders])
+        except ShapeExprError as exc:
+            raise CaptureError(f"{type(model).__name__}: {exc}") from None
+        dims = dict(dynamic.dims)
+        shaped = dynamic.input_shapes(inputs.tensors, inputs.names)
+        user_specs = [TensorSpec(s.name, tuple(i.shape), s.dtype) for s, i in zip(user_specs, shaped)]
     graph_inputs = [TensorSpec(s.name, s.shape, _compute(s.dtype, compute_dtype)) for s in user_specs]
     outputs = _output_specs(module, compute_dtype, _model_float_dtype(model, inputs.tensors), eager_dtypes)
+    if dynamic is not None:
+        try:
+            outputs = [None if o is None else TensorSpec(o.name, tuple(expr_of(d, symbols) for d in o.shape), o.dtype)
+                       for o in outputs]
+        except ShapeExprError as exc:
+            raise CaptureError(
+                f"{type(model).__name__}: an output's size is not an expression over the dims: {exc}"
+            ) from None
     structure = encode_structure(program.call_spec.out_spec)
     return CapturedGraph(
         module, user_specs, graph_inputs, outputs, structure, torch.device(device), compute_dtype, masters,
-        applied,
+        applied, dims, symbols,
     )
+
+
+def _resized(inputs: ExampleInputs, tensors: tuple[torch.Tensor, ...]) -> ExampleInputs:
+    """`inputs` with its tensors replaced, in order, by `tensors` (the example resized for tracing)."""
+    it = iter(tensors)
+    args = tuple(next(it) for _ in inputs.args)
+    kwargs = {k: next(it) if isinstance(v, torch.Tensor) else v for k, v in inputs.kwargs.items()}
+    return ExampleInputs(args, kwargs, list(inputs.names), dict(inputs.constants))
 
 
 def _export(
     model: torch.nn.Module, inputs: ExampleInputs, device: torch.device, compute_dtype: torch.dtype,
-    rewrites: list[str] | None,
+    rewrites: list[str] | None, dynamic: DynamicSpec | None = None,
 ) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
     args, kwargs = inputs.map(lambda x: _cast(x, device, compute_dtype))
+    extra: dict[str, Any] = {}
+    if dynamic is not None:
+        per_input = dynamic.to_torch_export()
+        if kwargs:  # by forward parameter name: positional ones first, then the keyword ones
+            names = iter(zip(inputs.names, per_input))
+            by_name: dict[str, Any] = {}
+            for _ in args:
+                name, axes = next(names)
+                by_name[name] = axes
+            for key, value in kwargs.items():
+                by_name[key] = next(names)[1] if isinstance(value, torch.Tensor) else None
+            extra["dynamic_shapes"] = by_name
+        else:
+            extra["dynamic_shapes"] = per_input
     with torch.no_grad(), rewritten(model, rewrites) as applied:
-        program = torch.export.export(model, args, kwargs)
+        program = torch.export.export(model, args, kwargs, **extra)
         program = program.run_decompositions(_decompositions())
     return program, dict(applied)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from kiln.dims import size_arg
 from kiln.graph import CapturedGraph, aten, finish, infer_meta, op_nodes, single_user
 from kiln.passes.registry import register_pass
 
@@ -53,13 +54,14 @@ def batched_weight_matmul(graph: CapturedGraph) -> CapturedGraph:
         n = w.meta["val"].shape[1]
         found = _bias_add(bmm, n)
         last = found[0] if found else bmm
+        sizes = [size_arg(g, batch, last), size_arg(g, m, last), n]  # nodes for symbolic sizes
         with g.inserting_before(last):
-            flat = g.call_function(aten.reshape.default, (a, [batch * m, k]))
+            flat = g.call_function(aten.reshape.default, (a, [-1, k]))
             if found:
                 product = g.call_function(aten.addmm.default, (found[1], flat, w))
             else:
                 product = g.call_function(aten.mm.default, (flat, w))
-            out = g.call_function(aten.view.default, (product, [batch, m, n]))
+            out = g.call_function(aten.view.default, (product, sizes))
         for node in (flat, product, out):
             node.meta["stack_trace"] = bmm.meta.get("stack_trace")
             infer_meta(node)

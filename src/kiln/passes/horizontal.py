@@ -42,11 +42,11 @@ def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
     dtype = first.meta["val"].dtype
     weights = [weight(graph, n.args[1]) for n in siblings]
     biases = None if bias is None else [weight(graph, n.args[2]) for n in siblings]
-    m, k = x.meta["val"].shape
     with g.inserting_before(first):
         if len(set(widths)) == 1 and act == "none":
             w = add_weight(graph, "hfused_weight", torch.stack(weights), first, dtype)
-            batched_x = g.call_function(aten.expand.default, (x, [len(siblings), m, k]))
+            # -1: no size baked into the graph (dynamic shapes, docs/dynamic-shapes.md)
+            batched_x = g.call_function(aten.expand.default, (x, [len(siblings), -1, -1]))
             if biases is None:
                 wide = g.call_function(aten.bmm.default, (batched_x, w))
             else:

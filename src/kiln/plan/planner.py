@@ -23,7 +23,8 @@ from kiln.graph import CapturedGraph, module_path, source_line
 from kiln.kernels import concat, get_kernel
 from kiln.kernels.aten import out_variant
 from kiln.plan import memory, streams
-from kiln.select.selection import PLANNER_OPS, Selection, concat_inputs, node_op_name
+from kiln.select.selection import PLANNER_OPS, Selection, concat_inputs, is_scalar_node, node_op_name
+from kiln.shapes import evaluate, expr_of, make, nondecreasing, probe_bindings
 from kiln.specs import dtype_from_name, dtype_name, encode_value
 
 
@@ -72,14 +73,41 @@ class _Planner:
         self.owner: dict[int, int] = {}  # slot → step that writes its buffer
         self.uses: dict[int, int] = {}  # slot → last step reading it
         self.producer: dict[int, int] = {}  # slot → step whose only output it is (not a view)
+        # dynamic shapes (docs/dynamic-shapes.md): sizes are expressions over the dims
+        self.dims = list(graph.dims.values())
+        self.symbols = graph.symbols
+        self.probes = probe_bindings(self.dims) if self.dims else []
+        self.max_binding = {d.name: d.max for d in self.dims}
+
+    def expr(self, size: Any) -> Any:
+        return expr_of(size, self.symbols) if self.dims else size
 
     def new_slot(self, val: torch.Tensor, kind: str) -> int:
-        self.slots.append(
-            {"shape": list(val.shape), "stride": list(val.stride()), "dtype": dtype_name(val.dtype), "kind": kind}
-        )
+        self.slots.append({
+            "shape": [self.expr(d) for d in val.shape], "stride": [self.expr(d) for d in val.stride()],
+            "dtype": dtype_name(val.dtype), "kind": kind,
+        })
         return len(self.slots) - 1
 
+    def dense(self, val: torch.Tensor) -> bool:
+        """Dense and non-overlapping: at its own sizes, or for a dynamic graph at every probe
+        binding; and (dynamic) its size never shrinks as the dims grow, so one arena placement
+        at max holds for every size (shapes.nondecreasing)."""
+        if not self.dims:
+            return _dense_extent(tuple(val.shape), tuple(val.stride())) is not None
+        shape, stride = [self.expr(d) for d in val.shape], [self.expr(d) for d in val.stride()]
+        numel = make("mul", list(shape)) if shape else 1
+        lows = {d.name: d.min for d in self.dims}
+        if not nondecreasing(numel, lows):
+            return False
+        return all(
+            _dense_extent(tuple(evaluate(d, b) for d in shape), tuple(evaluate(d, b) for d in stride)) is not None
+            for b in self.probes
+        )
+
     def ref(self, value: Any) -> dict[str, Any] | None:
+        if isinstance(value, torch.SymInt):
+            return {"sym": self.expr(value)}
         if not isinstance(value, fx.Node):
             return None
         v = self.value[value]
@@ -125,6 +153,14 @@ class _Planner:
             source, index = node.args
             self.value[node] = self.value[source][index]
             return
+        if self.dims and is_scalar_node(node):
+            val = node.meta.get("val")
+            if isinstance(val, torch.SymInt):  # a size: its value is an expression, no step
+                self.value[node] = {"sym": self.expr(val)}
+            elif node.users:
+                raise ValueError(f"node {node.name} ({node_op_name(node)}) computes a non-integer size; "
+                                 "kiln plans integer sizes only")
+            return
         op = node_op_name(node)
         selection = self.selections[node]
         kernel = get_kernel(selection.kernel)
@@ -134,10 +170,7 @@ class _Planner:
         schema = node.target._schema
         is_view = any(r.alias_info is not None for r in schema.returns)
         out = out_variant(op, self.graph.device.type) if kernel.writes_planned_outputs and not is_view else None
-        if out is not None and not all(
-            isinstance(v, torch.Tensor) and _dense_extent(tuple(v.shape), tuple(v.stride())) is not None
-            for v in vals
-        ):
+        if out is not None and not all(isinstance(v, torch.Tensor) and self.dense(v) for v in vals):
             out = None
         args = encode_value(list(node.args), self.ref)
         kwargs = {k: encode_value(v, self.ref) for k, v in node.kwargs.items()}
@@ -170,8 +203,9 @@ class _Planner:
             "out_variant": None if out is None else {"op": out.op, "out_args": list(out.out_args)},
             "source": source_line(node),
             "module": module_path(node),
+            **({"fallback": selection.fallback} if selection.fallback else {}),
         })
-        if op == "aten.cat.default" and not multi:
+        if op == "aten.cat.default" and not multi and not self.dims:  # (not yet with symbolic offsets)
             self.concat_in_place(node, outputs[0])
 
     def concat_in_place(self, node: fx.Node, cat_slot: int) -> bool:
@@ -218,6 +252,7 @@ class _Planner:
             groups.setdefault(self.alias.find(slot), []).append(slot)
         buffers: list[memory.Buffer] = []
         buffer_slots: list[int] = []
+        symbolic: list[Any] = []  # dynamic: each buffer's bytes as an expression
         for members in groups.values():
             owners = [s for s in members if s in self.owner]
             if not owners:
@@ -226,22 +261,30 @@ class _Planner:
             slot = owners[0]
             spec = self.slots[slot]
             itemsize = dtype_from_name(spec["dtype"]).itemsize
-            extent = _dense_extent(tuple(spec["shape"]), tuple(spec["stride"]))
             last = max(self.uses.get(s, self.owner[slot]) for s in members)
-            buffers.append(memory.Buffer(extent * itemsize, self.first.get(slot, self.owner[slot]), last))
+            if self.dims:  # placed at max: every buffer's size is nondecreasing (dense())
+                symbolic.append(make("mul", [itemsize, *spec["shape"]]))
+                nbytes = evaluate(symbolic[-1], self.max_binding)
+            else:
+                nbytes = _dense_extent(tuple(spec["shape"]), tuple(spec["stride"])) * itemsize
+            buffers.append(memory.Buffer(nbytes, self.first.get(slot, self.owner[slot]), last))
             buffer_slots.append(slot)
         offsets, arena = memory.place(buffers)
-        for slot, offset, buf in zip(buffer_slots, offsets, buffers):
+        for i, (slot, offset, buf) in enumerate(zip(buffer_slots, offsets, buffers)):
             self.slots[slot]["offset"] = offset
-            self.slots[slot]["nbytes"] = buf.nbytes
+            self.slots[slot]["nbytes"] = symbolic[i] if self.dims else buf.nbytes
         for spec in self.slots:
             if spec["kind"] == "slice":
                 itemsize = dtype_from_name(spec["dtype"]).itemsize
                 span = 1 + sum((d - 1) * st for d, st in zip(spec["shape"], spec["stride"]))
                 spec["offset"] = self.slots[spec["base"]]["offset"] + spec["base_offset"] * itemsize
                 spec["nbytes"] = span * itemsize
-        heap_bytes = sum(_nbytes(s) for s in self.slots if s["kind"] == "heap")
-        return {
+        heap_bytes = sum(_nbytes(s, self.max_binding) for s in self.slots if s["kind"] == "heap")
+        dynamic: dict[str, Any] = {}
+        if self.dims:
+            dynamic["dims"] = [d.to_json() for d in self.dims]
+        plan = {
+            **dynamic,
             "inputs": [s.to_json() for s in self.graph.inputs],
             "graph_inputs": [s.to_json() for s in self.graph.graph_inputs],
             "outputs": [None if s is None else s.to_json() for s in self.graph.outputs],
@@ -263,12 +306,15 @@ class _Planner:
                 ],
             },
         }
+        if self.dims:
+            plan["memory"]["planned_at"] = dict(self.max_binding)
+        return plan
 
 
-def _nbytes(slot: dict[str, Any]) -> int:
+def _nbytes(slot: dict[str, Any], binding: dict[str, int] | None = None) -> int:
     numel = 1
     for d in slot["shape"]:
-        numel *= d
+        numel *= evaluate(d, binding or {}) if binding else d
     return numel * dtype_from_name(slot["dtype"]).itemsize
 
 

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kiln.errors import KilnError
+from kiln.shapes import ShapeCache
 from kiln.specs import dtype_from_name
 
 if TYPE_CHECKING:
-    from kiln.runtime.engine import Engine, _Step
+    from kiln.runtime.engine import Engine, _Program, _Step
 
 Vals = list[Any]
 
@@ -169,7 +170,16 @@ class ExecutionContext:
         # (a context made during a call under inference_mode serves later calls outside it)
         with torch.cuda.stream(self.stream), torch.inference_mode(False):
             self.arena = torch.empty(engine.plan["memory"]["arena_bytes"], dtype=torch.uint8, device=device)
-            self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
+            if engine.dims:  # dynamic shapes: one arena planned for max; bound steps per binding (below)
+                self.steps = []
+            else:
+                self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
+        # dynamic shapes: per binding, the bound steps (and on CUDA its graph), least recently used dropped
+        self.shape_states: ShapeCache[tuple[int, ...], _ShapeState] = ShapeCache(
+            getattr(engine, "shape_cache_size", 8), on_evict=lambda key, state: state.drop()
+        )
+        self._max_inputs: list[torch.Tensor] = []  # CUDA: one max-size static buffer per input
+        self._graph_pool: Any = None  # CUDA: the private memory pool every graph of this context shares
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_pool_bytes: int | None = None  # the CUDA graph's private memory pool, measured at capture
         self._static_inputs: list[torch.Tensor] = []
@@ -181,7 +191,7 @@ class ExecutionContext:
     def nbytes(self) -> int:
         """Device memory this context holds: its arena, the graph's static inputs once captured,
         and the graph's private pool (intermediates kernels allocate for themselves)."""
-        statics = sum(t.numel() * t.element_size() for t in self._static_inputs)
+        statics = sum(t.numel() * t.element_size() for t in self._static_inputs + self._max_inputs)
         return self.arena.numel() + statics + (self.graph_pool_bytes or 0)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -218,6 +228,8 @@ class ExecutionContext:
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
         engine = self.engine
+        if engine.dims:
+            return self._run_dynamic(inputs)
         if self.stream is None:
             with torch.no_grad():
                 return engine.deliver(self.run_steps(self._bind(inputs)))
@@ -245,19 +257,122 @@ class ExecutionContext:
             _GATE.exit()
         return out
 
+    # -- dynamic shapes ----------------------------------------------------------------------
+
+    def shape_state(self, key: tuple[int, ...]) -> _ShapeState:
+        """This context's state for one binding (made on first use, kept in a bounded LRU)."""
+        state = self.shape_states.get(key)
+        if state is None:
+            program = self.engine.program(key)
+            self.shape_states.capacity = max(1, int(self.engine.shape_cache_size))
+            with torch.cuda.stream(self.stream), torch.inference_mode(False):
+                state = _ShapeState(program, self.arena)
+            self.shape_states.put(key, state)
+        return state
+
+    def _run_dynamic(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+        engine = self.engine
+        real = engine.binding_key(inputs)
+        key = engine.bucket_key(real) if engine.buckets else real
+        state = self.shape_state(key)
+        if key != real:  # bucketed: pad the inputs up to the bucket, slice the outputs back
+            inputs = engine.pad_inputs(inputs, key)
+        if self.stream is None:
+            with torch.no_grad():
+                out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
+            return engine.unpad_outputs(out, real, key) if key != real else out
+        state.calls += 1
+        if engine.use_cuda_graph and state.graph is None and state.calls > engine.capture_after:
+            self._capture_shape(state)
+        caller = torch.cuda.current_stream(engine.device)
+        _GATE.enter()
+        try:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(caller)
+                if engine.use_cuda_graph and state.graph is not None:
+                    for static, x in zip(state.static_inputs, inputs):
+                        static.copy_(x.detach() if x.requires_grad else x)
+                    state.graph.replay()
+                    out = engine.deliver(state.static_outputs)
+                else:
+                    with torch.no_grad():
+                        out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
+                for value in out:
+                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                        value.record_stream(caller)
+                caller.wait_stream(self.stream)
+        finally:
+            _GATE.exit()
+        return engine.unpad_outputs(out, real, key) if key != real else out
+
+    def _static_views(self, program: _Program) -> list[torch.Tensor]:
+        """Each graph input at this binding: the first elements of its max-size buffer, in shape."""
+        engine = self.engine
+        if not self._max_inputs:
+            with torch.cuda.stream(self.stream), torch.inference_mode(False):
+                self._max_inputs = [torch.zeros(engine._max_shape(s), dtype=s.dtype, device=engine.device).reshape(-1)
+                                    for s in engine.graph_inputs]
+        views = []
+        for buf, (shape, _) in zip(self._max_inputs, program.graph_inputs):
+            numel = 1
+            for d in shape:
+                numel *= d
+            views.append(buf[:numel].view(shape))
+        return views
+
+    def _capture_shape(self, state: _ShapeState) -> None:
+        """Capture the CUDA graph of one binding. Every graph of this context reads the same
+        max-size input buffers and shares one private memory pool: the context replays one at a
+        time and copies each replay's outputs out before the next, so their intermediates may
+        share memory."""
+        engine = self.engine
+        try:
+            with torch.cuda.stream(self.stream), torch.inference_mode(False):
+                statics = self._static_views(state.program)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.stream(self.stream), cudnn_benchmark(), torch.inference_mode():
+                with _GATE.launching():
+                    for _ in range(2):
+                        self.run_steps(statics, state.program, state.steps)
+                graph = torch.cuda.CUDAGraph()
+                with _GATE.capturing():
+                    with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream,
+                                          capture_error_mode="thread_local"):
+                        outputs = self.run_steps(statics, state.program, state.steps)
+                    self.graph_pool_bytes = _pool_bytes(graph)
+        except RuntimeError as exc:
+            self.stream.synchronize()
+            engine.capture_failed(exc)
+            return
+        state.static_inputs, state.static_outputs, state.graph = statics, outputs, graph
+
+    def warmup(self, keys: list[tuple[int, ...]]) -> None:
+        """Make (and on CUDA capture) the state of each binding now."""
+        engine = self.engine
+        for key in keys:
+            state = self.shape_state(key)
+            if self.stream is not None and engine.use_cuda_graph and state.graph is None:
+                state.calls = max(state.calls, engine.capture_after)
+                self._capture_shape(state)
+
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [(x.detach() if x.requires_grad else x).to(s.dtype).contiguous()
                 for x, s in zip(inputs, self.engine.graph_inputs)]
 
-    def run_steps(self, graph_inputs: list[torch.Tensor]) -> list[Any]:
+    def run_steps(
+        self, graph_inputs: list[torch.Tensor], program: _Program | None = None, steps: list[BoundStep] | None = None
+    ) -> list[Any]:
         """Execute every step in order on the current stream; the flat graph outputs, not yet
-        cast or copied (they may be views of this context's arena)."""
+        cast or copied (they may be views of this context's arena). A dynamic-shape engine
+        passes one binding's program and this context's steps for it."""
         engine = self.engine
-        vals: Vals = [None] * len(engine.plan["slots"])
+        source = engine if program is None else program
+        vals: Vals = [None] * (len(engine.plan["slots"]) if program is None else program.n_slots)
         vals[: len(graph_inputs)] = graph_inputs
         side = self.side_stream
         main = torch.cuda.current_stream(engine.device) if side is not None else None
-        for bound, free in zip(self.steps, engine.free_after):
+        for bound, free in zip(self.steps if steps is None else steps, source.free_after):
             step = bound.step
             if side is not None and step.side:
                 if step.fork:
@@ -270,7 +385,8 @@ class ExecutionContext:
                 bound(vals)
             for slot in free:
                 vals[slot] = None
-        return [engine.output_value(ref, vals) for ref in engine.plan["output_refs"]]
+        refs = engine.plan["output_refs"] if program is None else program.output_refs
+        return [engine.output_value(ref, vals) for ref in refs]
 
     def time_steps(
         self, inputs: tuple[torch.Tensor, ...], timer: Callable[[Callable[[Vals], None], Vals], Callable[[], float]],
@@ -320,6 +436,27 @@ class ExecutionContext:
             engine.capture_failed(exc)
             return
         self._static_inputs, self._static_outputs, self.graph = statics, outputs, graph
+
+
+class _ShapeState:
+    """One binding of a dynamic-shape engine in one context: the program's steps bound to this
+    context's arena (views at this binding's shapes), and on CUDA its graph once captured."""
+
+    __slots__ = ("program", "steps", "graph", "static_inputs", "static_outputs", "calls")
+
+    def __init__(self, program: _Program, arena: torch.Tensor):
+        self.program = program
+        self.steps = [BoundStep(s, arena, program.plan["slots"]) for s in program.step_specs]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_outputs: list[Any] = []
+        self.calls = 0
+
+    def drop(self) -> None:
+        """Evicted: release the graph (its memory goes back to the context's pool)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.static_inputs, self.static_outputs = None, [], []
 
 
 def _pool_bytes(graph: torch.cuda.CUDAGraph) -> int | None:

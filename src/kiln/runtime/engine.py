@@ -23,7 +23,8 @@ from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnEr
 from kiln.kernels import OutVariant, StepFn, get_kernel
 from kiln.runtime import engine_file, validate
 from kiln.runtime.context import ContextPool, ExecutionContext, cudnn_benchmark
-from kiln.specs import TensorSpec, build_structure, decode_value
+from kiln.shapes import Buckets, Dim, InputShape, ShapeCache, bind, dims_from_json, specialize_plan, use_fallback
+from kiln.specs import TensorSpec, build_structure, decode_value, dtype_from_name
 
 Vals = list[Any]
 
@@ -55,6 +56,28 @@ class _Step:
         """This step's kernel function for one execution context (a kernel may keep per-call
         state in it, as the TensorRT kernel keeps its execution context)."""
         return self.kernel.make(self.op, self.out_variant)
+
+
+class _Program:
+    """A static plan (one binding of a dynamic-shape plan) as every context shares it: its
+    steps' kernels and argument binders, and when each slot can be released."""
+
+    def __init__(self, plan: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device):
+        self.plan = plan
+        self.step_specs = [_Step(s, weights, device) for s in plan["steps"]]
+        self.free_after = _release_schedule(plan, len(self.step_specs))
+        self.n_slots = len(plan["slots"])
+        self.output_refs = plan["output_refs"]
+        self.graph_inputs = [(tuple(s["shape"]), dtype_from_name(s["dtype"])) for s in plan["graph_inputs"]]
+        self.outputs = plan["outputs"]
+
+
+def _release_schedule(plan: dict[str, Any], n_steps: int) -> list[list[int]]:
+    free: list[list[int]] = [[] for _ in range(n_steps)]
+    for slot, last in enumerate(plan["last_use"]):
+        if 0 <= last < n_steps:
+            free[last].append(slot)
+    return free
 
 
 class _Slot:
@@ -175,12 +198,163 @@ class Engine:
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
-        self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
-        self.free_after = self._release_schedule()
+        # dynamic shapes (docs/dynamic-shapes.md): dims by name; each binding's plan specialized once
+        self.dims: dict[str, Dim] = dims_from_json(self.plan["dims"]) if "dims" in self.plan else {}
+        if self.dims:
+            self._init_dynamic()
+            self.step_specs = self.program(self._opt_key).step_specs  # what the plan's steps are, at opt
+            self.free_after = self.program(self._opt_key).free_after
+        else:
+            self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
+            self.free_after = self._release_schedule()
         self._lock = threading.Lock()
         self._pool = ContextPool(self.create_context)
         self.max_contexts = max_contexts
         self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
+
+    # -- dynamic shapes ----------------------------------------------------------------------
+
+    PROGRAM_CACHE = 32  # specialized plans kept per engine (shared by every context)
+
+    def _init_dynamic(self) -> None:
+        self.dim_order = list(self.dims)
+        self.input_shapes = [InputShape(s.name, tuple(s.shape)) for s in self.inputs]
+        where: dict[str, tuple[int, int]] = {}
+        for i, spec in enumerate(self.inputs):
+            for axis, d in enumerate(spec.shape):
+                if isinstance(d, str):
+                    where.setdefault(d, (i, axis))
+        self._dim_axes = [where[d] for d in self.dim_order]  # where each dim's value is read
+        self._opt_key = tuple(self.dims[d].opt for d in self.dim_order)
+        self._programs: ShapeCache[tuple[int, ...], _Program] = ShapeCache(self.PROGRAM_CACHE)
+        self._programs_lock = threading.Lock()
+        self.shape_cache_size = 8  # per execution context: bound steps (and CUDA graphs) kept, by binding
+        self.capture_after = 1  # CUDA: calls at a binding run step by step before its graph is captured
+        self.buckets: dict[str, Buckets] = {}
+        self.paddable: list[str] = list(self.plan.get("paddable", []))
+        for name, sizes in self.plan.get("buckets", {}).items():
+            self.buckets[name] = Buckets(self.dims[name], sizes)
+
+    def binding_key(self, inputs: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+        """The dims' values (in the engine's order) read off checked inputs."""
+        return tuple(inputs[i].shape[axis] for i, axis in self._dim_axes)
+
+    def program(self, key: tuple[int, ...]) -> _Program:
+        """The plan specialized at one binding (dims in the engine's order), made once and kept
+        in a bounded engine-wide cache: its steps as every context shares them."""
+        with self._programs_lock:
+            found = self._programs.get(key)
+        if found is not None:
+            return found
+        made = _Program(self._specialize(dict(zip(self.dim_order, key))), self.weights, self.device)
+        with self._programs_lock:
+            self._programs.put(key, made)
+        return made
+
+    def _specialize(self, binding: dict[str, int]) -> dict[str, Any]:
+        """The static plan for `binding`; a step whose kernel does not support this binding's
+        sizes (its `supports`, asked with the actual shapes) runs its fallback kernel."""
+        plan = specialize_plan(self.plan, binding)
+        steps = []
+        for step in plan["steps"]:
+            name = step.get("fallback")
+            if name is not None and not get_kernel(step["kernel"]).supports(self._op_call(step, plan)):
+                step = use_fallback(step, name, get_kernel(name).writes_planned_outputs)
+            steps.append(step)
+        plan["steps"] = steps
+        return plan
+
+    def _op_call(self, step: dict[str, Any], plan: dict[str, Any]) -> Any:
+        """What selection asked the kernel (kiln.select.selection.op_call), from a specialized plan."""
+        from kiln.kernels import OpCall
+
+        def spec(ref: Any) -> TensorSpec | None:
+            if isinstance(ref, dict) and "slot" in ref:
+                slot = plan["slots"][ref["slot"]]
+                return TensorSpec(f"slot_{ref['slot']}", tuple(slot["shape"]), dtype_from_name(slot["dtype"]))
+            if isinstance(ref, dict) and "weight" in ref:
+                w = self.weights[ref["weight"]]
+                return TensorSpec(ref["weight"], tuple(w.shape), w.dtype)
+            return None
+
+        outs = [plan["slots"][o] for o in step["outputs"]]
+        return OpCall(
+            step["op"],
+            tuple(spec(a) for a in step["args"]),
+            tuple(TensorSpec(step["name"], tuple(o["shape"]), dtype_from_name(o["dtype"])) for o in outs),
+            self.device.type,
+            tuple(decode_value(a, lambda r: None, self.device) for a in step["args"]),
+        )
+
+    def set_buckets(self, **sizes: list[int] | str | None) -> None:
+        """Pad each named dim up to the next of these sizes (\"pow2\": min, powers of two, opt, max;
+        None: no bucketing), so that only those sizes run; outputs are sliced back. Only a dim
+        the build proved paddable can be bucketed."""
+        for name, value in sizes.items():
+            if name not in self.dims:
+                raise KilnError(f"this engine has no dim {name!r} (its dims: {', '.join(self.dims) or 'none'})")
+            if value is None:
+                self.buckets.pop(name, None)
+                continue
+            if name not in self.paddable:
+                raise KilnError(
+                    f"dim {name!r} cannot be bucketed: the build did not prove that padding it leaves the real "
+                    "rows' outputs unchanged (every output must have it as one whole axis, and rows must not mix)"
+                )
+            dim = self.dims[name]
+            self.buckets[name] = Buckets.powers_of_two(dim) if value == "pow2" else Buckets(dim, value)
+
+    def bucket_key(self, key: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.buckets[d].bucket(v) if d in self.buckets else v for d, v in zip(self.dim_order, key))
+
+    def pad_inputs(self, inputs: tuple[torch.Tensor, ...], key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Inputs padded (repeating the last row) along every bucketed axis to the bucket's size."""
+        from kiln.shapes import pad_to
+
+        sizes = dict(zip(self.dim_order, key))
+        out = []
+        for x, spec in zip(inputs, self.inputs):
+            for axis, d in enumerate(spec.shape):
+                if isinstance(d, str) and d in self.buckets and x.shape[axis] != sizes[d]:
+                    x = pad_to(x, axis, sizes[d])
+            out.append(x)
+        return tuple(out)
+
+    def unpad_outputs(self, outputs: list[Any], real: tuple[int, ...], key: tuple[int, ...]) -> list[Any]:
+        """Outputs sliced back to the real sizes along every bucketed axis."""
+        sizes = dict(zip(self.dim_order, real))
+        padded = dict(zip(self.dim_order, key))
+        out = []
+        for y, spec in zip(outputs, self.outputs):
+            if isinstance(y, torch.Tensor) and spec is not None:
+                for axis, d in enumerate(spec.shape):
+                    if isinstance(d, str) and d in self.buckets and sizes[d] != padded[d]:
+                        y = y.narrow(axis, 0, sizes[d]).contiguous()
+            out.append(y)
+        return out
+
+    def warmup(self, **sizes: list[int]) -> int:
+        """Prepare these sizes now in every idle pooled context (on CUDA: capture their graphs),
+        e.g. engine.warmup(batch=[1, 8, 64]) at server start; other dims at opt. Returns how
+        many bindings were prepared per context."""
+        import itertools
+
+        if not self.dims:
+            raise KilnError("this engine has fixed shapes; warmup(...) is for dynamic-shape engines")
+        unknown = [n for n in sizes if n not in self.dims]
+        if unknown:
+            raise KilnError(f"this engine has no dim(s) {', '.join(unknown)} (its dims: {', '.join(self.dims)})")
+        choices = [list(sizes.get(d, [self.dims[d].opt])) for d in self.dim_order]
+        keys = []
+        for key in itertools.product(*choices):
+            for d, v in zip(self.dim_order, key):
+                if not self.dims[d].contains(v):
+                    raise InputError(f"warmup: {d} = {v} is outside this engine's range {self.dims[d].min}.."
+                                     f"{self.dims[d].max}")
+            keys.append(self.bucket_key(key) if self.buckets else tuple(key))
+        with self._pool.lend() as context:
+            context.warmup(keys)
+        return len(keys)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -223,7 +397,9 @@ class Engine:
         buffers of kernels that allocate for themselves (ExecutionContext.graph_pool_bytes)."""
         statics = 0
         if self.device.type == "cuda":
-            statics = sum(_nbytes(s) for s in self.graph_inputs)
+            statics = sum(_nbytes(s) for s in self.graph_inputs) if not self.dims else sum(
+                _nbytes(TensorSpec(s.name, self._max_shape(s), s.dtype))
+                for s in self.graph_inputs)
         return int(self.plan["memory"]["arena_bytes"]) + statics
 
     def profile(self, *inputs: torch.Tensor, iters: int = 10) -> list[dict[str, Any]]:
@@ -238,6 +414,12 @@ class Engine:
             rows.append({"step": step.name, "op": spec["op"], "kernel": spec["kernel"], "ms": ts[len(ts) // 2],
                          "shape": out.get("shape"), "stride": out.get("stride")})
         return sorted(rows, key=lambda r: -r["ms"])
+
+    def _max_shape(self, spec: TensorSpec) -> tuple[int, ...]:
+        from kiln.shapes import evaluate
+
+        binding = {n: d.max for n, d in self.dims.items()}
+        return tuple(evaluate(d, binding) for d in spec.shape)
 
     def output_value(self, ref: Any, vals: Vals) -> Any:
         """One flat graph output of a run: a slot's value, a weight, or a constant."""
@@ -320,7 +502,7 @@ class Engine:
                     f"{where} has rank {x.dim()} (shape {tuple(x.shape)}); the engine expects rank "
                     f"{len(spec.shape)}, shape {spec.shape}"
                 )
-            if tuple(x.shape) != spec.shape:
+            if tuple(x.shape) != spec.shape and not self.dims:
                 raise InputError(
                     f"{where} has shape {tuple(x.shape)}; the engine was built for {spec.shape}. "
                     "Engines have fixed shapes: rebuild with the new shape (kiln build --input-shape/--batch)."
@@ -340,6 +522,8 @@ class Engine:
                 raise InputError(
                     f"{where} is on {x.device}; the engine runs on {self.device}. Move it with .to('{self.device}')."
                 )
+        if self.dims:  # every dim in its range, the same wherever it appears, fixed axes as built
+            bind([tuple(x.shape) for x in inputs], self.input_shapes, self.dims)
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -368,10 +552,20 @@ class Engine:
         ins = ", ".join(f"{s.name}: {s.describe()}" for s in self.inputs)
         outs = ", ".join(s.describe() for s in self.outputs if s is not None)
         contexts = len(self.contexts)
+        dims = ""
+        if self.dims:
+            ranges = ", ".join(f"{d.name} {d.min}..{d.max} (opt {d.opt})" for d in self.dims.values())
+            planned = ", ".join(f"{k} {v}" for k, v in m.get("planned_at", {}).items())
+            cached = max((len(c.shape_states) for c in self.contexts), default=0)
+            kind = "CUDA graphs" if self.device.type == "cuda" else "shapes"
+            dims = f"  dims:    {ranges}; memory planned for {planned}; {kind}: {cached} cached (of " \
+                   f"{self.shape_cache_size}) per context\n"
+            if self.buckets:
+                dims += "  buckets: " + ", ".join(f"{k} {list(v.sizes)}" for k, v in self.buckets.items()) + "\n"
         return (
             f"kiln Engine({b.get('model', '?')}, {b['precision']} on {self.device}, "
             f"{len(self.step_specs)} steps, arena {m['arena_bytes'] / 2**20:.1f} MiB)\n"
-            f"  inputs:  {ins}\n  outputs: {outs}\n"
+            f"  inputs:  {ins}\n  outputs: {outs}\n{dims}"
             f"  execution contexts: {contexts} ({self.context_bytes / 2**20:.1f} MiB each: arena"
             f"{' + static inputs' if self.device.type == 'cuda' else ''})\n"
             f"  built with kiln {b['kiln_version']}, torch {b['torch_version']} on {b['device_name']}"

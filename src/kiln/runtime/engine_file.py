@@ -37,6 +37,8 @@ from kiln.runtime import validate
 
 FORMAT = "kiln-engine"
 FORMAT_VERSION = 2
+DYNAMIC_FORMAT_VERSION = 3  # a plan with dynamic dims (docs/dynamic-shapes.md); static plans stay version 2
+READ_VERSIONS = (FORMAT_VERSION, DYNAMIC_FORMAT_VERSION)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its JSON header
 _DIGEST_DOMAIN = b"kiln-engine digest v2\x00"
 
@@ -83,11 +85,14 @@ def _field(h: Any, data: bytes | memoryview) -> None:
     h.update(data)
 
 
-def digest(header_json: str, tensors: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]]) -> str:
+def digest(
+    header_json: str, tensors: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]],
+    version: int = FORMAT_VERSION,
+) -> str:
     """SHA-256 over the format, the header JSON and, in name order, each tensor's name, dtype
     code, shape and bytes (every field length-prefixed, so no two files share a digest input)."""
     h = hashlib.sha256(_DIGEST_DOMAIN)
-    _field(h, f"{FORMAT}/{FORMAT_VERSION}".encode())
+    _field(h, f"{FORMAT}/{version}".encode())
     _field(h, header_json.encode())
     for name, code, shape, data in sorted(tensors, key=lambda t: t[0]):
         _field(h, name.encode())
@@ -116,10 +121,11 @@ def write(
     for name, t in cpu.items():
         if t.dtype not in _ST_CODES:
             raise EngineFileError(f"weight {name!r} has dtype {t.dtype}, which engine files cannot hold")
-    sha = digest(header_json, ((k, _ST_CODES[t.dtype], t.shape, _tensor_bytes(t)) for k, t in cpu.items()))
+    version = DYNAMIC_FORMAT_VERSION if header.get("plan", {}).get("dims") else FORMAT_VERSION
+    sha = digest(header_json, ((k, _ST_CODES[t.dtype], t.shape, _tensor_bytes(t)) for k, t in cpu.items()), version)
     metadata = {
         "kiln.format": FORMAT,
-        "kiln.version": str(FORMAT_VERSION),
+        "kiln.version": str(version),
         "kiln.header": header_json,
         "kiln.sha256": sha,
     }
@@ -165,10 +171,12 @@ def read_engine(path: str | os.PathLike, trusted_keys: Any = None) -> EngineFile
         trusted = signing.load_public_keys(trusted_keys)
     data = _read_bytes(path)
     entries, metadata = _parse_container(data, path)
-    _check_format(metadata, path)
+    version = _check_format(metadata, path)
     header_json = metadata["kiln.header"]
     expected = metadata["kiln.sha256"]
-    actual = digest(header_json, ((e.name, e.code, e.shape, memoryview(data)[e.begin:e.end]) for e in entries))
+    actual = digest(
+        header_json, ((e.name, e.code, e.shape, memoryview(data)[e.begin:e.end]) for e in entries), version
+    )
     if not hmac.compare_digest(actual, expected):
         raise EngineFileError(
             f"{path} failed its integrity check: the header or weights were changed after it was "
@@ -176,6 +184,12 @@ def read_engine(path: str | os.PathLike, trusted_keys: Any = None) -> EngineFile
         )
     signer, trusted_ok = _check_signature(metadata, actual, trusted, path)
     header = _parse_json(header_json, path, "its kiln header")
+    dynamic = isinstance(header, dict) and isinstance(header.get("plan"), dict) and "dims" in header["plan"]
+    if dynamic != (version == DYNAMIC_FORMAT_VERSION):
+        raise EngineFileError(
+            f"{path} is format version {version} but its plan {'has' if dynamic else 'has no'} dynamic dims "
+            f"(version {DYNAMIC_FORMAT_VERSION} is for dynamic-shape engines only): the file is damaged; rebuild it"
+        )
     validate.validate_header(header, {e.name: (e.dtype, e.shape) for e in entries}, where=str(path))
     weights = _tensors(data, entries)
     validate.check_weight_indices(header, weights, str(path))
@@ -285,21 +299,24 @@ def _entry(name: str, spec: Any, start: int, size: int, path: Path) -> _Entry:
     return _Entry(name, code, tuple(shape), start + begin, start + end)
 
 
-def _check_format(metadata: dict[str, str], path: Path) -> None:
+def _check_format(metadata: dict[str, str], path: Path) -> int:
+    """The file's format version (one this kiln reads), after checking the metadata's keys."""
     if metadata.get("kiln.format") != FORMAT:
         raise EngineFileError(f"{path} is a safetensors file but not a kiln engine (no kiln.format in its metadata)")
     version = metadata.get("kiln.version")
-    if version != str(FORMAT_VERSION):
+    if version not in tuple(str(v) for v in READ_VERSIONS):
         older = version is not None and version.isdigit() and int(version) < FORMAT_VERSION
         why = (" It was written by an older kiln: format 2's integrity check also covers every tensor's "
                "dtype and shape." if older else "")
         raise EngineFileError(
-            f"{path} has engine format version {str(version)[:20]}; this kiln reads version {FORMAT_VERSION}.{why} "
+            f"{path} has engine format version {str(version)[:20]}; this kiln reads version "
+            f"{FORMAT_VERSION} ({DYNAMIC_FORMAT_VERSION} for dynamic-shape engines).{why} "
             "Rebuild the engine with this kiln (kiln build ...), or use the kiln that wrote it."
         )
     for key in ("kiln.header", "kiln.sha256"):
         if key not in metadata:
             raise EngineFileError(f"{path} is damaged: its metadata has no {key}; rebuild it")
+    return int(version)
 
 
 def _check_signature(

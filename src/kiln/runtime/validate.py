@@ -346,7 +346,12 @@ def validate_header(
     With `saving`, the header is one kiln built and is about to write (Engine.save)."""
     try:
         check_json_depth(header)
-        _Validator(header, weights).run()
+        plan = header.get("plan") if isinstance(header, dict) else None
+        if isinstance(plan, dict) and "dims" in plan:  # dynamic shapes: the plan at min, opt and max
+            for fixed in _specialized_plans(plan):
+                _Validator({**header, "plan": fixed}, weights).run()
+        else:
+            _Validator(header, weights).run()
     except _Invalid as exc:
         if saving:
             raise EngineFileError(
@@ -357,6 +362,40 @@ def validate_header(
             f"{where} is not a valid kiln engine: {exc}. The file is damaged, was written by an "
             "incompatible kiln, or was crafted; rebuild it with `kiln build`."
         ) from None
+
+
+def _specialized_plans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A dynamic-shape plan's dims and expressions checked (kiln.shapes), then the plan as the
+    static plans it is at all-min, all-opt and all-max (at max also with every fallback kernel),
+    for the checks of a static plan. The runtime checks each binding's slots against the arena."""
+    from kiln.kernels import get_kernel
+    from kiln.shapes import ShapeExprError, as_static_plan, check_bindable, dims_from_json, validate_plan
+
+    try:
+        dims = dims_from_json(plan["dims"])
+        validate_plan(plan, dims)
+        check_bindable(_input_shapes(plan), dims)
+        points = [{n: getattr(d, k) for n, d in dims.items()} for k in ("min", "opt", "max")]
+        plans = [as_static_plan(plan, b, fallbacks=False, tight=b is not points[-1]) for b in points]
+        writes = {}
+        for step in plan.get("steps", []):
+            name = step.get("fallback") if isinstance(step, dict) else None
+            if isinstance(name, str):
+                writes[name] = get_kernel(name).writes_planned_outputs
+        plans.append(as_static_plan(plan, points[-1], fallbacks=writes))
+        return plans
+    except (ShapeExprError, KeyError, TypeError, ValueError) as exc:
+        raise _Invalid(f"plan (dynamic shapes): {_first_line(exc)}") from None
+
+
+def _input_shapes(plan: dict[str, Any]) -> list[Any]:
+    from kiln.shapes import InputShape
+
+    inputs = plan.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(s, dict) and isinstance(s.get("shape"), list)
+                                               for s in inputs):
+        raise TypeError("inputs must be a list of objects with a shape")
+    return [InputShape(str(s.get("name")), tuple(s["shape"])) for s in inputs]
 
 
 def check_json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:

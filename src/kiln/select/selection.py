@@ -8,19 +8,24 @@ implements are all reported together, each with the model source line it came fr
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
 
+from kiln.capture.data_dependent import CHECK_OPS
 from kiln.errors import UnsupportedOpError
 from kiln.graph import CapturedGraph, source_line
 from kiln.kernels import OpCall, candidates, get_kernel, op_name
 from kiln.kernels.aten import out_variant
 from kiln.select.tune import TimingCache, copy_signature, signature, time_copy, tune_node
+from kiln.shapes import evaluate, from_sympy, probe_bindings
 from kiln.specs import TensorSpec
 
 PLANNER_OPS = {operator.getitem}  # resolved by the planner, never a step
+SCALAR_CHECKS = CHECK_OPS  # size assertions torch.export may leave: no step in a dynamic-shape plan
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Selection:
     candidates: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     concat_copy_ms: float | None = None  # charged to candidates that cannot write into a concat slice
+    fallback: str | None = None  # dynamic shapes: run where `kernel` does not support a binding's sizes
 
 
 def node_op_name(node: fx.Node) -> str:
@@ -38,21 +44,48 @@ def node_op_name(node: fx.Node) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
 
 
-def op_call(node: fx.Node, device_type: str) -> OpCall:
+def is_scalar_node(node: fx.Node) -> bool:
+    """A node computing a size (aten.sym_size, operator.mul of sizes ...) or checking one: in a
+    dynamic-shape graph it is no step; the planner stores its value as an expression."""
+    val = node.meta.get("val")
+    if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+        return True
+    return node.target in SCALAR_CHECKS
+
+
+def op_call(
+    node: fx.Node, device_type: str, binding: Mapping[str, int] | None = None, symbols: Mapping[str, str] | None = None
+) -> OpCall:
+    """What kernels are asked about `node`. Symbolic sizes are evaluated at `binding` (a dynamic
+    graph's dims → sizes, with `symbols` mapping the shape environment's symbols to dims)."""
+
+    def size(d: Any) -> int:
+        if isinstance(d, torch.SymInt):
+            return evaluate(from_sympy(d.node.expr, symbols or {}), binding or {})
+        return int(d)
+
+    def concrete(d: Any) -> Any:
+        return size(d) if isinstance(d, torch.SymInt) else d
+
     def spec(value: object) -> TensorSpec | None:
         val = value.meta.get("val") if isinstance(value, fx.Node) else None
         if isinstance(val, torch.Tensor):
-            return TensorSpec(value.name, tuple(val.shape), val.dtype)
+            return TensorSpec(value.name, tuple(size(d) for d in val.shape), val.dtype)
         return None
+
+    def constant(a: Any) -> Any:
+        a = fx.node.map_arg(a, lambda n: None if not isinstance(n.meta.get("val"), torch.SymInt) else n.meta["val"])
+        return torch.utils._pytree.tree_map(concrete, a) if binding is not None else a
 
     val = node.meta.get("val")
     outs = val if isinstance(val, (tuple, list)) else (val,)
     return OpCall(
         node_op_name(node),
         tuple(spec(a) for a in node.args),
-        tuple(TensorSpec(node.name, tuple(v.shape), v.dtype) for v in outs if isinstance(v, torch.Tensor)),
+        tuple(TensorSpec(node.name, tuple(size(d) for d in v.shape), v.dtype)
+              for v in outs if isinstance(v, torch.Tensor)),
         device_type,
-        tuple(fx.node.map_arg(a, lambda n: None) for a in node.args),
+        tuple(constant(a) for a in node.args),
     )
 
 
@@ -64,10 +97,12 @@ def select_kernels(
     kernels that compute an approximation of their op are not candidates."""
     chosen: dict[fx.Node, Selection] = {}
     problems: list[tuple[str, str, str]] = []
+    dims = list(graph.dims.values())
+    opt = {d.name: d.opt for d in dims} if dims else None
     for node in graph.module.graph.nodes:
-        if node.op != "call_function" or node.target in PLANNER_OPS:
+        if node.op != "call_function" or node.target in PLANNER_OPS or (dims and is_scalar_node(node)):
             continue
-        call = op_call(node, graph.device.type)
+        call = op_call(node, graph.device.type, opt, graph.symbols)  # dynamic: the candidates at opt
         found = candidates(call, exact) if isinstance(node.target, torch._ops.OpOverload) else []
         if not found:
             problems.append((call.op, node.name, source_line(node)))
@@ -76,9 +111,27 @@ def select_kernels(
         chosen[node] = Selection(kernel=names[0], candidates=names)
         if cache is not None and len(names) > 1 and graph.device.type == "cuda":
             _tune(chosen[node], node, call.op, graph, cache)
+        if dims:
+            _fallback(chosen[node], node, graph, dims)
     if problems:
         raise UnsupportedOpError(problems)
     return chosen
+
+
+def _fallback(selection: Selection, node: fx.Node, graph: CapturedGraph, dims: list[Any]) -> None:
+    """Where the chosen kernel does not support the call at every probe binding
+    (kiln.shapes.probe_bindings), the fallback: the fastest timed (else the most preferred)
+    candidate that supports all of them (the op's reference kernel supports any size). The
+    runtime asks the kernel per binding and runs the fallback where it says no."""
+    calls = [op_call(node, graph.device.type, b, graph.symbols) for b in probe_bindings(dims)]
+    kernel = get_kernel(selection.kernel)
+    if all(kernel.supports(c) for c in calls):
+        return
+    ok = [n for n in selection.candidates if all(get_kernel(n).supports(c) for c in calls)]
+    if not ok:
+        raise UnsupportedOpError([(node_op_name(node), node.name, source_line(node))])
+    timed = [n for n in ok if n in selection.timings_ms]
+    selection.fallback = min(timed, key=selection.timings_ms.get) if timed else ok[0]
 
 
 def _tune(selection: Selection, node: fx.Node, op: str, graph: CapturedGraph, cache: TimingCache) -> None:

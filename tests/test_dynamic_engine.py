@@ -1,0 +1,394 @@
+"""Dynamic shapes end to end (docs/dynamic-shapes.md): kiln.build(..., dynamic_shapes=...) on
+CPU for a conv net and a small transformer, correct at min (1), opt, max and odd sizes; the
+file round trip (format 3); range errors; the build's check at size 1; per-binding kernel
+fallbacks; bucketing. GPU tests: one CUDA graph per size per context, its bounded cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.kernels import KERNELS, register_kernel
+from kiln.runtime import engine_file, validate
+
+torch.manual_seed(0)
+TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 on CPU: the engine runs the same ATen math as eager
+FAST = kiln.BuildConfig(check_dims=False)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.relu(self.c2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+class Encoder(nn.Module):
+    """Token ids and a mask → per-token logits and a pooled vector (two outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.layer(self.emb(input_ids) * attention_mask.unsqueeze(-1))
+        return {"logits": self.head(h), "pooled": h.mean(1)}
+
+
+BATCH = kiln.Dim("batch", min=1, opt=4, max=16)
+
+
+@pytest.fixture(scope="module")
+def conv():
+    model = ConvNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    engine = kiln.build(model, (torch.randn(4, 3, 16, 16),), dynamic_shapes=({0: BATCH},))
+    return model, engine
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = Encoder().eval()
+    batch = kiln.Dim("batch", min=1, opt=4, max=8)
+    seq = kiln.Dim("seq", min=2, opt=16, max=32)
+    ids, mask = torch.randint(0, 100, (4, 16)), torch.ones(4, 16)
+    engine = kiln.build(model, (ids, mask), dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                            "attention_mask": {0: batch, 1: seq}})
+    return model, engine
+
+
+def tokens(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(n, length)
+    mask[:, length // 2 + 1:] = 0.0
+    return torch.randint(0, 100, (n, length)), mask
+
+
+# -- conv net ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 7, 13, 16])  # min, 2, opt, odd, the build's awkward prime, max
+def test_conv_matches_eager_across_the_range(conv, n):
+    model, engine = conv
+    x = torch.randn(n, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    got = engine(x)
+    assert got.shape == (n, 10)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_conv_build_checked_every_probe_size(conv):
+    _, engine = conv
+    checked = engine.build_info["dims"]["checked"]
+    sizes = [c["binding"]["batch"] for c in checked]
+    assert {1, 4, 16} <= set(sizes)  # min, opt, max (and an awkward prime)
+    assert all(c["max_abs_error"] < 1e-4 for c in checked)
+    assert engine.build_info["dims"]["dims"] == [{"name": "batch", "min": 1, "opt": 4, "max": 16}]
+
+
+def test_sizes_interleave_and_repeat(conv):
+    """Alternating sizes reuse each size's cached state and never mix results."""
+    model, engine = conv
+    xs = {n: torch.randn(n, 3, 16, 16) for n in (3, 16, 1, 3, 9, 16)}
+    for _ in range(2):
+        for x in xs.values():
+            with torch.no_grad():
+                torch.testing.assert_close(engine(x), model(x), **TOL)
+
+
+def test_out_of_range_is_an_input_error_naming_the_range(conv):
+    _, engine = conv
+    with pytest.raises(kiln.InputError, match=r"batch = 17 .*takes batch from 1 to 16 .*Dim\('batch', min=1"):
+        engine(torch.randn(17, 3, 16, 16))
+    with pytest.raises(kiln.InputError, match=r"size 15 at axis 2 .*built for 16"):
+        engine(torch.randn(2, 3, 15, 16))  # a fixed axis stays fixed
+    with pytest.raises(kiln.InputError, match="rank 3"):
+        engine(torch.randn(3, 16, 16))
+
+
+def test_summary_shows_dims_and_memory_plan(conv):
+    _, engine = conv
+    text = str(engine)
+    assert "x: (batch, 3, 16, 16) float32" in text
+    assert "batch 1..16 (opt 4)" in text
+    assert "memory planned for batch 16" in text
+    assert engine.dims == {"batch": BATCH}
+
+
+def test_memory_is_planned_for_max(conv):
+    _, engine = conv
+    plan = engine.plan
+    assert plan["memory"]["planned_at"] == {"batch": 16}
+    buffers = [s for s in plan["slots"] if s["kind"] == "buffer"]
+    assert buffers, "a dynamic plan still places buffers in the arena"
+    for slot in buffers:  # every buffer's size is an expression; at max it fits the arena
+        binding = {"batch": 16}
+        end = slot["offset"] + kiln.shapes.evaluate(slot["nbytes"], binding)
+        assert end <= plan["memory"]["arena_bytes"]
+
+
+def test_save_load_round_trip(conv, tmp_path):
+    model, engine = conv
+    path = tmp_path / "conv.kiln"
+    engine.save(path)
+    meta = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])["__metadata__"]
+    assert meta["kiln.version"] == "3"  # dynamic dims: format 3
+    loaded = kiln.load(path)
+    assert loaded.dims == engine.dims
+    assert "batch 1..16 (opt 4)" in str(loaded)
+    for n in (1, 5, 16):
+        x = torch.randn(n, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), **TOL)
+    with pytest.raises(kiln.InputError, match="from 1 to 16"):
+        loaded(torch.randn(20, 3, 16, 16))
+
+
+def test_static_engines_are_unchanged(tmp_path):
+    """No dims: no dims in the plan, format 2, the fixed-shape error as before."""
+    model = ConvNet().eval()
+    engine = kiln.build(model, (torch.randn(2, 3, 16, 16),))
+    assert "dims" not in engine.plan and engine.dims == {}
+    assert all(isinstance(d, int) for s in engine.plan["slots"] for d in s["shape"])
+    path = tmp_path / "static.kiln"
+    engine.save(path)
+    meta = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])["__metadata__"]
+    assert meta["kiln.version"] == "2"
+    with pytest.raises(kiln.InputError, match="Engines have fixed shapes"):
+        engine(torch.randn(3, 3, 16, 16))
+
+
+# -- transformer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,length", [(1, 2), (4, 16), (8, 32), (3, 7), (1, 31), (8, 2)])
+def test_encoder_matches_eager_across_batch_and_seq(encoder, n, length):
+    model, engine = encoder
+    ids, mask = tokens(n, length)
+    with torch.no_grad():
+        want = model(ids, mask)
+    got = engine(input_ids=ids, attention_mask=mask)
+    assert got["logits"].shape == (n, length, 5) and got["pooled"].shape == (n, 32)
+    torch.testing.assert_close(got["logits"], want["logits"], **TOL)
+    torch.testing.assert_close(got["pooled"], want["pooled"], **TOL)
+
+
+def test_encoder_inputs_must_agree_on_a_dim(encoder):
+    _, engine = encoder
+    with pytest.raises(kiln.InputError, match=r"'attention_mask'\) has seq = 6 .*'input_ids'\) axis 1 has seq = 5"):
+        engine(torch.randint(0, 100, (2, 5)), torch.ones(2, 6))
+    with pytest.raises(kiln.InputError, match="takes seq from 2 to 32"):
+        engine(*tokens(2, 33))
+    with pytest.raises(kiln.InputError, match="Rebuild with min=1"):
+        engine(*tokens(2, 1))
+
+
+def test_encoder_round_trip(encoder, tmp_path):
+    model, engine = encoder
+    engine.save(tmp_path / "enc.kiln")
+    loaded = kiln.load(tmp_path / "enc.kiln")
+    ids, mask = tokens(5, 11)
+    with torch.no_grad():
+        want = model(ids, mask)
+    torch.testing.assert_close(loaded(ids, mask)["logits"], want["logits"], **TOL)
+    assert "input_ids: (batch, seq) int64" in str(loaded)
+
+
+# -- what the build checks -------------------------------------------------------------------
+
+
+class BranchesOnOne(nn.Module):
+    """Different math at batch 1: torch.export traces the "not 1" path silently."""
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            return x * 3.0
+        return x * 2.0
+
+
+def test_model_that_treats_size_one_differently_is_caught():
+    with pytest.raises(kiln.KilnError, match=r"differs from the model at batch = 1.*set min=2 for batch"):
+        kiln.build(BranchesOnOne().eval(), (torch.randn(4, 3),),
+                   dynamic_shapes=({0: kiln.Dim("batch", min=1, max=8)},))
+    engine = kiln.build(BranchesOnOne().eval(), (torch.randn(4, 3),),
+                        dynamic_shapes=({0: kiln.Dim("batch", min=2, max=8)},))
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(engine(x), x * 2.0)
+
+
+def test_bad_dynamic_shapes_are_named():
+    with pytest.raises(kiln.KilnError, match="dynamic_shapes.*2 entries for 1 example input"):
+        kiln.build(ConvNet(), (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: BATCH}, None))
+    with pytest.raises(kiln.KilnError, match="dynamic_shapes.*argument 'y'"):
+        kiln.build(ConvNet(), (torch.randn(2, 3, 16, 16),), dynamic_shapes={"y": {0: BATCH}})
+
+
+# -- kernels valid only at some sizes ---------------------------------------------------------
+
+
+class SinNet(nn.Module):
+    def forward(self, x):
+        return torch.sin(x * 2.0)
+
+
+def test_a_kernel_valid_for_some_sizes_runs_only_there():
+    """A kernel whose `supports` holds only for an even batch is chosen (at opt) with a
+    fallback; at run time each size asks the kernel and runs the fallback where it says no."""
+    ran: list[int] = []
+
+    def even_batch(call):
+        return call.outputs[0].shape[0] % 2 == 0
+
+    @register_kernel("test.even_sin", provider="test", implements="aten.sin.default", supports=even_batch,
+                     priority=100, writes_planned_outputs=False)
+    def make(name, out):
+        def run(args, kwargs, outs):
+            ran.append(args[0].shape[0])
+            return torch.sin(args[0])
+        return run
+
+    try:
+        engine = kiln.build(SinNet().eval(), (torch.randn(4, 3),), config=kiln.BuildConfig(passes=[], check_dims=False),
+                            dynamic_shapes=({0: kiln.Dim("batch", min=1, opt=4, max=9)},))
+        step = next(s for s in engine.plan["steps"] if s["op"] == "aten.sin.default")
+        assert step["kernel"] == "test.even_sin" and step["fallback"] == "aten"
+        for n in (1, 2, 3, 4, 9, 8):
+            x = torch.randn(n, 3)
+            torch.testing.assert_close(engine(x), torch.sin(x * 2.0))
+        assert ran == [2, 4, 8]
+    finally:
+        KERNELS.pop("test.even_sin", None)
+
+
+# -- the file is data: what loading refuses -------------------------------------------------------
+
+
+def _header(engine):
+    return json.loads(json.dumps(engine.header))
+
+
+def _weights(engine):
+    return {k: (v.dtype, tuple(v.shape)) for k, v in engine.weights.items()}
+
+
+def test_loading_refuses_bad_dims_and_expressions(conv):
+    _, engine = conv
+    validate.validate_header(_header(engine), _weights(engine))  # as built: fine
+    cases = {
+        "unknown dim": lambda h: h["plan"]["slots"][1]["shape"].__setitem__(0, "height"),
+        "bad op": lambda h: h["plan"]["slots"][1]["shape"].__setitem__(0, {"pow": ["batch", 2]}),
+        "min above max": lambda h: h["plan"]["dims"][0].update(min=20),
+        "dim on no input": lambda h: h["plan"]["dims"].append({"name": "extra", "min": 1, "opt": 2, "max": 4}),
+        "arena too small at max": lambda h: h["plan"]["memory"].update(arena_bytes=64),
+    }
+    for what, damage in cases.items():
+        header = _header(engine)
+        damage(header)
+        with pytest.raises(kiln.EngineFileError):
+            validate.validate_header(header, _weights(engine))
+        assert what
+
+
+def test_format_version_must_match_the_plan(conv, tmp_path, monkeypatch):
+    """A static plan written as format 3 (or the reverse) is refused."""
+    _, engine = conv
+    monkeypatch.setattr(engine_file, "DYNAMIC_FORMAT_VERSION", 2)
+    engine.save(tmp_path / "wrong.kiln")
+    monkeypatch.undo()
+    with pytest.raises(kiln.EngineFileError, match="format version 2 but its plan has dynamic dims"):
+        kiln.load(tmp_path / "wrong.kiln")
+
+
+# -- CUDA: one graph per size, per context, in a bounded cache ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_conv():
+    model = ConvNet().eval().cuda()
+    engine = kiln.build(model, (torch.randn(4, 3, 16, 16, device="cuda"),), device="cuda",
+                        dynamic_shapes=({0: BATCH},), config=kiln.BuildConfig(device="cuda", tune=False))
+    return model, engine
+
+
+@pytest.mark.gpu
+def test_cuda_graph_per_size_captured_on_second_call(cuda_conv):
+    model, engine = cuda_conv
+    context = engine.create_context()
+    for n in (3, 3, 3, 16, 16, 1):
+        x = torch.randn(n, 3, 16, 16, device="cuda")
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(context(x), want, rtol=1e-3, atol=1e-3)
+    assert context.shape_states.get((3,)).graph is not None  # 3 calls: captured on the second
+    assert context.shape_states.get((16,)).graph is not None
+    assert context.shape_states.get((1,)).graph is None  # one call: ran step by step
+
+
+@pytest.mark.gpu
+def test_cuda_graph_cache_is_bounded_and_evicts(cuda_conv):
+    model, engine = cuda_conv
+    engine.shape_cache_size = 2
+    try:
+        context = engine.create_context()
+        for n in (2, 2, 5, 5, 7, 7, 2, 2):
+            x = torch.randn(n, 3, 16, 16, device="cuda")
+            with torch.no_grad():
+                torch.testing.assert_close(context(x), model(x), rtol=1e-3, atol=1e-3)
+        assert len(context.shape_states) == 2
+        assert context.shape_states.keys() == [(7,), (2,)]
+        assert context.shape_states.stats()["evictions"] >= 1
+    finally:
+        engine.shape_cache_size = 8
+
+
+@pytest.mark.gpu
+def test_cuda_warmup_captures_ahead_and_replays_correctly(cuda_conv):
+    model, engine = cuda_conv
+    engine.release_contexts()
+    assert engine.warmup(batch=[1, 8, 16]) == 3
+    context = engine.contexts[0]
+    assert all(context.shape_states.get((n,)).graph is not None for n in (1, 8, 16))
+    for n in (16, 1, 8):
+        x = torch.randn(n, 3, 16, 16, device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(engine(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_concurrent_contexts_at_different_sizes(cuda_conv):
+    import threading
+
+    model, engine = cuda_conv
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for _ in range(5):
+                x = torch.randn(n, 3, 16, 16, device="cuda")
+                with torch.no_grad():
+                    want = model(x)
+                torch.testing.assert_close(engine(x), want, rtol=1e-3, atol=1e-3)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 4, 9, 16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
