@@ -16,14 +16,16 @@ from kiln.cli.app import command
 from kiln.cli.common import (
     BACKENDS,
     STREAMS,
-    batch_option,
     choice,
     console,
     device_option,
+    dynamic_batch_option,
+    dynamic_shapes_for,
     fail,
     input_shape_option,
     precision_option,
     resolve_model,
+    seq_option,
 )
 
 
@@ -48,7 +50,8 @@ def build(
     ),
     precision: str = precision_option("fp16"),
     device: str = device_option(),
-    batch: int = batch_option(),
+    batch: Any = dynamic_batch_option(),
+    seq: Any = seq_option(),
     input_shape: Any = input_shape_option(),
     backend: str = typer.Option(
         "kiln", "--backend", parser=choice(*BACKENDS), metavar="|".join(BACKENDS),
@@ -83,7 +86,13 @@ def build(
         target_device = resolve_device(device)
     except (KilnError, RuntimeError) as exc:
         raise fail(exc) from None
-    entry = resolve_model(model, batch, input_shape)
+    from kiln.shapes import Dim
+
+    if isinstance(seq, int) and input_shape is None:
+        input_shape = (seq,)  # --seq N: a fixed sequence length, as --input-shape N
+    # a range: examples at batch 1, resized to OPT for tracing (a factory's own inputs are kept)
+    entry = resolve_model(model, 1 if isinstance(batch, Dim) else batch, input_shape)
+    dynamic_shapes = dynamic_shapes_for(entry.example_inputs, batch, seq)
     if device is None and target_device.type == "cpu":
         console.print("[yellow]note:[/] no CUDA GPU here: building and running on the CPU")
     target = output or Path(f"{Path(model.split(':')[-1]).stem}.kiln")
@@ -96,10 +105,13 @@ def build(
         warnings.simplefilter("always", KilnWarning)
         used = resolve_precision(precision, target_device)
         asked = "" if used == precision else f", {precision} asked for"
-        console.print(f"building [bold]{escape(entry.name)}[/] (batch {batch}, {used}{asked}, on {target_device})")
+        ranges = "".join(f", {d.name} {d.min}..{d.max} (opt {d.opt})" for d in (batch, seq) if isinstance(d, Dim))
+        shown = "" if isinstance(batch, Dim) else f"batch {batch}, "
+        console.print(f"building [bold]{escape(entry.name)}[/] ({shown}{used}{asked}, on {target_device}{ranges})")
         try:
             display = _StageDisplay()
-            engine = build_engine(entry.model, entry.example_inputs, config=config, reporter=display)
+            engine = build_engine(entry.model, entry.example_inputs, config=config, reporter=display,
+                                  dynamic_shapes=dynamic_shapes)
             with display.stage("write"):
                 _save(engine, target, sign_key)
         except (KilnError, ValueError) as exc:

@@ -83,6 +83,60 @@ def one_batch(text: str | int | None) -> int:
     return values[0]
 
 
+def batch_or_range(text: str | int | None) -> Any:
+    """`kiln build --batch`: N (a fixed size, as one_batch reads it) or MIN:OPT:MAX, a dynamic
+    batch (a kiln.Dim named batch: the engine takes any batch in the range)."""
+    if text is not None and not isinstance(text, int) and ":" in str(text):
+        return parse_range("batch", str(text))
+    return one_batch(text)
+
+
+def parse_range(name: str, text: str | None) -> Any:
+    """A dim's range from the command line: MIN:OPT:MAX → kiln.Dim(name, ...); N → N (fixed)."""
+    if text is None or text == "":
+        return None
+    from kiln.shapes import Dim
+
+    try:
+        return Dim.parse(name, str(text))
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+
+def dynamic_shapes_for(example_inputs: Any, batch: Any, seq: Any) -> Any:
+    """The `dynamic_shapes` of `kiln build --batch MIN:OPT:MAX [--seq MIN:OPT:MAX]`: the batch
+    is axis 0 of every input, the sequence axis 1 of every integer input of rank 2 or more
+    (token ids and their masks). None when neither is a range."""
+    import torch
+
+    from kiln.shapes import Dim
+
+    batch = batch if isinstance(batch, Dim) else None
+    seq = seq if isinstance(seq, Dim) else None
+    if batch is None and seq is None:
+        return None
+    named = isinstance(example_inputs, dict)
+    items = list(example_inputs.items()) if named else list(enumerate(
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs))
+    found_seq = False
+    shapes: dict[Any, dict[int, Dim] | None] = {}
+    for key, x in items:
+        axes: dict[int, Dim] = {}
+        if isinstance(x, torch.Tensor):
+            if batch is not None and x.dim() >= 1:
+                axes[0] = batch
+            if seq is not None and x.dim() >= 2 and not x.is_floating_point():
+                axes[1] = seq
+                found_seq = True
+        shapes[key] = axes or None
+    if seq is not None and not found_seq:
+        raise bad("--seq: this model has no token input (an integer tensor of rank 2 or more) to give a sequence "
+                  "range; use --input-shape for a fixed size")
+    if named:
+        return {k: v for k, v in shapes.items() if v is not None}
+    return tuple(shapes.values())
+
+
 def parse_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
     """'3,224,224' (or '3x224x224') → (3, 224, 224); empty → None."""
     if text is None or text == "":
@@ -177,6 +231,21 @@ def precision_option(default: str = "fp16") -> Any:
 
 def batch_option(help: str = "Batch size the engine is built for.") -> Any:
     return typer.Option(1, "--batch", parser=one_batch, metavar="N", help=help)
+
+
+def dynamic_batch_option() -> Any:
+    return typer.Option(
+        "1", "--batch", parser=batch_or_range, metavar="N|MIN:OPT:MAX",
+        help="Batch size the engine is built for, or a range MIN:OPT:MAX (e.g. 1:8:64): one engine for every "
+        "batch in it, tuned at OPT, memory planned for MAX.",
+    )
+
+
+def seq_option() -> Any:
+    return typer.Option(
+        None, "--seq", parser=lambda t: parse_range("seq", t), metavar="MIN:OPT:MAX", show_default=False,
+        help="Sequence-length range of token inputs (axis 1 of integer inputs), e.g. 16:128:512.",
+    )
 
 
 def input_shape_option(help: str = "Per-sample input shape, e.g. 3,224,224 (or 128: BERT's sequence length).") -> Any:

@@ -33,6 +33,7 @@ def describe(engine: Any) -> dict[str, Any]:
             "output_shape": outs[0]["shape"] if outs else None,
             "memory": outs[0]["kind"] if outs else None,
             "source": step["source"],
+            "fallback": step.get("fallback"),
             "tensorrt_region": None if region is None else {
                 "ops": region["ops"], "op_counts": region["op_counts"], "engine_bytes": region["engine_bytes"],
             },
@@ -50,10 +51,30 @@ def describe(engine: Any) -> dict[str, Any]:
             "planned_buffers": len(mem["buffers"]),
             "reuse_ratio": round(mem["planned_bytes"] / mem["arena_bytes"], 2) if mem["arena_bytes"] else None,
         },
+        "dims": plan.get("dims", []),
+        "planned_at": mem.get("planned_at"),
         "signer": signer_of(engine),
         "signer_verified": bool(getattr(engine, "signer_trusted", False)),
         "build": engine.build_info,
     }
+
+
+def render_shape(shape: Any) -> str:
+    """A shape as the user reads it: (1, 3, 224, 224), or (batch, 3, 224, 224) with dims."""
+    if all(isinstance(d, int) for d in shape):
+        return str(tuple(shape))
+    from kiln.shapes import render_shape as render
+
+    return render(shape)
+
+
+def dims_line(info: dict[str, Any]) -> str | None:
+    """'dims: batch 1..64 (opt 8); memory planned for batch 64', or None for fixed shapes."""
+    if not info.get("dims"):
+        return None
+    ranges = ", ".join(f"{d['name']} {d['min']}..{d['max']} (opt {d['opt']})" for d in info["dims"])
+    planned = ", ".join(f"{k} {v}" for k, v in (info.get("planned_at") or {}).items())
+    return f"dims: {ranges}; memory planned for {planned}"
 
 
 def signer_of(engine: Any) -> str | None:

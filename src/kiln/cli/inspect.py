@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from kiln.cli.app import command
 from kiln.cli.common import Column, console, fitted_table, load_device_option, open_engine, trusted_key_option
-from kiln.cli.describe import describe, short_op, short_source
+from kiln.cli.describe import describe, dims_line, render_shape, short_op, short_source
 
 
 @command("inspect")
@@ -31,7 +31,7 @@ def inspect(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    io_rows = [[kind, s["name"], str(tuple(s["shape"])), s["dtype"]]
+    io_rows = [[kind, s["name"], render_shape(s["shape"]), s["dtype"]]
                for kind, specs in (("in", info["inputs"]), ("out", info["outputs"])) for s in specs]
     console.print(fitted_table([Column("", 9), Column("name", 8), Column("shape", 7), Column("dtype", 6)], io_rows,
                                title="inputs and outputs"))
@@ -51,8 +51,9 @@ def steps_table(steps: list[dict[str, Any]], width: int | None = None) -> Any:
     for s in steps:
         region = s.get("tensorrt_region")
         op = f"TensorRT region ({region['ops']} ops)" if region else short_op(s["op"])
-        rows.append([str(s["index"]), escape(s["module"] or f"({s['name']})"), escape(op), escape(s["kernel"]),
-                     str(s["precision"]), str(tuple(s["output_shape"] or ())), str(s["memory"]),
+        rows.append([str(s["index"]), escape(s["module"] or f"({s['name']})"), escape(op),
+                     escape(s["kernel"] + (f" (else {s['fallback']})" if s.get("fallback") else "")),
+                     str(s["precision"]), render_shape(s["output_shape"] or ()), str(s["memory"]),
                      escape(short_source(s["source"]))])
     columns = [Column("#", 9, "right"), Column("module", 8), Column("op", 7), Column("kernel", 8),
                Column("precision", 3), Column("output shape", 5), Column("memory", 1), Column("source", 6)]
@@ -113,7 +114,9 @@ def signer_line(signer: str | None, verified: bool) -> str:
 
 def summary_lines(info: dict[str, Any]) -> list[str]:
     m, b = info["memory"], info["build"]
-    lines = [
+    dims = dims_line(info)
+    lines = [dims] if dims else []
+    lines += [
         f"memory plan: arena [bold]{m['arena_bytes'] / 2**20:.2f} MiB[/] for "
         f"{m['planned_buffers']} buffers totalling {m['activation_bytes'] / 2**20:.2f} MiB of activations "
         f"({m['reuse_ratio'] or '-'}x reuse; peak live {m['peak_live_bytes'] / 2**20:.2f} MiB; "

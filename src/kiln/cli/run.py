@@ -20,14 +20,15 @@ def random_inputs(engine: Any, seed: int) -> list[Any]:
     gen = torch.Generator().manual_seed(seed)
     ranges = engine.build_info.get("input_ranges") or [None] * len(engine.inputs)
     out = []
-    for spec, rng in zip(engine.inputs, ranges):
+    shapes = engine.input_shapes_at() if getattr(engine, "dims", None) else [s.shape for s in engine.inputs]  # opt
+    for spec, shape, rng in zip(engine.inputs, shapes, ranges):
         if spec.dtype.is_floating_point:
-            x = torch.randn(spec.shape, generator=gen).to(spec.dtype)
+            x = torch.randn(shape, generator=gen).to(spec.dtype)
         elif spec.dtype == torch.bool:
-            x = torch.rand(spec.shape, generator=gen) > 0.5
+            x = torch.rand(shape, generator=gen) > 0.5
         else:
             low, high = rng if rng else (0, 1)
-            x = torch.randint(low, high + 1, spec.shape, generator=gen, dtype=spec.dtype)
+            x = torch.randint(low, high + 1, shape, generator=gen, dtype=spec.dtype)
         out.append(x.to(engine.device))
     return out
 
@@ -122,7 +123,7 @@ def run(
     if benchmark:
         with torch.inference_mode():
             lat = measure(lambda: engine(*inputs), engine.device, warmup=warmup, iters=iters)
-        batch = engine.inputs[0].shape[0] if engine.inputs and engine.inputs[0].shape else 1
+        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
         console.print(
             f"latency over {iters} runs on {engine.device} ({escape(engine.build_info['device_name'])}): "
             f"median [bold]{lat.median:.3f} ms[/], p90 {lat.p90:.3f} ms, p99 {lat.p99:.3f} ms; "

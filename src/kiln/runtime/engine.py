@@ -415,6 +415,14 @@ class Engine:
                          "shape": out.get("shape"), "stride": out.get("stride")})
         return sorted(rows, key=lambda r: -r["ms"])
 
+    def input_shapes_at(self, **sizes: int) -> list[tuple[int, ...]]:
+        """Each input's concrete shape with the dims at `sizes` (the rest at opt); a static
+        engine's shapes as they are."""
+        from kiln.shapes import evaluate
+
+        binding = {n: sizes.get(n, d.opt) for n, d in self.dims.items()}
+        return [tuple(evaluate(d, binding) for d in s.shape) for s in self.inputs]
+
     def _max_shape(self, spec: TensorSpec) -> tuple[int, ...]:
         from kiln.shapes import evaluate
 
