@@ -314,6 +314,64 @@ def test_format_version_must_match_the_plan(conv, tmp_path, monkeypatch):
         kiln.load(tmp_path / "wrong.kiln")
 
 
+# -- bucketing ---------------------------------------------------------------------------------------
+
+
+def test_bucketing_pads_the_batch_and_slices_the_outputs(conv):
+    model, engine = conv
+    assert engine.paddable == ["batch"]
+    engine.set_buckets(batch=[2, 8, 16])
+    try:
+        context = engine.create_context()
+        for n in (1, 3, 5, 9, 16):
+            x = torch.randn(n, 3, 16, 16)
+            with torch.no_grad():
+                torch.testing.assert_close(context(x), model(x), **TOL)
+        assert sorted(context.shape_states.keys()) == [(2,), (8,), (16,)]  # only the buckets ran
+        assert "buckets: batch [2, 8, 16]" in str(engine)
+    finally:
+        engine.set_buckets(batch=None)
+
+
+def test_a_sequence_dim_cannot_be_bucketed(encoder):
+    _, engine = encoder
+    assert engine.paddable == ["batch"]  # pooled over seq: padding seq would change it
+    with pytest.raises(kiln.KilnError, match="'seq' cannot be bucketed"):
+        engine.set_buckets(seq=[8, 32])
+
+
+def test_buckets_from_the_build_are_in_the_file(tmp_path):
+    model = ConvNet().eval()
+    engine = kiln.build(model, (torch.randn(4, 3, 16, 16),), dynamic_shapes=({0: BATCH},),
+                        config=kiln.BuildConfig(buckets={"batch": "pow2"}, check_dims=False))
+    assert engine.plan["buckets"] == {"batch": [1, 2, 4, 8, 16]}
+    engine.save(tmp_path / "b.kiln")
+    loaded = kiln.load(tmp_path / "b.kiln")
+    assert list(loaded.buckets["batch"].sizes) == [1, 2, 4, 8, 16]
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), **TOL)
+    header = _header(engine)
+    header["plan"]["buckets"] = {"batch": [3, 5]}  # the largest bucket must be max
+    with pytest.raises(kiln.EngineFileError, match="largest bucket"):
+        validate.validate_header(header, _weights(engine))
+
+
+def test_kernels_are_timed_at_the_traced_size():
+    """Tuning materializes a symbolic node's arguments at the size it was traced at (opt)."""
+    from kiln.capture.export import capture
+    from kiln.dims import normalize
+    from kiln.select.tune import materialize
+
+    x = torch.randn(4, 3, 16, 16)
+    spec = normalize(({0: BATCH},), (x,))
+    graph = capture(ConvNet().eval(), (x,), device=torch.device("cpu"), dynamic=spec)
+    view = next(n for n in graph.module.graph.nodes if n.op == "call_function" and n.target is
+                torch.ops.aten.convolution.default)
+    args, _ = materialize(view, graph.module, torch.device("cpu"))
+    assert args[0].shape == (4, 3, 16, 16)
+
+
 # -- CUDA: one graph per size, per context, in a bounded cache ----------------------------------------
 
 

@@ -61,6 +61,7 @@ class BuildConfig:
     model_name: str | None = None
     extra_info: dict[str, Any] = field(default_factory=dict)
     check_dims: bool = True  # dynamic shapes: run the engine at every probe size against the model
+    buckets: dict[str, Any] | None = None  # dynamic shapes: {"batch": [1, 8, 64]} or {"batch": "pow2"}: pad up to
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -196,7 +197,56 @@ def build(
         if config.check_dims:
             with stage("check_dims"):
                 info["dims"]["checked"] = check_dims(engine, model, inputs, spec, used)
+        with stage("paddable"):
+            plan["paddable"] = engine.paddable = paddable_dims(engine, inputs, spec)
+        if config.buckets:
+            engine.set_buckets(**config.buckets)  # refuses a dim that is not paddable, naming why
+            plan["buckets"] = {name: list(b.sizes) for name, b in engine.buckets.items()}
     return engine
+
+
+def paddable_dims(engine: Engine, inputs: Any, spec: DynamicSpec) -> list[str]:
+    """The dims a call may be padded along (bucketing): every output has the dim as exactly one
+    whole axis (so it can be sliced back), every input axis that names it is that dim alone, and
+    the engine run at a padded size gives the unpadded outputs on the real rows (checked at the
+    dim's awkward size, or min, padded to max). A sequence dim fails: attention mixes positions."""
+    from kiln.shapes import awkward_size, dims_of, pad_to
+
+    found = []
+    for name, dim in spec.dims.items():
+        outs = [o for o in engine.outputs if o is not None]
+        if not outs or not all([d for d in o.shape if name in dims_of(d)] == [name] for o in outs):
+            continue
+        if any(name in dims_of(d) and d != name for s in engine.inputs for d in s.shape):
+            continue
+        size = awkward_size(dim) or dim.min
+        if size == dim.max:
+            continue
+        binding = {**spec.opt_binding(), name: size}
+        real = spec.at(inputs.tensors, binding)
+        padded = tuple(x for x in real)
+        for i, axes in enumerate(spec.axes):
+            for axis, d in axes.items():
+                if d == name:
+                    padded = padded[:i] + (pad_to(padded[i], axis, dim.max),) + padded[i + 1:]
+        want = _flat(engine, real)
+        got = _flat(engine, padded)
+        same = True
+        for w, g, o in zip(want, got, engine.outputs):
+            if isinstance(w, torch.Tensor) and o is not None:
+                g = g.narrow(list(o.shape).index(name), 0, size)
+                same = same and tuple(g.shape) == tuple(w.shape) and torch.allclose(g, w, rtol=1e-3, atol=1e-4)
+        if same:
+            found.append(name)
+    return found
+
+
+def _flat(engine: Engine, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
+    """The engine's flat outputs for positional `tensors` (constants as built)."""
+    from torch.utils import _pytree as pytree
+
+    out = engine(*[x.to(engine.device) for x in tensors])
+    return [t for t in pytree.tree_leaves(out)]
 
 
 def check_dims(

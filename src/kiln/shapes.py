@@ -548,7 +548,8 @@ def as_static_plan(
     its out-variant where it does not write planned outputs); with `tight`, the arena is what
     this binding's slots need (a static plan's arena is exactly that)."""
     out = specialize_plan(plan, binding)
-    out.pop("dims", None)
+    for key in ("dims", "paddable", "buckets"):
+        out.pop(key, None)
     memory = {k: v for k, v in out.get("memory", {}).items() if k != "planned_at"}
     if tight:
         ends = [s["offset"] + s["nbytes"] for s in out.get("slots", []) if s.get("kind") in ("buffer", "slice")]

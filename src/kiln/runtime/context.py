@@ -282,7 +282,7 @@ class ExecutionContext:
                 out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
             return engine.unpad_outputs(out, real, key) if key != real else out
         state.calls += 1
-        if engine.use_cuda_graph and state.graph is None and state.calls > engine.capture_after:
+        if engine.use_cuda_graph and state.graph is None and state.calls >= engine.capture_after:
             self._capture_shape(state)
         caller = torch.cuda.current_stream(engine.device)
         _GATE.enter()
@@ -353,7 +353,6 @@ class ExecutionContext:
         for key in keys:
             state = self.shape_state(key)
             if self.stream is not None and engine.use_cuda_graph and state.graph is None:
-                state.calls = max(state.calls, engine.capture_after)
                 self._capture_shape(state)
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

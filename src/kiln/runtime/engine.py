@@ -229,7 +229,7 @@ class Engine:
         self._programs: ShapeCache[tuple[int, ...], _Program] = ShapeCache(self.PROGRAM_CACHE)
         self._programs_lock = threading.Lock()
         self.shape_cache_size = 8  # per execution context: bound steps (and CUDA graphs) kept, by binding
-        self.capture_after = 1  # CUDA: calls at a binding run step by step before its graph is captured
+        self.capture_after = 2  # CUDA: a binding's graph is captured at its call number capture_after (1: first)
         self.buckets: dict[str, Buckets] = {}
         self.paddable: list[str] = list(self.plan.get("paddable", []))
         for name, sizes in self.plan.get("buckets", {}).items():

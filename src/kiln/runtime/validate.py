@@ -369,12 +369,20 @@ def _specialized_plans(plan: dict[str, Any]) -> list[dict[str, Any]]:
     static plans it is at all-min, all-opt and all-max (at max also with every fallback kernel),
     for the checks of a static plan. The runtime checks each binding's slots against the arena."""
     from kiln.kernels import get_kernel
-    from kiln.shapes import ShapeExprError, as_static_plan, check_bindable, dims_from_json, validate_plan
+    from kiln.shapes import Buckets, ShapeExprError, as_static_plan, check_bindable, dims_from_json, validate_plan
 
     try:
         dims = dims_from_json(plan["dims"])
         validate_plan(plan, dims)
         check_bindable(_input_shapes(plan), dims)
+        paddable = plan.get("paddable", [])
+        if not isinstance(paddable, list) or not all(isinstance(p, str) and p in dims for p in paddable):
+            raise ValueError(f"paddable must list dims of this plan, got {str(paddable)[:80]}")
+        buckets = plan.get("buckets", {})
+        if not isinstance(buckets, dict) or not all(k in paddable for k in buckets):
+            raise ValueError("buckets may only name paddable dims")
+        for name, sizes in buckets.items():
+            Buckets(dims[name], sizes)
         points = [{n: getattr(d, k) for n, d in dims.items()} for k in ("min", "opt", "max")]
         plans = [as_static_plan(plan, b, fallbacks=False, tight=b is not points[-1]) for b in points]
         writes = {}
@@ -1186,6 +1194,8 @@ def check_weight_indices(header: dict[str, Any], weights: dict[str, torch.Tensor
         if not _is_int(dim) or not shape or not -len(shape) <= dim < len(shape):
             continue
         size = shape[dim]
+        if not _is_int(size):
+            continue  # a dynamic dim (an expression): its bound is checked when the shapes are bound
         values = weights[ref["weight"]]
         if values.numel() == 0 or values.dtype.is_floating_point or values.dtype == torch.bool:
             continue

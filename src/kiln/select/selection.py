@@ -20,7 +20,7 @@ from kiln.errors import UnsupportedOpError
 from kiln.graph import CapturedGraph, source_line
 from kiln.kernels import OpCall, candidates, get_kernel, op_name
 from kiln.kernels.aten import out_variant
-from kiln.select.tune import TimingCache, copy_signature, signature, time_copy, tune_node
+from kiln.select.tune import TimingCache, copy_signature, hinted_all, signature, time_copy, tune_node
 from kiln.shapes import evaluate, from_sympy, probe_bindings
 from kiln.specs import TensorSpec
 
@@ -194,7 +194,8 @@ def _concat_writable(node: fx.Node, device_type: str) -> bool:
 def _copy_ms(node: fx.Node, device: torch.device, cache: TimingCache) -> float:
     """What the cat spends copying this input: one read and one write of it (timed, cached)."""
     val = node.meta["val"]
-    key = copy_signature(tuple(val.shape), val.dtype, device)
+    shape = tuple(hinted_all(val.shape))
+    key = copy_signature(shape, val.dtype, device)
     if key not in cache.entries:
-        cache.entries[key] = {"copy": time_copy(tuple(val.shape), val.dtype, device)}
+        cache.entries[key] = {"copy": time_copy(shape, val.dtype, device)}
     return cache.entries[key]["copy"]

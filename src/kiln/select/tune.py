@@ -70,7 +70,9 @@ def signature(node: fx.Node, device: torch.device) -> str:
     def describe(value: Any) -> Any:
         if isinstance(value, fx.Node):
             val = value.meta["val"]
-            return [list(val.shape), str(val.dtype), list(val.stride())]
+            if isinstance(val, torch.SymInt):
+                return hinted(val)
+            return [hinted_all(val.shape), str(val.dtype), hinted_all(val.stride())]
         if isinstance(value, (list, tuple)):
             return [describe(v) for v in value]
         return repr(value)
@@ -79,6 +81,18 @@ def signature(node: fx.Node, device: torch.device) -> str:
     return json.dumps(
         [gpu, torch.__version__, kiln.__version__, TIMING_METHOD, str(node.target), describe(list(node.args))]
     )
+
+
+def hinted(size: Any) -> int:
+    """A size as an int: a symbolic size (dynamic shapes) at the size it was traced at (opt, or
+    2 where opt is 1: docs/dynamic-shapes.md), so kernels are timed at opt."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint)
+    return int(size)
+
+
+def hinted_all(sizes: Any) -> list[int]:
+    return [hinted(d) for d in sizes]
 
 
 def copy_signature(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> str:
@@ -101,7 +115,10 @@ def materialize(node: fx.Node, module: torch.nn.Module, device: torch.device) ->
         if n.op == "get_attr":
             return getattr(module, n.target)
         val = n.meta["val"]
-        t = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=device)
+        if isinstance(val, torch.SymInt):  # a size computed in the graph (dynamic shapes)
+            return hinted(val)
+        t = torch.empty_strided(tuple(hinted_all(val.shape)), tuple(hinted_all(val.stride())), dtype=val.dtype,
+                                device=device)
         return t.normal_() if t.is_floating_point() else t.zero_()
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), real)
