@@ -121,7 +121,8 @@ def write(
     for name, t in cpu.items():
         if t.dtype not in _ST_CODES:
             raise EngineFileError(f"weight {name!r} has dtype {t.dtype}, which engine files cannot hold")
-    version = DYNAMIC_FORMAT_VERSION if header.get("plan", {}).get("dims") else FORMAT_VERSION
+    plan = header.get("plan") if isinstance(header, dict) else None
+    version = DYNAMIC_FORMAT_VERSION if isinstance(plan, dict) and plan.get("dims") else FORMAT_VERSION
     sha = digest(header_json, ((k, _ST_CODES[t.dtype], t.shape, _tensor_bytes(t)) for k, t in cpu.items()), version)
     metadata = {
         "kiln.format": FORMAT,
