@@ -391,9 +391,14 @@ class ExecutionContext:
         self, inputs: tuple[torch.Tensor, ...], timer: Callable[[Callable[[Vals], None], Vals], Callable[[], float]],
         iters: int,
     ) -> list[list[float]]:
-        """Each step's duration (ms) over iters + 2 step-by-step runs (Engine.profile)."""
+        """Each step's duration (ms) over iters + 2 step-by-step runs (Engine.profile). A
+        dynamic-shape engine times the steps of the inputs' binding (no bucketing)."""
         with self._exclusive():
-            samples: list[list[float]] = [[] for _ in self.steps]
+            steps, n_slots = self.steps, len(self.engine.plan["slots"])
+            if self.engine.dims:
+                state = self.shape_state(self.engine.binding_key(inputs))
+                steps, n_slots = state.steps, state.program.n_slots
+            samples: list[list[float]] = [[] for _ in steps]
             with contextlib.ExitStack() as scope:
                 scope.enter_context(torch.no_grad())
                 if self.stream is not None:
@@ -403,9 +408,9 @@ class ExecutionContext:
                     self.stream.wait_stream(caller)
                 bound = self._bind(inputs)
                 for _ in range(iters + 2):
-                    vals: Vals = [None] * len(self.engine.plan["slots"])
+                    vals: Vals = [None] * n_slots
                     vals[: len(bound)] = bound
-                    times = [timer(step, vals) for step in self.steps]
+                    times = [timer(step, vals) for step in steps]
                     for i, t in enumerate(times):
                         samples[i].append(t())
                 if self.stream is not None:

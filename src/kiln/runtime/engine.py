@@ -407,10 +407,13 @@ class Engine:
         bound = self.bind_inputs(inputs, {})
         with self._pool.lend() as context:
             samples = context.time_steps(bound, _StepTimer(self.device), iters)
+        # a dynamic-shape engine: the steps and shapes of the inputs' binding
+        program = self.program(self.binding_key(bound)) if self.dims else self
+        plan = program.plan
         rows = []
-        for step, spec, ts in zip(self.step_specs, self.plan["steps"], samples):
+        for step, spec, ts in zip(program.step_specs, plan["steps"], samples):
             ts = sorted(ts[2:])
-            out = self.plan["slots"][spec["outputs"][0]] if spec["outputs"] else {}
+            out = plan["slots"][spec["outputs"][0]] if spec["outputs"] else {}
             rows.append({"step": step.name, "op": spec["op"], "kernel": spec["kernel"], "ms": ts[len(ts) // 2],
                          "shape": out.get("shape"), "stride": out.get("stride")})
         return sorted(rows, key=lambda r: -r["ms"])
