@@ -24,6 +24,25 @@ def _on_cuda(call: OpCall) -> bool:
     return call.device_type == "cuda" and q is not None and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def _mask(call: OpCall) -> object:
+    return call.inputs[3] if len(call.inputs) > 3 else None
+
+
+def _without_mask(call: OpCall) -> bool:
+    """Flash attention takes no attn_mask."""
+    return _on_cuda(call) and _mask(call) is None
+
+
+def _additive_mask_ok(call: OpCall) -> bool:
+    """Memory-efficient and cuDNN attention take a bool mask or an additive one of q's dtype,
+    broadcast over batch and heads (kiln.passes.fuse_attention casts the bias to q's dtype)."""
+    mask = _mask(call)
+    return _on_cuda(call) and (mask is None or mask.dtype in (torch.bool, call.inputs[0].dtype))
+
+
+SUPPORTS = {"sdpa.flash": _without_mask, "sdpa.efficient": _additive_mask_ok, "sdpa.cudnn": _additive_mask_ok}
+
+
 # sdpa_kernel sets PyTorch's process-wide backend flags and restores what it found on exit: two
 # threads overlapping would run on each other's backend and could leave the flags narrowed for
 # good. Pinned calls take turns (they run in Python only outside CUDA-graph replay).
@@ -40,7 +59,7 @@ def _register(name: str, backend: SDPBackend) -> None:
 
     make.__doc__ = f"scaled_dot_product_attention on the {backend.name} backend only."
     # Below the aten kernel (which lets PyTorch pick a backend per call): chosen only when timed faster.
-    register_kernel(name, provider="torch", implements=SDPA, supports=_on_cuda, writes_planned_outputs=False,
+    register_kernel(name, provider="torch", implements=SDPA, supports=SUPPORTS[name], writes_planned_outputs=False,
                     priority=Priority.CANDIDATE)(make)
 
 

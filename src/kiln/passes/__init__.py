@@ -23,6 +23,7 @@ from kiln.passes import (  # noqa: F401  (each registers its pass)
     constant_fold,
     dead_code,
     fold_batchnorm,
+    fuse_attention,
     fuse_conv,
     fuse_layer_norm,
     fuse_linear,
@@ -47,6 +48,9 @@ __all__ = [
 # Every registered pass, in the order a build runs them.
 PIPELINE: tuple[str, ...] = (
     "dead_code",  # unused ops out, identities bypassed, duplicate pure ops merged
+    # bmm(q, kᵀ) [× s] [+ bias] → softmax → bmm(·, v) → SDPA with an additive mask; before the folds
+    # (its bias folds, trivial masks drop) and before fuse_rowwise (which would take the softmax)
+    "fuse_attention",
     "batched_weight_matmul",  # bmm against a broadcast weight (+ bias) → one mm/addmm
     "constant_fold",  # subgraphs of weights alone → new weights
     "drop_trivial_attention_mask",  # constant attention masks that mask nothing → none
