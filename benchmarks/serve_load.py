@@ -143,8 +143,13 @@ def in_process(args: argparse.Namespace, path: Path) -> tuple[list[dict], list[d
     gen = torch.Generator().manual_seed(1)
     rows = args.rows if batching is not None else None
     inputs = [{s.name: random_input(s, rows, gen) for s in engine.inputs} for _ in range(args.distinct)]
+    references = []
     with torch.inference_mode():
-        references = [dict(zip(names_out, run_batched(call, [list(x.values())], batching)[0])) for x in inputs]
+        for x in inputs:
+            (outputs,) = run_batched(call, [list(x.values())], batching)
+            if isinstance(outputs, Exception):
+                raise outputs
+            references.append(dict(zip(names_out, outputs)))
     rows_per_s = None
     if args.engine_throughput:
         full = [random_input(s, None, gen).to(engine.device) for s in engine.inputs]

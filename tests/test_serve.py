@@ -328,6 +328,22 @@ def test_run_batched_equals_each_request_alone(rows, low, extra, seed):
     assert all(p == max(r, low) for r, p in seen)
 
 
+def test_a_failing_engine_call_fails_only_the_requests_it_held():
+    requests = [[torch.full((n, 3), float(k)), torch.zeros(n, 2, dtype=torch.int64)] for k, n in enumerate([3, 2, 4])]
+
+    def call(chunk):  # a call holding any row of the third request (value 2) fails
+        if (chunk[0] == 2).any():
+            raise InputError("no twos")
+        return rowwise(chunk)
+
+    first, second, third = run_batched(call, requests, Batching(4, 4))
+    assert torch.equal(first[0], rowwise(requests[0])[0])  # rows 0-2: first call only
+    assert isinstance(second, InputError)  # rows 3-4 span the first and the failing second call
+    assert isinstance(third, InputError)
+    only, = run_batched(call, [requests[2]], None)
+    assert isinstance(only, InputError)
+
+
 def test_pad_rows_are_zero():
     got = []
     run_batched(lambda c: (got.append(c[0].clone()), [c[0]])[1], [[torch.ones(1, 2)]], Batching(3, 3))

@@ -104,47 +104,57 @@ def run_batched(
     requests: Sequence[Tensors],
     batching: Batching | None,
     on_call: Callable[[int, int], None] | None = None,
-) -> list[Tensors]:
+) -> list[Tensors | Exception]:
     """Run a dynamic batch of requests through `call` (one engine call: inputs → flat outputs).
 
-    Returns each request's outputs, its own rows only. `on_call(rows, padded_rows)` is told
-    about every engine call (for metrics).
+    Returns each request's outputs, its own rows only, or the exception its engine call raised:
+    a failing call fails only the requests whose rows it held. `on_call(rows, padded_rows)` is
+    told about every engine call (for metrics).
     """
     if not requests:
         return []
     if batching is None:
-        results = []
-        for inputs in requests:
-            if on_call is not None:
-                on_call(1, 1)
-            results.append(list(call(list(inputs))))
-        return results
+        return [_guarded(call, list(inputs), 1, 1, on_call) for inputs in requests]
     groups: dict[tuple, list[int]] = {}  # requests whose rows can share a call (same shapes past axis 0)
     for i, inputs in enumerate(requests):
         groups.setdefault(tuple(tuple(x.shape[1:]) for x in inputs), []).append(i)
     if len(groups) > 1:
-        answers: list[Tensors] = [[] for _ in requests]
+        answers: list[Tensors | Exception] = [[] for _ in requests]
         for members in groups.values():
             for i, out in zip(members, run_batched(call, [requests[i] for i in members], batching, on_call)):
                 answers[i] = out
         return answers
     counts = [int(r[0].shape[0]) for r in requests]
-    n_inputs = len(requests[0])
-    columns = [_concat([r[i] for r in requests]) for i in range(n_inputs)]
-    pieces: list[Tensors] = []
+    columns = [_concat([r[i] for r in requests]) for i in range(len(requests[0]))]
+    calls: list[tuple[int, int, Tensors | Exception]] = []  # (first row, end row, outputs) of each call
     for start, rows, padded in batching.calls(sum(counts)):
         chunk = [_pad(col[start : start + rows], padded) for col in columns]
-        if on_call is not None:
-            on_call(rows, padded)
-        outputs = call(chunk)
-        pieces.append([out[:rows] for out in outputs])
-    outputs = [_concat([p[j] for p in pieces]) for j in range(len(pieces[0]))]
-    results = []
+        outputs = _guarded(call, chunk, rows, padded, on_call)
+        calls.append((start, start + rows, outputs if isinstance(outputs, Exception) else [o[:rows] for o in outputs]))
+    results: list[Tensors | Exception] = []
     start = 0
     for n in counts:
-        results.append([out[start : start + n] for out in outputs])
-        start += n
+        end = start + n
+        held = [(a, b, out) for a, b, out in calls if a < end and b > start]  # the calls holding its rows
+        failed = next((out for _, _, out in held if isinstance(out, Exception)), None)
+        if failed is not None:
+            results.append(failed)
+        else:
+            n_out = len(held[0][2])  # type: ignore[arg-type]
+            results.append([_concat([out[j][max(start, a) - a : min(end, b) - a] for a, b, out in held])  # type: ignore[index]
+                            for j in range(n_out)])
+        start = end
     return results
+
+
+def _guarded(call: Callable[[Tensors], Tensors], chunk: Tensors, rows: int, padded: int,
+             on_call: Callable[[int, int], None] | None) -> Tensors | Exception:
+    if on_call is not None:
+        on_call(rows, padded)
+    try:
+        return list(call(chunk))
+    except Exception as exc:  # handed to the requests of this call only; the server keeps serving
+        return exc
 
 
 def _concat(parts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -185,10 +185,12 @@ class KilnModel:
         arrived = time.perf_counter()
         outputs = await self._run(_Pending(inputs, arrived))
         self.metrics.request_ms.observe((time.perf_counter() - arrived) * 1e3)
+        if isinstance(outputs, Exception):  # the engine call holding this request's rows failed
+            raise outputs
         return dict(zip(self.output_names, outputs))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _run(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
+    async def _run(self, batch: list[_Pending]) -> list[list[torch.Tensor] | Exception]:
         start = time.perf_counter()
         for item in batch:
             self.metrics.queue_ms.observe((start - item.arrived) * 1e3)
