@@ -56,3 +56,91 @@ def test_profile_of_a_dynamic_engine_refuses_an_out_of_range_input(conv):
     _, engine = conv
     with pytest.raises(kiln.InputError, match="batch"):
         engine.profile(torch.randn(17, 3, 16, 16))
+
+
+# --- kiln bench ENGINE --batch on a dynamic engine --------------------------------------------
+
+TINY = """
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    """A dynamic engine (batch 1..16, opt 4) of a file.py:factory model, saved; its model name
+    recorded in the build info, as `kiln build` records it."""
+    from kiln import zoo
+
+    tmp = tmp_path_factory.mktemp("bench")
+    (tmp / "tiny.py").write_text(TINY)
+    name = f"{tmp / 'tiny.py'}:make"
+    zm = zoo.resolve(name, batch=4, input_shape=(3, 16, 16))
+    engine = kiln.build(zm.model, zm.example_inputs, dynamic_shapes=({0: BATCH},),
+                        config=kiln.BuildConfig(model_name=name, device="cpu", check_dims=False))
+    engine.save(tmp / "tiny.kiln")
+    return tmp / "tiny.kiln"
+
+
+def bench_settings(**changes):
+    from kiln.bench.results import BenchSettings
+
+    base = dict(device="cpu", precisions=("fp32",), iters=3, warmup=1, rounds=1, peers=("none",))
+    return BenchSettings(**{**base, **changes})
+
+
+def test_bench_a_dynamic_engine_at_each_size_beside_static_engines(tiny_engine):
+    from kiln.bench import runner
+
+    report = runner.bench_model(str(tiny_engine), bench_settings(batches=(1, 3, 16)))
+    rows = {(r.peer, r.batch): r for r in report.results}
+    assert set(rows) == {(p, b) for p in ("eager", "kiln", "kiln-static") for b in (1, 3, 16)}
+    for b in (1, 3, 16):
+        dyn, static = rows["kiln", b], rows["kiln-static", b]
+        assert (dyn.status, static.status) == ("ok", "ok"), (dyn.reason, static.reason)
+        assert dyn.accuracy.max_abs < 1e-4 and static.accuracy.max_abs < 1e-4  # both vs eager at this size
+        assert dyn.vs_static == pytest.approx(dyn.latency.median_ms / static.latency.median_ms)
+        assert "first call at these shapes" in dyn.note and "batch 1..16 (opt 4)" in dyn.note
+        assert f"({b}, 3, 16, 16)" in static.note
+        assert rows["eager", b].vs_static is None
+    assert any("vs static" in n for n in report.notes)
+
+
+def test_bench_a_dynamic_engine_defaults_to_opt_and_refuses_sizes_outside_its_range(tiny_engine):
+    from kiln.bench import runner
+
+    report = runner.bench_model(str(tiny_engine), bench_settings(peers=("kiln-static",)))
+    assert {r.batch for r in report.results} == {4}
+    with pytest.raises(ValueError, match=r"--batch 17: this engine takes batch 1\.\.16 \(opt 4\)"):
+        runner.bench_model(str(tiny_engine), bench_settings(batches=(1, 17)))
+
+
+def test_bench_command_on_a_dynamic_engine_writes_vs_static(tiny_engine, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    out = tmp_path / "b.json"
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(app, [
+        "bench", str(tiny_engine), "--batch", "1,3", "--device", "cpu", "--against", "none", "--iters", "2",
+        "--warmup", "0", "--rounds", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "÷static" in result.output
+    data = json.loads(out.read_text())
+    ratios = {r["batch"]: r["vs_static"] for r in data["results"] if r["peer"] == "kiln"}
+    assert set(ratios) == {1, 3} and all(v > 0 for v in ratios.values())
+
+
+def test_random_inputs_of_a_dynamic_engine_take_concrete_shapes(conv):
+    from kiln.bench.runner import random_inputs
+
+    _, engine = conv
+    assert [tuple(x.shape) for x in random_inputs(engine, 0)] == [(4, 3, 16, 16)]  # opt
+    assert [tuple(x.shape) for x in random_inputs(engine, 0, engine.input_shapes_at(batch=7))] == [(7, 3, 16, 16)]

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import importlib
 import io
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,12 +432,38 @@ def _kiln(ctx: PeerContext) -> Prepared:
     if ctx.engine is not None:
         engine = ctx.engine
         built = engine.build_info.get("build_seconds")
-        return Prepared(run=lambda: engine(*ctx.inputs), note="engine file", build_seconds=built)
+        note = "engine file"
+        if getattr(engine, "dims", None):  # dynamic shapes: the first call at this size, then replays
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                engine(*ctx.inputs)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            dims = ", ".join(d.describe() for d in engine.dims.values())
+            note = f"dynamic engine ({dims}); first call at these shapes {(time.perf_counter() - t0) * 1e3:.1f} ms"
+        return Prepared(run=lambda: engine(*ctx.inputs), note=note, build_seconds=built)
     from kiln.builder import BuildConfig, build
 
     config = BuildConfig(precision=ctx.precision, device=str(ctx.device), model_name=ctx.model_name)
     engine = build(require_model(ctx), ctx.inputs, config=config)
     return Prepared(run=lambda: engine(*ctx.inputs), note=f"{len(engine.plan['steps'])} steps")
+
+
+@peer(
+    "kiln-static",
+    default=False,
+    help="beside a dynamic-shape engine: a static kiln engine built for each size (kiln bench ENGINE --batch)",
+)
+def _kiln_static(ctx: PeerContext) -> Prepared:
+    if ctx.engine is None or not getattr(ctx.engine, "dims", None):
+        raise PeerSkipped("runs only beside a dynamic-shape engine (one built with --batch MIN:OPT:MAX)")
+    model = require_model(ctx)
+    from kiln.builder import BuildConfig, build
+
+    config = BuildConfig(precision=ctx.precision, device=str(ctx.device), model_name=ctx.model_name)
+    engine = build(model, ctx.inputs, config=config)
+    shapes = ", ".join(str(tuple(x.shape)) for x in ctx.inputs)
+    return Prepared(run=lambda: engine(*ctx.inputs), note=f"static engine built for {shapes}")
 
 
 def known(registry: dict[str, Peer] | None = None) -> list[str]:

@@ -108,6 +108,7 @@ class PeerResult:
     throughput: float | None = None  # items/s
     speedup: float | None = None  # eager fp32 median / this median, same batch
     speedup_noisy: bool = False  # this row's or the baseline's timings are noisy
+    vs_static: float | None = None  # a dynamic-shape engine: its median / the static engine's for this size
     build_seconds: float | None = None
     peak_memory_bytes: int | None = None
     accuracy: Accuracy | None = None

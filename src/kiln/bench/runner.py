@@ -90,6 +90,15 @@ def attach_speedups(results: Sequence[PeerResult]) -> None:
             r.speedup_noisy = r.latency.noisy or base[r.batch].noisy
 
 
+def attach_vs_static(results: Sequence[PeerResult]) -> None:
+    """vs static = the dynamic engine's (kiln's) median / kiln-static's, per batch and precision."""
+    static = {(r.batch, r.precision): r.latency for r in results if r.peer == "kiln-static" and r.latency}
+    for r in results:
+        base = static.get((r.batch, r.precision))
+        if r.peer == "kiln" and r.latency and base and base.median_ms > 0:
+            r.vs_static = r.latency.median_ms / base.median_ms
+
+
 def _is_baseline(r: PeerResult) -> bool:
     return (r.peer, r.precision) == BASELINE and r.status == "ok"
 
@@ -342,6 +351,7 @@ class ModelSource:
     engine: Any = None
     precisions: tuple[str, ...] | None = None  # an engine file fixes its precision
     notes: list[str] = field(default_factory=list)
+    companions: tuple[str, ...] = ()  # peers this source adds (a dynamic engine: kiln-static)
 
 
 def is_engine_file(target: str) -> bool:
@@ -382,6 +392,8 @@ def _engine_source(path: Path, settings: BenchSettings, device: str | None) -> M
     else:
         engine = load_engine(path, device=device)
     info = engine.build_info
+    if batch_dim(engine) is not None:
+        return _dynamic_engine_source(path, engine, settings)
     batch = engine.inputs[0].shape[0] if engine.inputs and engine.inputs[0].shape else 1
     built = f"{info['precision']}, batch {batch}, built in {info['build_seconds']} s"
     notes = [f"engine file {path} ({built})"]
@@ -402,11 +414,59 @@ def _engine_source(path: Path, settings: BenchSettings, device: str | None) -> M
     )
 
 
-def eager_for_engine(engine: Any, name: str, batch: int, seed: int) -> tuple[torch.nn.Module | None, Inputs, str, str]:
-    """Rebuild the eager model from the zoo when the engine names a zoo model (same seed)."""
+def batch_dim(engine: Any) -> str | None:
+    """The dim on axis 0 of a dynamic-shape engine's first input (its batch); None for a static engine."""
+    if not getattr(engine, "dims", None) or not engine.inputs or not engine.inputs[0].shape:
+        return None
+    first = engine.inputs[0].shape[0]
+    return first if isinstance(first, str) else None
+
+
+def _dynamic_engine_source(path: Path, engine: Any, settings: BenchSettings) -> ModelSource:
+    """A dynamic-shape engine runs at each --batch size in its range (default: opt), beside a
+    static engine built for that size (the kiln-static peer) when the model can be rebuilt."""
+    info = engine.build_info
+    name = str(info.get("model", path.stem))
+    dim = batch_dim(engine)
+    assert dim is not None
+    rng = engine.dims[dim]
+    batches = settings.batches or (rng.opt,)
+    outside = [b for b in batches if not rng.contains(b)]
+    if outside:
+        raise ValueError(
+            f"--batch {','.join(map(str, outside))}: this engine takes {rng.describe()} "
+            f"(axis 0 of its input {engine.inputs[0].name!r}); give sizes from {rng.min} to {rng.max}"
+        )
+    dims = ", ".join(d.describe() for d in engine.dims.values())
+    notes = [
+        f"engine file {path} ({info['precision']}, dynamic shapes: {dims}, built in {info['build_seconds']} s)",
+        "vs static: the dynamic engine's median / the median of a static kiln engine built for the same "
+        "shapes (kiln-static); the other dims at opt",
+    ]
+    seen: dict[int, tuple[torch.nn.Module | None, Inputs, str, str]] = {}
+
+    def load(batch: int) -> tuple[torch.nn.Module | None, Inputs]:
+        found = seen.pop(batch, None) or eager_for_engine(
+            engine, name, batch, info.get("seed", 0), engine.input_shapes_at(**{dim: batch}))
+        return found[0], found[1]
+
+    seen[batches[0]] = eager_for_engine(engine, name, batches[0], info.get("seed", 0),
+                                        engine.input_shapes_at(**{dim: batches[0]}))
+    _, _, task, why = seen[batches[0]]
+    if why:
+        notes.append(why)
+    return ModelSource(name, task, info.get("pretrained"), tuple(batches), load, engine=engine,
+                       precisions=(info["precision"],), notes=notes, companions=("kiln-static",))
+
+
+def eager_for_engine(
+    engine: Any, name: str, batch: int, seed: int, shapes: Sequence[Sequence[int]] | None = None
+) -> tuple[torch.nn.Module | None, Inputs, str, str]:
+    """Rebuild the eager model from the zoo when the engine names a zoo model (same seed).
+    `shapes`: the inputs' concrete shapes (a dynamic-shape engine's at one binding)."""
     from kiln import zoo
 
-    shapes = [s.shape for s in engine.inputs]
+    shapes = [tuple(s) for s in shapes] if shapes is not None else [s.shape for s in engine.inputs]
     zm, problem = None, ""
     for input_shape in (tuple(shapes[0][1:]) if shapes else None, None):
         try:
@@ -422,19 +482,24 @@ def eager_for_engine(engine: Any, name: str, batch: int, seed: int) -> tuple[tor
             return zm.model, zm.example_inputs, zm.task, note
         got = [tuple(x.shape) for x in zm.example_inputs]
         problem = f"the zoo's {name} takes inputs {got}; the engine takes {shapes}"
-    return None, random_inputs(engine, seed), "other", f"no eager model for {name!r} ({problem})"
+    return None, random_inputs(engine, seed, shapes), "other", f"no eager model for {name!r} ({problem})"
 
 
-def random_inputs(engine: Any, seed: int) -> Inputs:
+def random_inputs(engine: Any, seed: int, shapes: Sequence[Sequence[int]] | None = None) -> Inputs:
+    """Random inputs for `engine` (token ids within its recorded input ranges) of `shapes`, by
+    default its inputs' shapes, a dynamic-shape engine's at opt (`Engine.input_shapes_at`)."""
     gen = torch.Generator().manual_seed(seed)
     ranges = engine.build_info.get("input_ranges") or [None] * len(engine.inputs)
+    if shapes is None:
+        shapes = engine.input_shapes_at() if getattr(engine, "dims", None) else [s.shape for s in engine.inputs]
     out = []
-    for spec, rng in zip(engine.inputs, ranges, strict=False):
+    for spec, shape, rng in zip(engine.inputs, shapes, ranges + [None] * len(engine.inputs), strict=False):
+        shape = tuple(int(d) for d in shape)
         if spec.dtype.is_floating_point:
-            out.append(torch.randn(spec.shape, generator=gen).to(spec.dtype))
+            out.append(torch.randn(shape, generator=gen).to(spec.dtype))
         else:
             low, high = rng or (0, 1)
-            out.append(torch.randint(low, high + 1, spec.shape, generator=gen).to(spec.dtype))
+            out.append(torch.randint(low, high + 1, shape, generator=gen).to(spec.dtype))
     return tuple(out)
 
 
@@ -513,6 +578,7 @@ def bench_model(
     registry = PEERS if registry is None else registry
     peers = select_peers(settings.peers, registry)
     source, device = open_source(target, settings)
+    peers += [registry[n] for n in source.companions if n in registry and registry[n] not in peers]
     precisions, notes = effective_precisions(source.precisions or settings.precisions, device)
     report = BenchReport(
         source.name, source.task, source.pretrained, environment(device), settings, [], notes=[*source.notes, *notes]
@@ -521,6 +587,7 @@ def bench_model(
         for batch in source.batches:
             _bench_batch(report, source, batch, peers, precisions, device, Path(tmp), settings, timer, clock, on_result)
     attach_speedups(report.results)
+    attach_vs_static(report.results)
     report.environment.load_after = load_average()
     report.notes += machine_notes(report.environment, report.results)
     return report

@@ -131,6 +131,7 @@ SHORT = {  # the markdown column → the terminal's heading, and how much it mat
     "spread": ("spread", 7),
     "items/s": ("items/s", 2),
     "speed-up": ("×eager", 8),
+    "vs static": ("÷static", 8),
     "build s": ("build s", 4),
     "peak MiB": ("MiB", 3),
     "max abs diff": ("max|Δ|", 5),
