@@ -144,3 +144,107 @@ def test_random_inputs_of_a_dynamic_engine_take_concrete_shapes(conv):
     _, engine = conv
     assert [tuple(x.shape) for x in random_inputs(engine, 0)] == [(4, 3, 16, 16)]  # opt
     assert [tuple(x.shape) for x in random_inputs(engine, 0, engine.input_shapes_at(batch=7))] == [(7, 3, 16, 16)]
+
+
+# --- ONNX export with dims --------------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return self.proj(h), h.sum(1)
+
+
+def _onnx_dims(path):
+    import onnx
+
+    m = onnx.load(str(path))
+    def shape(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    return {v.name: shape(v) for v in [*m.graph.input, *m.graph.output]}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_onnx_with_dims_runs_at_every_size_in_the_range(tmp_path, exporter, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from kiln.onnx import export as onnx_export
+
+    if exporter == "torchscript":  # the fallback path: dynamic_axes, outputs' axes found by running
+        def refuse(*a, **k):
+            raise RuntimeError("dynamo refused (test)")
+        monkeypatch.setattr(onnx_export, "_export_dynamo", refuse)
+    model = Tokens().eval()
+    batch, seq = kiln.Dim("batch", min=1, opt=4, max=8), kiln.Dim("seq", min=2, opt=6, max=12)
+    ids, mask = torch.randint(0, 50, (1, 5)), torch.ones(1, 5)
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    report = onnx_export.export_onnx(model, (ids, mask), tmp_path / "t.onnx", dynamic_shapes=shapes)
+    assert report.exporter == exporter
+    assert report.dims == ["batch 1..8 (opt 4)", "seq 2..12 (opt 6)"]
+    dims = _onnx_dims(tmp_path / "t.onnx")
+    assert dims["input_ids"] == ["batch", "seq"] and dims["attention_mask"] == ["batch", "seq"]
+    outs = [v for k, v in dims.items() if k not in ("input_ids", "attention_mask")]
+    assert all(isinstance(v[0], str) for v in outs)  # every output's batch axis is symbolic
+    results = onnx_export.validate_onnx_dims(tmp_path / "t.onnx", model, (ids, mask), shapes)
+    bindings = [b for b, _ in results]
+    assert {"batch": 1, "seq": 2} in bindings and {"batch": 8, "seq": 12} in bindings and len(bindings) >= 5
+    for b, r in results:
+        assert r.passed, (b, r.max_abs_diff)
+        assert r.outputs[0].shape == (b["batch"], b["seq"], 4)
+
+
+def test_export_onnx_dims_errors(tmp_path):
+    from kiln.onnx.export import OnnxError, export_onnx
+
+    model = Tokens().eval()
+    ids, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 5)
+    with pytest.raises(OnnxError, match="not both"):
+        export_onnx(model, (ids, mask), tmp_path / "a.onnx", dynamic_batch=True, dynamic_shapes=({0: BATCH}, None))
+    with pytest.raises(OnnxError, match="dynamic_shapes: .*'nope'"):
+        export_onnx(model, (ids, mask), tmp_path / "a.onnx", dynamic_shapes={"nope": {0: BATCH}})
+
+
+CLI_FACTORY = '''
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.emb(input_ids) * attention_mask.unsqueeze(-1).float()).mean(1)
+
+
+def tokens():
+    torch.manual_seed(0)
+    return Tokens().eval(), (torch.randint(0, 50, (2, 10)), torch.ones(2, 10, dtype=torch.long))
+'''
+
+
+def test_export_onnx_command_with_batch_and_seq_ranges(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from kiln.cli import app
+
+    (tmp_path / "dyn.py").write_text(CLI_FACTORY)
+    out = tmp_path / "t.onnx"
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(app, [
+        "export-onnx", f"{tmp_path / 'dyn.py'}:tokens", "-o", str(out), "--batch", "1:4:8", "--seq", "2:8:16"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "batch 1..8 (opt 4), seq 2..16 (opt 8)" in text
+    assert "PASS at batch=1, seq=2" in text and "PASS at batch=8, seq=16" in text and "FAIL" not in text
+    dims = _onnx_dims(out)
+    assert dims["input_ids"] == ["batch", "seq"]
+    bad = CliRunner().invoke(app, ["export-onnx", f"{tmp_path / 'dyn.py'}:tokens", "-o", str(out),
+                                   "--batch", "1:4:8", "--dynamic-batch"])
+    assert bad.exit_code != 0 and "not both" in bad.output

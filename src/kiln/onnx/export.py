@@ -13,6 +13,7 @@ import inspect
 import logging
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from kiln.dims import DynamicSpec, normalize
 from kiln.errors import KilnError
+from kiln.shapes import probe_bindings
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -63,6 +66,7 @@ class ExportReport:
     ops_before: dict[str, int] | None = None  # op histogram before/after --simplify
     ops_after: dict[str, int] | None = None
     notes: list[str] = field(default_factory=list)
+    dims: list[str] = field(default_factory=list)  # dynamic_shapes: each dim described ("batch 1..64 (opt 8)")
 
 
 @dataclass
@@ -109,10 +113,14 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = False,
     simplify: bool = False,
+    dynamic_shapes: Any = None,
 ) -> ExportReport:
     """Export ``model`` to ``path`` and check it with onnx.checker.
 
-    ``dynamic_batch`` makes dim 0 of every input (and output) symbolic ("batch");
+    ``dynamic_shapes`` takes kiln.build's form (``({0: kiln.Dim("batch", min=1, opt=8, max=64)},)``
+    or a dict by argument name): those axes are symbolic in the ONNX model, named by their
+    dims; the model is traced at each dim's opt (2 where opt is 1). ``dynamic_batch`` is the
+    shorthand for dim 0 of every input (and output) symbolic ("batch", 1..65536);
     ``simplify`` runs onnxslim afterwards and records the op histogram before and after.
     ``opset`` None takes the exporter's default.
     """
@@ -120,19 +128,22 @@ def export_onnx(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    input_names = _input_names(model, len(args))
+    spec = _dynamic_spec(dynamic_shapes, dynamic_batch, args, input_names)
+    if spec is not None:
+        args = spec.export_inputs(args)
     with torch.no_grad():
         reference = model(*args)
-    input_names = _input_names(model, len(args))
     output_names = _output_names(reference)
     start = time.perf_counter()
     fallback = None
     try:
-        _export_dynamo(model, args, path, opset, dynamic_batch, input_names, output_names)
+        _export_dynamo(model, args, path, opset, dynamic_batch, input_names, output_names, spec)
         exporter = "dynamo"
     except Exception as exc:  # noqa: BLE001 - any failure: try the older exporter
         fallback = f"{type(exc).__name__}: {_first_line(exc)}"
         try:
-            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, output_names)
+            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, output_names, spec)
         except Exception as exc2:
             raise OnnxError(
                 f"ONNX export of {type(model).__name__} failed with both exporters.\n"
@@ -153,6 +164,7 @@ def export_onnx(
         inputs=[name for name, _, _ in summary.inputs],
         outputs=[name for name, _, _ in summary.outputs],
         fallback_reason=fallback,
+        dims=[d.describe() for d in spec.dims.values()] if spec is not None else [],
     )
     if simplify:
         report.ops_before, report.ops_after = simplify_onnx(path, path)
@@ -169,12 +181,17 @@ def _export_dynamo(
     dynamic_batch: bool,
     input_names: list[str],
     output_names: list[str],
+    spec: DynamicSpec | None = None,
 ) -> None:
     dynamic_shapes = None
-    if dynamic_batch:
+    if spec is not None:
+        dynamic_shapes = tuple(axes or {} for axes in spec.to_torch_export() or ())
+    elif dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args)
-    with _quiet("onnxscript"):  # its constant folder logs harmless "Evaluation failed"
+    with _quiet("onnxscript"), warnings.catch_warnings():  # its constant folder logs harmless "Evaluation failed"
+        # one torch Dim on several axes: the exporter says it names them once (harmless)
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         program = torch.onnx.export(
             model,
             args,
@@ -209,9 +226,13 @@ def _export_torchscript(
     dynamic_batch: bool,
     input_names: list[str],
     output_names: list[str],
+    spec: DynamicSpec | None = None,
 ) -> None:
     dynamic_axes = None
-    if dynamic_batch:
+    if spec is not None:
+        dynamic_axes = {name: dict(axes) for name, axes in zip(input_names, spec.axes) if axes}
+        dynamic_axes.update(_output_axes(model, args, spec, output_names))
+    elif dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in input_names + output_names}
     torch.onnx.export(
         model,
@@ -223,6 +244,44 @@ def _export_torchscript(
         output_names=output_names,
         dynamic_axes=dynamic_axes,
     )
+
+
+def _dynamic_spec(
+    dynamic_shapes: Any, dynamic_batch: bool, args: tuple[torch.Tensor, ...], names: list[str]
+) -> DynamicSpec | None:
+    """The checked dims of `dynamic_shapes` (None when nothing is dynamic)."""
+    if dynamic_shapes is None:
+        return None
+    if dynamic_batch:
+        raise OnnxError("give dynamic_shapes or dynamic_batch, not both (dynamic_batch is batch 1..65536 on axis 0)")
+    try:
+        spec = normalize(dynamic_shapes, args, names)
+    except ValueError as exc:
+        raise OnnxError(f"dynamic_shapes: {exc}") from None
+    return spec if spec.dynamic else None
+
+
+def _output_axes(
+    model: torch.nn.Module, args: tuple[torch.Tensor, ...], spec: DynamicSpec, output_names: list[str]
+) -> dict[str, dict[int, str]]:
+    """The TorchScript exporter needs the outputs' dynamic axes too: the axes whose size changes
+    between the traced size and another size in the range, named by the dim they follow
+    (else `<output>_<axis>`)."""
+    probes = [b for b in probe_bindings(list(spec.dims.values())) if b != spec.opt_binding()]
+    traced = {d: spec.export_size(d) for d in spec.dims}
+    other = next((b for b in probes if b != traced), None)
+    if other is None:
+        return {}
+    with torch.no_grad():
+        shapes = [[tuple(t.shape) for t in pytree.tree_leaves(model(*spec.at(args, b))) if isinstance(t, torch.Tensor)]
+                  for b in (traced, other)]
+    axes: dict[str, dict[int, str]] = {}
+    for name, a, b in zip(output_names, *shapes):
+        for axis, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                dim = next((d for d in spec.dims if traced[d] == x and other[d] == y), f"{name}_{axis}")
+                axes.setdefault(name, {})[axis] = dim
+    return axes
 
 
 def _input_names(model: torch.nn.Module, count: int) -> list[str]:
@@ -356,6 +415,24 @@ def validate_onnx(
         provider=session.get_providers()[0],
         seconds=seconds,
     )
+
+
+def validate_onnx_dims(
+    path: str | Path,
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    dynamic_shapes: Any,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> list[tuple[dict[str, int], ValidationReport]]:
+    """validate_onnx at every probe binding of the dims (kiln.shapes.probe_bindings: opt, all
+    min, all max, each dim alone at min, max and an awkward size): one ONNX model, many sizes."""
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    spec = _dynamic_spec(dynamic_shapes, False, args, _input_names(model, len(args)))
+    if spec is None:
+        return [({}, validate_onnx(path, model, args, atol, rtol))]
+    return [(b, validate_onnx(path, model, spec.at(args, b), atol, rtol))
+            for b in probe_bindings(list(spec.dims.values()))]
 
 
 def _feeds(session: Any, model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> dict:
