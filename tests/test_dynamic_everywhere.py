@@ -248,3 +248,45 @@ def test_export_onnx_command_with_batch_and_seq_ranges(tmp_path):
     bad = CliRunner().invoke(app, ["export-onnx", f"{tmp_path / 'dyn.py'}:tokens", "-o", str(out),
                                    "--batch", "1:4:8", "--dynamic-batch"])
     assert bad.exit_code != 0 and "not both" in bad.output
+
+
+# --- TensorRT: optimization profiles from kiln dims --------------------------------------------
+
+
+def test_tensorrt_profile_from_kiln_dims_builds_a_dynamic_network():
+    kt = pytest.importorskip("kiln.tensorrt")
+    try:
+        kt.api.trt()
+    except Exception as exc:  # noqa: BLE001 - no TensorRT here
+        pytest.skip(f"TensorRT unavailable: {exc}")
+    from kiln.dims import normalize
+    from kiln.tensorrt.convert.build import shape_ranges
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)).sum(1)
+
+    batch, seq = kiln.Dim("batch", min=1, opt=4, max=16), kiln.Dim("seq", min=2, opt=8, max=32)
+    x = torch.randn(4, 8, 8)
+    spec = normalize(({0: batch, 1: seq},), (x,))
+    gm = torch.export.export(Model().eval(), spec.export_inputs((x,)),
+                             dynamic_shapes=spec.to_torch_export()).run_decompositions().module()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = spec.symbol_names([placeholders[-1].meta["val"]])
+    net = kt.build_network(gm)
+    assert tuple(net.network.get_input(0).shape) == (-1, -1, 8)
+    ranges = shape_ranges(net, spec.dims, symbols)
+    assert list(ranges.values()) == [([1, 2, 8], [4, 8, 8], [16, 32, 8])]
+    with pytest.raises(kt.ConversionError):  # two symbolic sizes: batch= alone cannot say
+        kt.build_engine(net, batch=(1, 4, 16))
+    assert kt.build_engine(net, shapes=ranges).serialized
+
+
+def test_tensorrt_backend_refuses_dynamic_shapes_with_a_clear_error():
+    with pytest.raises(kiln.KilnError, match="--backend tensorrt does not take dynamic shapes yet .*batch 1..16"):
+        kiln.build(ConvNet().eval(), (torch.randn(4, 3, 16, 16),), dynamic_shapes=({0: BATCH},),
+                   config=kiln.BuildConfig(backend="tensorrt", check_dims=False))

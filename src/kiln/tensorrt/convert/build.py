@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,24 @@ def build_engine(
     if cache is not None and timing_cache is not None:
         Path(timing_cache).write_bytes(bytes(memoryview(cache.serialize())))
     return EngineBuild(bytes(memoryview(serialized)), seconds, net.inputs, net.outputs, notes)
+
+
+def shape_ranges(net: TRTNetwork, dims: Mapping[str, Any], symbols: Mapping[str, str]) -> dict[str, ShapeRange]:
+    """build_engine's ``shapes`` from kiln dims (docs/dynamic-shapes.md): each network input's
+    symbolic shape evaluated at the all-min, opt and all-max bindings. ``dims``: name →
+    kiln.Dim; ``symbols``: shape-environment symbol → dim name (CapturedGraph.symbols)."""
+    from kiln.shapes import evaluate, from_sympy
+
+    bindings = [{n: getattr(d, point) for n, d in dims.items()} for point in ("min", "opt", "max")]
+    ranges: dict[str, ShapeRange] = {}
+    for node in net.input_nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not any(isinstance(d, torch.SymInt) for d in val.shape):
+            continue
+        exprs = [from_sympy(d.node.expr, symbols) if isinstance(d, torch.SymInt) else int(d) for d in val.shape]
+        low, opt, high = ([int(evaluate(e, b)) for e in exprs] for b in bindings)
+        ranges[node.name] = (low, opt, high)
+    return ranges
 
 
 def _profile(builder: Any, net: TRTNetwork, batch: Any, shapes: dict[str, ShapeRange]) -> Any:

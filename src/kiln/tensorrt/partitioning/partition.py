@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from kiln.errors import KilnWarning
+from kiln.errors import KilnError, KilnWarning
 from kiln.graph import CapturedGraph, finish, source_line
 from kiln.tensorrt import api
 from kiln.tensorrt.convert.build import EngineBuild, build_engine
@@ -151,6 +151,12 @@ def partition_graph(
     when no TensorRT is installed.
     """
     start = time.perf_counter()
+    if getattr(graph, "dims", None):
+        dims = ", ".join(d.describe() for d in graph.dims.values())
+        raise KilnError(
+            f"--backend tensorrt does not take dynamic shapes yet ({dims}): TensorRT regions are built for "
+            "fixed shapes. Build with the kiln backend for a dynamic engine, or with fixed sizes for TensorRT"
+        )
     api.trt()  # TensorRTUnavailable, with the install hint, before any work
     gm = graph.module
     supported = supported_nodes(gm)
