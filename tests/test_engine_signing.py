@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kiln
 from engine_files import tiny_conv_net
@@ -180,3 +181,14 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_compiled_module_saves_signed(keys, tmp_path):
+    d, fingerprint, _ = keys
+    model, inputs = tiny_conv_net()
+    module = kiln.compile(model, inputs, device="cpu")
+    path = tmp_path / "module.kiln"
+    module.save(path, sign_key=d / "kiln.key")
+    loaded = kiln.load(path, trusted_keys=[d / "kiln.pub"])
+    assert loaded.signer == fingerprint and loaded.signer_trusted
+    assert torch.equal(loaded(*inputs), module(*inputs))

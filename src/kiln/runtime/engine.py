@@ -652,8 +652,9 @@ class EngineModule(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
 
-    def save(self, path: str | os.PathLike) -> None:
-        self.engine.save(path)
+    def save(self, path: str | os.PathLike, sign_key: Any = None) -> None:
+        """Write the engine file; `sign_key` signs it (see Engine.save)."""
+        self.engine.save(path, sign_key=sign_key)
 
     def extra_repr(self) -> str:
         return self.engine.summary()
