@@ -119,7 +119,10 @@ class _Planner:
         raise TypeError(f"node {value.name} yields several tensors; index it with getitem")
 
     def run(self) -> dict[str, Any]:
-        for node in self.graph.module.graph.nodes:
+        nodes = list(self.graph.module.graph.nodes)
+        # the graph inputs are the first slots, in order, even where a pass (channels_last) put
+        # a node between two placeholders
+        for node in [n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n.op != "placeholder"]:
             getattr(self, f"on_{node.op}")(node)
         if self.multi_stream:
             self.use_side_streams()

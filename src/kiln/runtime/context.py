@@ -233,6 +233,11 @@ class ExecutionContext:
         if self.stream is None:
             with torch.no_grad():
                 return engine.deliver(self.run_steps(self._bind(inputs)))
+        with engine.gpu_order:
+            return self._run_cuda(inputs)
+
+    def _run_cuda(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+        engine = self.engine
         if engine.use_cuda_graph and self.graph is None:
             self._capture()
         caller = torch.cuda.current_stream(engine.device)
@@ -240,6 +245,7 @@ class ExecutionContext:
         try:
             with torch.cuda.stream(self.stream):
                 self.stream.wait_stream(caller)  # the inputs are ready
+                engine.after_previous_call(self.stream)
                 if engine.use_cuda_graph and self.graph is not None:
                     for static, x in zip(self._static_inputs, inputs):
                         static.copy_(x.detach() if x.requires_grad else x)
@@ -252,6 +258,7 @@ class ExecutionContext:
                 for value in out:
                     if isinstance(value, torch.Tensor) and value.device.type == "cuda":
                         value.record_stream(caller)  # and are the caller's, used on its stream
+                engine.call_done(self.stream)
                 caller.wait_stream(self.stream)
         finally:
             _GATE.exit()
@@ -281,6 +288,12 @@ class ExecutionContext:
             with torch.no_grad():
                 out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
             return engine.unpad_outputs(out, real, key) if key != real else out
+        with engine.gpu_order:
+            return self._run_dynamic_cuda(inputs, state, real, key)
+
+    def _run_dynamic_cuda(self, inputs: tuple[torch.Tensor, ...], state: _ShapeState, real: tuple[int, ...],
+                          key: tuple[int, ...]) -> list[Any]:
+        engine = self.engine
         state.calls += 1
         if engine.use_cuda_graph and state.graph is None and state.calls >= engine.capture_after:
             self._capture_shape(state)
@@ -289,6 +302,7 @@ class ExecutionContext:
         try:
             with torch.cuda.stream(self.stream):
                 self.stream.wait_stream(caller)
+                engine.after_previous_call(self.stream)
                 if engine.use_cuda_graph and state.graph is not None:
                     for static, x in zip(state.static_inputs, inputs):
                         static.copy_(x.detach() if x.requires_grad else x)
@@ -300,6 +314,7 @@ class ExecutionContext:
                 for value in out:
                     if isinstance(value, torch.Tensor) and value.device.type == "cuda":
                         value.record_stream(caller)
+                engine.call_done(self.stream)
                 caller.wait_stream(self.stream)
         finally:
             _GATE.exit()
@@ -337,10 +352,11 @@ class ExecutionContext:
                         self.run_steps(statics, state.program, state.steps)
                 graph = torch.cuda.CUDAGraph()
                 with _GATE.capturing():
+                    before = torch.cuda.memory_reserved(engine.device)
                     with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.stream,
                                           capture_error_mode="thread_local"):
                         outputs = self.run_steps(statics, state.program, state.steps)
-                    self.graph_pool_bytes = _pool_bytes(graph)
+                    self.graph_pool_bytes = _grown(before, engine.device)
         except RuntimeError as exc:
             self.stream.synchronize()
             engine.capture_failed(exc)
@@ -432,9 +448,10 @@ class ExecutionContext:
                         self.run_steps(statics)
                 graph = torch.cuda.CUDAGraph()
                 with _GATE.capturing():
+                    before = torch.cuda.memory_reserved(device)
                     with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                         outputs = self.run_steps(statics)
-                    self.graph_pool_bytes = _pool_bytes(graph)
+                    self.graph_pool_bytes = _grown(before, device)
         except RuntimeError as exc:
             self.stream.synchronize()
             engine.capture_failed(exc)
@@ -463,13 +480,11 @@ class _ShapeState:
         self.graph, self.static_inputs, self.static_outputs = None, [], []
 
 
-def _pool_bytes(graph: torch.cuda.CUDAGraph) -> int | None:
-    """Bytes of the segments in a captured graph's private memory pool."""
-    try:
-        segments = torch.cuda.memory_snapshot(mempool_id=graph.pool(), include_traces=False)
-        return int(sum(s["total_size"] for s in segments))
-    except Exception:  # a diagnostic only: an allocator without snapshots reports nothing
-        return None
+def _grown(reserved_before: int, device: torch.device) -> int:
+    """Memory the allocator reserved during a capture: the graph's private pool (captures run
+    alone). torch.cuda.memory_snapshot(mempool_id=...) would measure the pool exactly, but it
+    crashed the process on torch 2.11 (H100), so it is not used."""
+    return max(0, torch.cuda.memory_reserved(device) - reserved_before)
 
 
 # -- the pool ---------------------------------------------------------------------------------

@@ -208,9 +208,26 @@ class Engine:
             self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
             self.free_after = self._release_schedule()
         self._lock = threading.Lock()
+        # CUDA: the calls of one engine run on the GPU one after another, in call order, whatever
+        # context and stream each uses (the next call's stream waits for the last call's event).
+        # Overlapping calls on different contexts gave wrong outputs on an H100, so until that is
+        # understood CUDA engines also default to one pooled context (callers queue for it).
+        self.gpu_order = threading.Lock()
+        self._last_call: torch.cuda.Event | None = None
         self._pool = ContextPool(self.create_context)
+        if max_contexts is None and self.device.type == "cuda":
+            max_contexts = 1
         self.max_contexts = max_contexts
         self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
+
+    def after_previous_call(self, stream: torch.cuda.Stream) -> None:
+        """CUDA, under gpu_order: `stream` waits until the engine's previous call has finished."""
+        if self._last_call is not None:
+            stream.wait_event(self._last_call)
+
+    def call_done(self, stream: torch.cuda.Stream) -> None:
+        """CUDA, under gpu_order: the work enqueued on `stream` so far is this engine's last call."""
+        self._last_call = stream.record_event()
 
     # -- dynamic shapes ----------------------------------------------------------------------
 
