@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import kiln
+from dynamic_factories import FACTORY
 
 torch.manual_seed(0)
 
@@ -208,25 +209,6 @@ def test_export_onnx_dims_errors(tmp_path):
         export_onnx(model, (ids, mask), tmp_path / "a.onnx", dynamic_shapes={"nope": {0: BATCH}})
 
 
-CLI_FACTORY = '''
-import torch
-from torch import nn
-
-
-class Tokens(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, input_ids, attention_mask):
-        return self.head(self.emb(input_ids) * attention_mask.unsqueeze(-1).float()).mean(1)
-
-
-def tokens():
-    torch.manual_seed(0)
-    return Tokens().eval(), (torch.randint(0, 50, (2, 10)), torch.ones(2, 10, dtype=torch.long))
-'''
 
 
 def test_export_onnx_command_with_batch_and_seq_ranges(tmp_path):
@@ -235,7 +217,7 @@ def test_export_onnx_command_with_batch_and_seq_ranges(tmp_path):
 
     from kiln.cli import app
 
-    (tmp_path / "dyn.py").write_text(CLI_FACTORY)
+    (tmp_path / "dyn.py").write_text(FACTORY)
     out = tmp_path / "t.onnx"
     result = CliRunner(env={"COLUMNS": "120"}).invoke(app, [
         "export-onnx", f"{tmp_path / 'dyn.py'}:tokens", "-o", str(out), "--batch", "1:4:8", "--seq", "2:8:16"])

@@ -393,6 +393,22 @@ def test_invalid_pointwise_program_is_refused(tmp_path):
              f"step {i}", "invalid pointwise program")
 
 
+class RMSNorm(nn.Module):
+    """An RMS norm written out in ops: fuse_rowwise makes it one kiln::rowwise step."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_invalid_rowwise_program_is_refused(tmp_path):
+    path = tmp_path / "rw.kiln"
+    kiln.build(RMSNorm().eval(), (torch.randn(2, 8, 16),), device="cpu").save(path)
+    header = kiln.runtime.engine_file.read(path)[0]
+    i, step = _step(header, "kiln.rowwise.default")
+    _refused(rewrite(path, tmp_path / "bad.kiln", lambda h: _steps(h)[i]["args"].__setitem__(1, '{"not": 1}')),
+             f"step {i}", "invalid rowwise program")
+
+
 def test_saving_refuses_a_plan_the_loader_would_refuse(tiny, tmp_path):
     path, inputs, _ = tiny
     engine = kiln.load(path)

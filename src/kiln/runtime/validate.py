@@ -251,24 +251,20 @@ def _check_conv(args: dict[str, Any], shapes: Shapes) -> str | None:
     return _check_activation(args, shapes) if "act" in args else None
 
 
-def _check_pointwise(args: dict[str, Any], shapes: Shapes) -> str | None:
-    from kiln.ops.pointwise import parse_program
+def _check_program(kind: str) -> Callable[[dict[str, Any], Shapes], str | None]:
+    """The rule for a kiln::pointwise or kiln::rowwise step: its program parses."""
 
-    try:
-        parse_program(args.get("program"))
-    except Exception as exc:  # PointwiseProgramError, or anything a malformed program provokes
-        return f"invalid pointwise program: {_first_line(exc)}"
-    return None
+    def check(args: dict[str, Any], shapes: Shapes) -> str | None:
+        from kiln.ops import pointwise
 
+        parse = pointwise.parse_program if kind == "pointwise" else pointwise.parse_row_program
+        try:
+            parse(args.get("program"))
+        except Exception as exc:  # PointwiseProgramError, or anything a malformed program provokes
+            return f"invalid {kind} program: {_first_line(exc)}"
+        return None
 
-def _check_rowwise(args: dict[str, Any], shapes: Shapes) -> str | None:
-    from kiln.ops.pointwise import parse_row_program
-
-    try:
-        parse_row_program(args.get("program"))
-    except Exception as exc:  # PointwiseProgramError, or anything a malformed program provokes
-        return f"invalid rowwise program: {_first_line(exc)}"
-    return None
+    return check
 
 
 def _check_region(args: dict[str, Any], shapes: Shapes) -> str | None:
@@ -286,8 +282,8 @@ OP_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {
     "aten.convolution.default": _check_conv,
     "kiln.conv_bias_act.default": _check_conv,
     "kiln.linear_act.default": _check_activation,
-    "kiln.pointwise.default": _check_pointwise,
-    "kiln.rowwise.default": _check_rowwise,
+    "kiln.pointwise.default": _check_program("pointwise"),
+    "kiln.rowwise.default": _check_program("rowwise"),
     "kiln.tensorrt_region.default": _check_region,
 }
 
