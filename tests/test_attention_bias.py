@@ -87,6 +87,27 @@ def test_written_attention_becomes_sdpa(kind):
     torch.testing.assert_close(after.run(*args), want, **FP32)
 
 
+def test_fused_graph_runs_whatever_layout_the_backend_returns(monkeypatch):
+    """Which SDPA backend runs is chosen after the passes, and CUDA's fused ones return
+    [B, H, N, D] laid out as [B, N, H, D]: the dims the pass merges after SDPA must not assume
+    the layout the pass saw (here: contiguous)."""
+    import kiln.passes.fuse_attention as pass_module
+
+    def contiguous(*args, **kwargs):
+        return SDPA(*args, **kwargs).contiguous()
+
+    def heads_inner(*args, **kwargs):  # the same values, the other layout
+        return SDPA(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    x = torch.randn(2, 12, 32)
+    monkeypatch.setattr(pass_module, "SDPA", contiguous)
+    _, after, want = _fused(Written(), (x,))
+    (node,) = [n for n in after.module.graph.nodes if n.target is contiguous]
+    node.target = heads_inner
+    after.module.recompile()
+    torch.testing.assert_close(after.run(x), want, **FP32)
+
+
 def test_scale_applied_after_a_bias_scales_the_bias_too():
     class Late(nn.Module):
         def forward(self, q, k, v, bias):

@@ -293,8 +293,9 @@ def _rewrite(graph: CapturedGraph, softmax: fx.Node) -> bool:
     k = _transposed(build, kt)
     q4, k4, v4 = (build.view(n, [*xy, *_shape(n)[-2:]]) for n in (q, k, v))
     attn = build(SDPA, q4, k4, v4, bias, scale=scores.scale)
-    # fused backends (CUDA) may give [X, Y, L, D] laid out as [X, L, Y, D]: copy before merging dims
-    out = build.view(_viewable(build, attn, list(_shape(pv))), list(_shape(pv)))
+    # the output's strides depend on the backend chosen later (CUDA's fused ones lay [X, Y, L, D]
+    # out as [X, L, Y, D]): reshape, a view where the strides allow one and a copy where not
+    out = attn if list(_shape(attn)) == list(_shape(pv)) else build(aten.reshape.default, attn, list(_shape(pv)))
     if _val(out).dtype != _val(pv).dtype:
         out = build(aten._to_copy.default, out, dtype=_val(pv).dtype)
     copy_origin(attn, scores.qk)
@@ -345,12 +346,3 @@ def fuse_attention(graph: CapturedGraph) -> CapturedGraph:
         if _rewrite(graph, softmax):
             changed = True
     return finish(graph) if changed else graph
-
-
-def _viewable(build, node: fx.Node, shape: list[int]) -> fx.Node:
-    """`node`, or a contiguous copy of it where its strides do not allow a view as `shape`."""
-    try:
-        _val(node).view(shape)
-        return node
-    except (RuntimeError, ValueError):
-        return build(aten.clone.default, node, memory_format=torch.contiguous_format)
