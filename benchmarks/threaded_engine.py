@@ -90,10 +90,18 @@ def main() -> None:
     wrong = sum((diff(out, expected[i]) > 2 * spread) if spread else
                 not all(torch.equal(a, b) for a, b in zip(leaves(out), leaves(expected[i])))
                 for i, out in many)
+    worst = max(diff(out, expected[i]) for i, out in many)
+    # fresh contexts, one after another on this thread: does a context alone change the answer?
+    with torch.inference_mode():
+        fresh = [engine.create_context() for _ in range(2)]
+        per_context = [[ctx(*x) for x in inputs[:8]] for ctx in fresh]
+    context_diff = max(diff(a, expected[i]) for outs in per_context for i, a in enumerate(outs))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} {args.precision} on {engine.device} ({where}), "
           f"{args.threads} threads x {args.calls} calls: {wrong} of {len(many)} outputs wrong "
           f"({'bitwise' if not spread else f'beyond 2x the single-thread spread {spread:.3g}'})")
+    print(f"  largest difference from the single-thread output: {worst:.3g}; "
+          f"two fresh contexts called in turn differ from it by up to {context_diff:.3g}")
     contexts = getattr(engine, "contexts", None)  # (None: a kiln without execution contexts)
     if contexts is not None:
         print(f"  contexts: {len(contexts)} x {engine.context_bytes / 2**20:.1f} MiB (arena + static inputs); "

@@ -274,12 +274,15 @@ def _gpu_wrong_outputs(engine, inputs_per_thread):
 
 
 @pytest.mark.gpu
-def test_gpu_resnet18_fp16_threads_get_the_single_thread_outputs():
+@pytest.mark.parametrize("max_contexts", [None, THREADS], ids=["default-pool", "a-context-per-thread"])
+def test_gpu_resnet18_fp16_threads_get_the_single_thread_outputs(max_contexts):
     from kiln import zoo
 
     entry = zoo.create("resnet18", batch=2)
     engine = kiln.build(entry.model.cuda(), [x.cuda() for x in entry.example_inputs], precision="fp16",
                         device="cuda")
+    if max_contexts is not None:
+        engine.max_contexts = max_contexts
     calls = 200
     gen = torch.Generator(device="cuda").manual_seed(0)
     inputs = [[(torch.randn(2, 3, 224, 224, device="cuda", generator=gen),) for _ in range(calls)]
@@ -409,3 +412,35 @@ def test_pinned_attention_backends_leave_the_global_flags_as_they_were():
     hammer_args = [[(i,)] for i in range(6)]
     hammer(worker, hammer_args)
     assert sorted(map(int, _cur_sdpa_kernel_backends())) == before
+
+
+def test_cuda_captures_all_run_on_one_thread_one_at_a_time():
+    """PyTorch caches cuDNN plans per thread: every graph capture runs on one worker thread, so
+    contexts captured for different threads keep the same algorithms (and bits)."""
+    from kiln.runtime.context import _CaptureThread
+
+    capturer = _CaptureThread()
+    seen, active, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def capture():
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        seen.append(threading.get_ident())
+        threading.Event().wait(0.01)
+        nested = capturer.run(threading.get_ident)  # from the capture thread itself: inline
+        with lock:
+            active[0] -= 1
+        return nested
+
+    with ThreadPoolExecutor(8) as pool:
+        nested = list(pool.map(lambda _: capturer.run(capture), range(16)))
+    assert len(set(seen)) == 1 and seen[0] != threading.get_ident()
+    assert set(nested) == set(seen) and most[0] == 1
+
+    def broken():
+        raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        capturer.run(broken)

@@ -209,9 +209,9 @@ class Engine:
             self.free_after = self._release_schedule()
         self._lock = threading.Lock()
         # CUDA: the calls of one engine run on the GPU one after another, in call order, whatever
-        # context and stream each uses (the next call's stream waits for the last call's event).
-        # Overlapping calls on different contexts gave wrong outputs on an H100, so until that is
-        # understood CUDA engines also default to one pooled context (callers queue for it).
+        # context and stream each uses (the next call's stream waits for the last call's event);
+        # so CUDA engines default to one pooled context (callers queue for it), as more would
+        # only cost memory.
         self.gpu_order = threading.Lock()
         self._last_call: torch.cuda.Event | None = None
         self._pool = ContextPool(self.create_context)
