@@ -115,16 +115,36 @@ def test_small_fp32_engine_matches_eager(name):
     assert_fp32_close(got, expected, zm)
 
 
+def settle_batch_norms(model: torch.nn.Module, inputs) -> None:
+    """Give a random-weight model's batch norms the statistics of one batch of random inputs, as
+    training would: untrained running statistics (mean 0, variance 1) normalize nothing, and the
+    activations of a deep random CNN then grow until fp16 rounding alone is 10-20% of the output
+    (ResNeXt-50, RegNetY at 64x64), in eager PyTorch too."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches seen: here, one
+    model.train()
+    with torch.no_grad():
+        model(*[torch.randn_like(x) if x.is_floating_point() else x for x in inputs])
+    model.eval()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(SMALL))
 def test_small_fp16_engine_on_gpu_as_accurate_as_eager_fp16(name):
     zm = small(name)
     model = zm.model.cuda()
     inputs = [x.cuda() for x in zm.example_inputs]
+    settle_batch_norms(model, inputs)
     with torch.no_grad():
         expected = model(*inputs)
         half = [x.half() if x.is_floating_point() else x for x in inputs]
         eager_fp16 = copy.deepcopy(model).half()(*half)
+    if not all(torch.isfinite(t).all() for t in leaves(eager_fp16)):
+        pytest.skip(f"{name} with random weights overflows fp16 in eager PyTorch too: no reference to compare with")
     engine = kiln.build(model, inputs, precision="fp16", device="cuda")
     assert engine.build_info["precision"] == "fp16"
     assert_as_accurate_as_eager(engine(*inputs), expected, eager_fp16, "fp16")
