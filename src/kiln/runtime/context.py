@@ -9,15 +9,14 @@ inputs. A context runs one call at a time and says so when used by two threads a
 `Engine.__call__` lends each call a context from a ContextPool, so concurrent calls never
 share state and steady-state calls create nothing.
 
-CUDA specifics. A call runs on the caller's current stream, as TensorRT's enqueue does: its
-inputs are ready there and its outputs are fresh tensors of that stream. An engine's calls
-run on the GPU in call order (`Engine.gpu_order`): a call on another stream than the
-engine's previous call first waits for it, so a context's arena and graph are never used by
-two calls at once. The results are copied out of the arena (and the graph's static outputs)
-before the context goes back to the pool. A context's own stream serves its graph capture;
-a capture, which would record any work enqueued on the capturing stream by any thread (pool
-streams can be shared), runs alone: `_GATE` lets calls enqueue work together but a capture
-only while no call enqueues.
+CUDA specifics. All of a context's GPU work runs on its stream, which first waits for the
+caller's current stream; the caller's stream waits for it before the call returns, and the
+fresh output tensors are recorded on the caller's stream. The results are copied out of the
+arena (and the graph's static outputs) on the context's stream before the context goes back
+to the pool, so the next call on it cannot overwrite them. Streams come from PyTorch's stream
+pool and may be shared between contexts (ordering stays right); a CUDA graph capture, which
+would record any work enqueued on the capturing stream by any thread, therefore runs alone:
+`_GATE` lets calls enqueue work together but a capture only while no call enqueues.
 
 Every CUDA graph of the process is warmed up and captured on one thread (`_CAPTURER`).
 PyTorch caches cuDNN's chosen convolution plans per thread, and the warm-up lets cuDNN time
@@ -271,37 +270,32 @@ class ExecutionContext:
             return self._run_cuda(inputs)
 
     def _run_cuda(self, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-        """On the caller's stream, as TensorRT's enqueue: after the engine's previous call."""
         engine = self.engine
         if engine.use_cuda_graph and self.graph is None:
-            self._before_capture()
             self._capture()
-            self._after_capture()
-        stream = torch.cuda.current_stream(engine.device)
+        caller = torch.cuda.current_stream(engine.device)
         _GATE.enter()
         try:
-            engine.after_previous_call(stream)
-            if engine.use_cuda_graph and self.graph is not None:
-                for static, x in zip(self._static_inputs, inputs):
-                    static.copy_(x.detach() if x.requires_grad else x)
-                self.graph.replay()
-                out = engine.deliver(self._static_outputs)
-            else:
-                with torch.no_grad():
-                    out = engine.deliver(self.run_steps(self._bind(inputs)))
-            engine.call_done(stream)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(caller)  # the inputs are ready
+                engine.after_previous_call(self.stream)
+                if engine.use_cuda_graph and self.graph is not None:
+                    for static, x in zip(self._static_inputs, inputs):
+                        static.copy_(x.detach() if x.requires_grad else x)
+                    self.graph.replay()
+                    out = engine.deliver(self._static_outputs)
+                else:
+                    with torch.no_grad():
+                        out = engine.deliver(self.run_steps(self._bind(inputs)))
+                # the outputs were copied out on this stream, before any later call on this context
+                for value in out:
+                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                        value.record_stream(caller)  # and are the caller's, used on its stream
+                engine.call_done(self.stream)
+                caller.wait_stream(self.stream)
         finally:
             _GATE.exit()
         return out
-
-    def _before_capture(self) -> None:
-        """The capture's warm-up runs on this context's stream and writes its arena: the engine's
-        earlier calls (which may have used this arena, on any stream) finish first."""
-        self.engine.finish_previous_call()
-        self.stream.wait_stream(torch.cuda.current_stream(self.engine.device))
-
-    def _after_capture(self) -> None:
-        torch.cuda.current_stream(self.engine.device).wait_stream(self.stream)
 
     # -- dynamic shapes ----------------------------------------------------------------------
 
@@ -335,22 +329,26 @@ class ExecutionContext:
         engine = self.engine
         state.calls += 1
         if engine.use_cuda_graph and state.graph is None and state.calls >= engine.capture_after:
-            self._before_capture()
             self._capture_shape(state)
-            self._after_capture()
-        stream = torch.cuda.current_stream(engine.device)
+        caller = torch.cuda.current_stream(engine.device)
         _GATE.enter()
         try:
-            engine.after_previous_call(stream)
-            if engine.use_cuda_graph and state.graph is not None:
-                for static, x in zip(state.static_inputs, inputs):
-                    static.copy_(x.detach() if x.requires_grad else x)
-                state.graph.replay()
-                out = engine.deliver(state.static_outputs)
-            else:
-                with torch.no_grad():
-                    out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
-            engine.call_done(stream)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(caller)
+                engine.after_previous_call(self.stream)
+                if engine.use_cuda_graph and state.graph is not None:
+                    for static, x in zip(state.static_inputs, inputs):
+                        static.copy_(x.detach() if x.requires_grad else x)
+                    state.graph.replay()
+                    out = engine.deliver(state.static_outputs)
+                else:
+                    with torch.no_grad():
+                        out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
+                for value in out:
+                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                        value.record_stream(caller)
+                engine.call_done(self.stream)
+                caller.wait_stream(self.stream)
         finally:
             _GATE.exit()
         return engine.unpad_outputs(out, real, key) if key != real else out

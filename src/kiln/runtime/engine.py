@@ -208,12 +208,12 @@ class Engine:
             self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
             self.free_after = self._release_schedule()
         self._lock = threading.Lock()
-        # CUDA: the calls of one engine run on the GPU one after another, in call order, each on
-        # its caller's stream (a call on another stream than the last waits for it); so CUDA
-        # engines default to one pooled context (callers queue for it), as more would only cost
-        # memory.
+        # CUDA: the calls of one engine run on the GPU one after another, in call order, whatever
+        # context and stream each uses (the next call's stream waits for the last call's event);
+        # so CUDA engines default to one pooled context (callers queue for it), as more would
+        # only cost memory.
         self.gpu_order = threading.Lock()
-        self._last_stream: torch.cuda.Stream | None = None
+        self._last_call: torch.cuda.Event | None = None
         self._pool = ContextPool(self.create_context)
         if max_contexts is None and self.device.type == "cuda":
             max_contexts = 1
@@ -221,20 +221,13 @@ class Engine:
         self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
 
     def after_previous_call(self, stream: torch.cuda.Stream) -> None:
-        """CUDA, under gpu_order: `stream` waits for the engine's previous call, if that ran on
-        another stream (on the same stream, the order is the stream's)."""
-        last = self._last_stream
-        if last is not None and last != stream:
-            stream.wait_stream(last)
+        """CUDA, under gpu_order: `stream` waits until the engine's previous call has finished."""
+        if self._last_call is not None:
+            stream.wait_event(self._last_call)
 
     def call_done(self, stream: torch.cuda.Stream) -> None:
-        """CUDA, under gpu_order: this engine's last call was enqueued on `stream`."""
-        self._last_stream = stream
-
-    def finish_previous_call(self) -> None:
-        """CUDA, under gpu_order: wait until the engine's previous call has finished on the GPU."""
-        if self._last_stream is not None:
-            self._last_stream.synchronize()
+        """CUDA, under gpu_order: the work enqueued on `stream` so far is this engine's last call."""
+        self._last_call = stream.record_event()
 
     # -- dynamic shapes ----------------------------------------------------------------------
 
