@@ -345,6 +345,20 @@ def test_horizontal_fuse_merges_sibling_linears(widths, act, wide_op):
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
 
 
+def test_horizontal_fuse_with_a_dynamic_batch_keeps_the_biases():
+    """Symbolic sizes: bmm then the bias added (baddbmm's meta function fails on symbolic sizes),
+    right at every batch size of the range."""
+    x = torch.randn(4, 6, 8)
+    model = ThreeProjections().eval()
+    engine = kiln.build(model, (x,), dynamic_shapes=({0: kiln.Dim("batch", min=1, opt=4, max=8)},))
+    ops = [s["op"] for s in engine.plan["steps"]]
+    assert "aten.bmm.default" in ops and "kiln.linear_act.default" not in ops, ops
+    for batch in (1, 3, 8):
+        y = torch.randn(batch, 6, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(engine(y), model(y), atol=1e-5, rtol=1e-5)
+
+
 class InceptionBranches(nn.Module):
     """Inception's 1×1 branches on one input; one with another kernel size stays apart."""
 

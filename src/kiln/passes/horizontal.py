@@ -47,12 +47,18 @@ def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
             w = add_weight(graph, "hfused_weight", torch.stack(weights), first, dtype)
             # -1: no size baked into the graph (dynamic shapes, docs/dynamic-shapes.md)
             batched_x = g.call_function(aten.expand.default, (x, [len(siblings), -1, -1]))
+            new_nodes = [batched_x]
             if biases is None:
                 wide = g.call_function(aten.bmm.default, (batched_x, w))
             else:
                 b = add_weight(graph, "hfused_bias", torch.stack(biases).unsqueeze(1), first, dtype)
-                wide = g.call_function(aten.baddbmm.default, (b, batched_x, w))
-            new_nodes = [batched_x, wide]
+                if graph.dims:  # baddbmm's meta function fails on symbolic sizes (torch 2.11-2.14)
+                    product = g.call_function(aten.bmm.default, (batched_x, w))
+                    new_nodes.append(product)
+                    wide = g.call_function(aten.add.Tensor, (product, b))
+                else:
+                    wide = g.call_function(aten.baddbmm.default, (b, batched_x, w))
+            new_nodes.append(wide)
             parts = [g.call_function(aten.select.int, (wide, 0, i)) for i in range(len(siblings))]
         else:
             w = add_weight(graph, "hfused_weight", torch.cat(weights, 1), first, dtype)
