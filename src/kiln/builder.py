@@ -7,7 +7,7 @@ import datetime
 import platform
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,12 +22,17 @@ from kiln.dims import DynamicSpec, normalize
 from kiln.errors import KilnError, KilnWarning
 from kiln.passes import run_passes
 from kiln.plan.planner import make_plan
+from kiln.quant.build import QUANT_PRECISIONS, calibration_batches, check_settings, guard_target, quantize_for_build
 from kiln.runtime.engine import Engine, EngineModule, default_device
 from kiln.select.selection import select_kernels
 from kiln.select.tune import TimingCache, default_cache_path
 from kiln.shapes import probe_bindings
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Post-training quantization (kiln.quant.build): int8, fp8 (e4m3) and "mixed" (int8 with the accuracy
+# guard keeping sensitive layers in high precision). The rest of the graph computes in fp32 on the
+# CPU and fp16 on CUDA; the Q/DQ ops run as their references (simulated quantization).
+ALL_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *QUANT_PRECISIONS)
 STAGES = ("capture", "passes", "select", "plan")
 
 
@@ -62,6 +67,12 @@ class BuildConfig:
     extra_info: dict[str, Any] = field(default_factory=dict)
     check_dims: bool = True  # dynamic shapes: run the engine at every probe size against the model
     buckets: dict[str, Any] | None = None  # dynamic shapes: {"batch": [1, 8, 64]} or {"batch": "pow2"}: pad up to
+    # quantized precisions (int8, fp8, mixed): batches shaped like the example inputs (a tensor, a tuple
+    # of tensors or a dict by input name each); with an accuracy target the last `held_back` are held back
+    calibration: Iterable[Any] | None = None
+    calibration_method: str | None = None  # max, percentile, entropy, mse; None: entropy for int8, max for fp8
+    accuracy: str | None = None  # e.g. "cosine>=0.999" (the accuracy guard); None: only "mixed" checks
+    held_back: int = 4
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -79,8 +90,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(ALL_PRECISIONS)}, got {precision!r}")
+    if precision in QUANT_PRECISIONS:  # simulated on the CPU: the reference path, no fallback
+        return precision
     if device.type == "cpu" and precision != "fp32":
         warnings.warn(
             f"{precision} engines are for CUDA GPUs; building for the CPU in fp32 instead",
@@ -88,6 +101,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             stacklevel=3,
         )
         return "fp32"
+    return precision
+
+
+def compute_precision(precision: str, device: torch.device) -> str:
+    """The float precision the graph computes in: a quantized engine's unquantized part (and its
+    Q/DQ's dequantized values) is fp16 on CUDA, fp32 on the CPU."""
+    if precision in QUANT_PRECISIONS:
+        return "fp16" if device.type == "cuda" else "fp32"
     return precision
 
 
@@ -101,6 +122,10 @@ def build(
     config: BuildConfig | None = None,
     reporter: Reporter | None = None,
     dynamic_shapes: Any = None,
+    calibration: Iterable[Any] | None = None,
+    calibration_method: str | None = None,
+    accuracy: str | None = None,
+    held_back: int = 4,
 ) -> Engine:
     """Build `model` into an Engine for the shapes of its example inputs.
 
@@ -114,9 +139,22 @@ def build(
     `dynamic_shapes` makes axes dynamic, as torch.export's argument of that name but with
     kiln.Dim(name, min=, opt=, max=) ranges: a tuple with one entry per input ({axis: Dim},
     a per-axis list, or None) or a dict by argument name. The engine then takes any size in
-    each range; it is tuned at opt and its memory planned for max (docs/dynamic-shapes.md)."""
+    each range; it is tuned at opt and its memory planned for max (docs/dynamic-shapes.md).
+
+    `precision="int8"`, `"fp8"` (float8 e4m3) or `"mixed"` quantize after post-training
+    calibration on `calibration` (batches shaped like the example inputs): weights per output
+    channel, activations per tensor with `calibration_method`'s ranges (entropy for int8, max
+    for fp8 unless given). With an `accuracy` target ("cosine>=0.999"; "mixed" checks that one
+    unless given) the last `held_back` batches are not calibrated on: the build compares with
+    the unquantized graph on them and keeps the most sensitive layers in high precision until
+    the target holds. The unquantized part computes in fp32 on the CPU (where the 8-bit values
+    are simulated by Q/DQ reference ops) and fp16 on CUDA; build_info["quantization"] says
+    what was quantized and what was kept."""
     check_model(model)
-    config = config or BuildConfig(precision=precision, device=None if device is None else str(device))
+    config = config or BuildConfig(
+        precision=precision, device=None if device is None else str(device), calibration=calibration,
+        calibration_method=calibration_method, accuracy=accuracy, held_back=held_back,
+    )
     reporter = reporter or _Quiet()
     _check_config(config)
     inputs = bind_example_inputs(model, example_inputs, kwargs)
@@ -126,6 +164,7 @@ def build(
         raise KilnError(f"dynamic_shapes: {exc}") from None
     target = resolve_device(config.device)
     used = resolve_precision(config.precision, target)
+    batches = _quant_batches(config, inputs, spec.dynamic)
     times: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -142,10 +181,17 @@ def build(
         times[name] = round(time.perf_counter() - t0, 4)
 
     with stage("capture"):
-        graph = capture(model, inputs, device=target, compute_dtype=PRECISIONS[used], rewrites=config.rewrites,
-                        dynamic=spec)
+        graph = capture(model, inputs, device=target, compute_dtype=PRECISIONS[compute_precision(used, target)],
+                        rewrites=config.rewrites, dynamic=spec)
     with stage("passes"):
         graph, pass_report = run_passes(graph, config.passes)
+    quant_info = None
+    if batches is not None:
+        # After the passes, not before: constant_fold would fold the weights' dequantize back into
+        # fp weights and fold_batchnorm would rescale already-quantized weights. The passes leave
+        # the ops that run (kiln::conv_bias_act, kiln::linear_act, mm/bmm), and Q/DQ goes around those.
+        with stage("quantize"):
+            graph, quant_info = _quantize(graph, config, batches, target)
     tensorrt_report = None
     if config.backend == "tensorrt":
         with stage("tensorrt"):
@@ -185,6 +231,7 @@ def build(
     info["exact"] = config.exact
     info["backend"] = config.backend
     info["tensorrt"] = tensorrt_report
+    info["quantization"] = quant_info
     info["timing_cache"] = (
         None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
     )
@@ -344,10 +391,23 @@ def _quiet_eval(model: torch.nn.Module) -> Iterator[None]:
 
 def _check_config(config: BuildConfig) -> None:
     """Refuse unknown settings before any work (ValueError naming the choices)."""
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.precision not in ALL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(ALL_PRECISIONS)}, got {config.precision!r}")
     if config.backend not in ("kiln", "tensorrt"):
         raise ValueError(f"backend must be 'kiln' or 'tensorrt', got {config.backend!r}")
+    if config.precision in QUANT_PRECISIONS:
+        check_settings(config.precision, config.calibration, config.calibration_method, config.accuracy,
+                       config.held_back)
+        if config.backend == "tensorrt":
+            raise KilnError(
+                f"precision {config.precision!r} is built by kiln's own backend only for now (TensorRT regions "
+                "have no converter for kiln's quantize/dequantize ops): drop backend='tensorrt' (--backend)"
+            )
+    elif config.calibration is not None or config.accuracy is not None:
+        raise KilnError(
+            f"calibration= and accuracy= are for the quantized precisions ({', '.join(QUANT_PRECISIONS)}); "
+            f"precision {config.precision!r} does not use them"
+        )
     if config.streams not in ("auto", "on", "off"):
         raise ValueError(f"streams must be 'auto', 'on' or 'off', got {config.streams!r}")
     check_names(config.rewrites)
@@ -357,6 +417,46 @@ def _check_config(config: BuildConfig) -> None:
         unknown = [n for n in config.passes if n not in PASSES]
         if unknown:
             raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
+
+
+def _quant_batches(config: BuildConfig, inputs: Any, dynamic: bool) -> list[tuple[torch.Tensor, ...]] | None:
+    """The calibration batches of a quantized build, checked against the example inputs (before
+    capture); None for a float precision."""
+    if config.precision not in QUANT_PRECISIONS:
+        return None
+    if dynamic:
+        raise KilnError(
+            f"precision {config.precision!r} is for static shapes for now (calibration runs at the example's "
+            "sizes): drop dynamic_shapes (--batch/--seq ranges) or build in fp32/fp16"
+        )
+    held = config.held_back if guard_target(config.precision, config.accuracy) else 0
+    return calibration_batches(config.calibration, inputs.names, inputs.tensors, precision=config.precision,
+                               held_back=held)
+
+
+def _quantize(
+    graph: Any, config: BuildConfig, batches: list[tuple[torch.Tensor, ...]], device: torch.device
+) -> tuple[Any, dict[str, Any]]:
+    """Calibrate and insert Q/DQ (kiln.quant.build); warns where an accuracy target is not met."""
+    fmt, default_method, _ = QUANT_PRECISIONS[config.precision]
+    method = config.calibration_method or default_method
+    target = guard_target(config.precision, config.accuracy)
+    graph, info = quantize_for_build(graph, batches, fmt=fmt, method=method, accuracy=target,
+                                     held_back=config.held_back)
+    info["compute_precision"] = compute_precision(config.precision, device)
+    info["simulated"] = True  # Q/DQ run as reference ops around float kernels: no 8-bit GEMM kernel yet
+    info["execution"] = (
+        f"simulated {info['format']}: values rounded to the 8-bit format by Q/DQ reference ops, GEMMs in "
+        f"{info['compute_precision']}"
+    )
+    if info["accuracy"] is not None and not info["accuracy"]["met"]:
+        warnings.warn(
+            f"{info['accuracy']['summary']}; the engine is built with those layers in high precision "
+            "(loosen the target, or give more representative calibration data)",
+            KilnWarning,
+            stacklevel=4,
+        )
+    return graph, info
 
 
 def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> float:
