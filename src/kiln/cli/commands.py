@@ -19,6 +19,7 @@ COMMANDS = (
     "catalog",
     "bench",
     "predict",
+    "debug",
     "export_onnx",
     "trt_check",
     "keygen",
