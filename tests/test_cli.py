@@ -145,7 +145,8 @@ def _bad_cases(factory, engine, files):
         # build
         (["build"], "missing argument 'MODEL'"),
         (["build", model, "--device", "tpu"], "'tpu' is not a device"),
-        (["build", model, "--precision", "int8"], "'int8' is not one of fp32, fp16, bf16"),
+        (["build", model, "--precision", "int8"], "--precision int8 needs calibration data"),
+        (["build", model, "--precision", "int4"], "'int4' is not one of"),
         (["build", model, "--backend", "tensorrtt"], "did you mean tensorrt"),
         (["build", model, "--streams", "two"], "not one of auto, on, off"),
         (["build", model, "--batch", "0"], "positive"),
@@ -187,6 +188,8 @@ def _bad_cases(factory, engine, files):
         # predict
         (["predict"], "missing argument 'MODEL|ENGINE'"),
         (["predict", "resnet18", "--precision", "int8"], "'int8' is not one of"),
+        (["debug"], "missing argument 'precision'"),
+        (["debug", "precision", model, "--precision", "fp32"], "'fp32' is not one of"),
         (["predict", "resnet18", "--topk", "0"], "--topk"),
         (["predict", "resnet18", str(files["missing"]) + ".jpg", "--device", "cpu"], "missing.kiln.jpg"),
         # export-onnx
