@@ -92,6 +92,27 @@ def test_a_corrupted_layer_is_the_first_to_diverge_and_the_worst_locally():
     assert downstream.diverged and downstream.local_rel_error < 1e-6, "head itself is exact given exact inputs"
 
 
+class Overflows(nn.Module):
+    """x in fp32; NaN in fp16 where x * 1e5 passes 65504, the largest half (inf - inf)."""
+
+    def forward(self, x):
+        big = x * 1e5
+        return big - big + x
+
+
+def test_a_layer_that_turns_nan_in_fp16_diverges_there():
+    class WithOverflow(Net):
+        def __init__(self):
+            super().__init__()
+            self.fragile = Overflows()
+
+    report = debug_precision(WithOverflow().eval(), _x(), precision="fp16")
+    first = report.first_divergent
+    assert first is not None and first.module == "fragile", [(r.module, r.rel_error) for r in report.rows]
+    assert _row(report, "head").diverged, "NaN downstream counts as diverged"
+    assert report.bisection is not None and report.bisection.module == "fragile"
+
+
 def test_int8_rows_and_bisection_end_at_a_quantized_layer():
     report = debug_precision(Net().eval(), _x(4), precision="int8", method="max", tol=1e-4)
     assert report.output["rel_error"] > 1e-4

@@ -160,9 +160,6 @@ assert not [m for m in sys.modules if m.startswith(("kiln.quant", "kiln.builder"
 """
 
 
-@pytest.mark.xfail(strict=True, reason="import kiln in a fresh interpreter does not define the kiln:: Q/DQ ops, so "
-                   "validate.py refuses the step ('op kiln.dequantize_per_channel.default is not available in this "
-                   "torch'): src/kiln/ops/__init__.py must import kiln.ops.quant beside fused and pointwise")
 def test_load_in_a_fresh_interpreter(tmp_path):
     model, calib, tests = _setup("conv")
     engine = kiln.build(model, (calib[0],), precision="int8", device=CPU, calibration=calib)
@@ -314,8 +311,6 @@ class SeparateQKV(nn.Module):
         return self.o(a.transpose(1, 2).reshape(b, n, 32))
 
 
-@pytest.mark.xfail(strict=True, reason="kiln.quant.sites has no rule for aten.baddbmm (horizontal_fuse's q/k/v "
-                   "GEMM with bias): register_rule(aten.baddbmm.default, {1: -2, 2: -1}) there quantizes it")
 def test_fused_qkv_projection_is_quantized():
     torch.manual_seed(0)
     model = SeparateQKV().eval()

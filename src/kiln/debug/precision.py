@@ -375,7 +375,7 @@ def debug_precision(
             row.rel_error, row.cosine, row.max_abs = _errors(cand_vals[c.name], ref_vals[node.name])
             if c.name in local_vals:
                 row.local_rel_error = _errors(local_vals[c.name], ref_vals[node.name])[0]
-            row.diverged = row.rel_error > tolerance
+            row.diverged = not row.rel_error <= tolerance  # (NaN diverges)
         rows.append(row)
 
     rel, cos, mx = _errors(*(torch.cat([t.flatten().double() for t in _flat(v)]) for v in (cand_out, ref_out)))
@@ -392,7 +392,7 @@ def debug_precision(
     unmatched = sum(r.candidate is None for r in rows)
     if unmatched:
         notes.append(f"{unmatched} of {len(rows)} layers have no counterpart in the candidate (fused away)")
-    if bisect and (precision in LOW_DTYPES or table is not None) and rel > tolerance:
+    if bisect and (precision in LOW_DTYPES or table is not None) and not rel <= tolerance:
         report.bisection = _bisect(reference, batch, ref_out, precision, table, tolerance)
     elif bisect and rel <= tolerance:
         notes.append(f"the output is within tolerance ({rel:.3g} <= {tolerance:g}): nothing to bisect")
@@ -427,8 +427,8 @@ def _bisect(
 
     def fails(k: int) -> bool:
         err = output_error(k)
-        steps.append(BisectStep(k, err, err > tolerance))
-        return err > tolerance
+        steps.append(BisectStep(k, err, not err <= tolerance))
+        return not err <= tolerance
 
     n = len(names)
     result = Bisection(n, None, None, None, None, steps)

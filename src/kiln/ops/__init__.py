@@ -2,4 +2,4 @@
 activations and pointwise ops every backend maps (vocabulary), and the pointwise expression
 IR that generated kernels are built from."""
 
-from kiln.ops import fused, pointwise  # noqa: F401  (defines the kiln:: ops)
+from kiln.ops import fused, pointwise, quant  # noqa: F401  (defines the kiln:: ops)

@@ -36,6 +36,7 @@ def register_rule(target: object, operands: dict[int, int | None]) -> None:
 register_rule(aten.convolution.default, {0: None, 1: 0})
 register_rule(aten.mm.default, {0: -2, 1: -1})
 register_rule(aten.addmm.default, {1: -2, 2: -1})
+register_rule(aten.baddbmm.default, {1: -2, 2: -1})  # horizontal_fuse's q/k/v GEMM with bias
 register_rule(aten.bmm.default, {0: -2, 1: -1})
 register_rule(torch.ops.kiln.conv_bias_act.default, {0: None, 1: 0})
 register_rule(torch.ops.kiln.linear_act.default, {0: None, 1: -1})
