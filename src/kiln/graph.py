@@ -76,13 +76,24 @@ def _plumbing_dirs() -> tuple[str, ...]:
     return tuple(str(d.resolve()) + os.sep for d in dirs)
 
 
+@functools.cache
+def _package_dirs() -> tuple[str, ...]:
+    """Where installed packages live; inside the standard library's folder on most installs
+    (lib/python3.X/site-packages), and never plumbing themselves (torchvision, transformers)."""
+    paths = sysconfig.get_paths()
+    return tuple(str(Path(paths[k]).resolve()) + os.sep for k in ("purelib", "platlib"))
+
+
 def _plumbing(file: str) -> bool:
     """A frame of torch, kiln or the standard library, not of the model."""
     try:
         path = str(Path(file).resolve())
     except (OSError, ValueError):
         return False
-    return path.startswith(_plumbing_dirs())
+    torch_or_kiln = _plumbing_dirs()[:2]
+    if path.startswith(torch_or_kiln):
+        return True
+    return path.startswith(_plumbing_dirs()[2]) and not path.startswith(_package_dirs())
 
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
