@@ -17,6 +17,7 @@ from torch import nn
 import kiln
 from kiln.quant import compare_outputs
 from kiln.runtime import engine_file
+from test_quant_guard import Outlier  # fc2 reads one feature 1000x larger: the layer to keep
 
 CPU = "cpu"
 QDQ_OPS = {
@@ -55,23 +56,6 @@ class Block(nn.Module):
 
     def forward(self, x):
         return self.head(self.layer(x))
-
-
-class Outlier(nn.Module):
-    """fc2 reads one feature 1000x larger than the rest (with a weight 1000x smaller): one int8
-    scale per tensor for fc2's input loses every other feature, so fc2 is the layer to keep."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 10)
-        gain = torch.ones(32)
-        gain[0] = 1000.0
-        self.register_buffer("gain", gain)
-        with torch.no_grad():
-            self.fc2.weight[:, 0] /= 1000.0
-
-    def forward(self, x):
-        return self.fc3(self.fc2(self.fc1(x) * self.gain).relu())
 
 
 MODELS = {"conv": (ConvNet, (4, 3, 16, 16)), "block": (Block, (2, 8, 32)), "outlier": (Outlier, (8, 16))}
