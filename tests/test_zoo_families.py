@@ -212,12 +212,6 @@ def test_decoder_attention_runs_as_one_sdpa_per_layer(name):
     assert all(m is not None or c for m, c in zip(masks, causal)), "every attention is masked or causal"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 2: transformers' causal mask is built in the graph and folded into a constant "
-    "(batch, 1, seq, seq) bool weight passed to aten.scaled_dot_product_attention as attn_mask; no pass "
-    "recognises it as is_causal=True, so CUDA cannot use the flash backend (which takes no mask)",
-)
 @pytest.mark.parametrize("name", DECODERS)
 def test_decoder_causal_mask_becomes_is_causal(name):
     zm = small(name)

@@ -19,6 +19,7 @@ from kiln.graph import CapturedGraph
 from kiln.passes import (  # noqa: F401  (each registers its pass)
     attention_mask,
     batched_weight_matmul,
+    causal_mask,
     channels_last,
     constant_fold,
     dead_code,
@@ -54,6 +55,8 @@ PIPELINE: tuple[str, ...] = (
     "batched_weight_matmul",  # bmm against a broadcast weight (+ bias) → one mm/addmm
     "constant_fold",  # subgraphs of weights alone → new weights
     "drop_trivial_attention_mask",  # constant attention masks that mask nothing → none
+    # constant causal masks (folded just above) → is_causal=True, so flash attention can run them
+    "causal_mask",
     "fold_batchnorm",  # conv → batch norm into the conv; other batch norms → scale + shift
     "fuse_conv",  # conv + bias [+ residual] [+ activation] → kiln::conv_bias_act
     "fuse_linear",  # matmul + bias [+ activation] → kiln::linear_act
