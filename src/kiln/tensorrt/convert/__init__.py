@@ -6,8 +6,9 @@
 - ``context``: ``ConversionContext``, what a converter sees
 - ``args``: argument helpers the converters share
 - one module per op family: ``elementwise``, ``reduce``, ``shape``, ``nn`` (core ATen),
-  ``kiln_ops`` (kiln's fused ops), ``pointwise`` (``kiln::pointwise`` programs), and
-  ``activations`` (kiln's activation vocabulary as TensorRT layers)
+  ``kiln_ops`` (kiln's fused ops), ``pointwise`` (``kiln::pointwise`` programs), ``quant``
+  (kiln's quantize/dequantize as TensorRT Q/DQ layers), and ``activations`` (kiln's
+  activation vocabulary as TensorRT layers)
 - ``network``: FX graph → TensorRT network (``build_network``, ``supported_nodes``)
 - ``build``: network → serialized engine (``build_engine``)
 

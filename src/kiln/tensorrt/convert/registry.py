@@ -11,8 +11,8 @@ on kiln's own kernels. Keys are OpOverloads (``aten.add.Tensor``), OpOverloadPac
 (``aten.add``: every overload), Python callables (``operator.getitem``) or qualified names
 (``"kiln::conv_bias_act"``, for ops registered later). The latest registration wins.
 The built-in converters live in one module per op family (``BUILTINS``: the core ATen ops of
-the zoo, kiln's own fused ops, ``kiln::pointwise`` programs); they register on the registry's
-first use, and rank below every converter registered from outside them.
+the zoo, kiln's own fused ops, ``kiln::pointwise`` programs, kiln's quantize/dequantize); they
+register on the registry's first use, and rank below every converter registered from outside them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["BUILTINS", "Decline", "converter", "lookup", "registered", "unregist
 ConverterFn = Callable[["ConversionContext"], Any]
 
 # The modules of built-in converters, one per op family (kiln.tensorrt.convert.<name>).
-BUILTINS = ("elementwise", "reduce", "shape", "nn", "kiln_ops", "pointwise")
+BUILTINS = ("elementwise", "reduce", "shape", "nn", "kiln_ops", "pointwise", "quant")
 
 _REGISTRY: dict[Any, list[tuple[int, ConverterFn]]] = {}
 _ORDER = itertools.count()
