@@ -151,8 +151,6 @@ def _bad_command_lines(model: str, folder: Path) -> list[tuple[list[str], str]]:
          "neither 'photos' nor an existing file or directory"),
         (["build", model, "--precision", "int8", "--calib", str(csv)], "not a .csv file"),
         (["build", model, "--calib", "photos"], "--calib is for quantized engines"),
-        (["build", model, "--precision", "int8", "--calib", "photos", "--backend", "tensorrt"],
-         "kiln's own backend only for now: drop --backend tensorrt"),
         (["build", model, "--precision", "fp8", "--calib", "photos", "--batch", "1:2:4"], "static shapes"),
         (["build", model, "--precision", "bf16", "--accuracy", "cosine>=0.99"], "--accuracy is for quantized"),
         (["debug"], "missing argument 'precision'"),

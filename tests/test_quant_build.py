@@ -255,9 +255,24 @@ def test_quantization_options_with_a_float_precision_and_dynamic_shapes(no_captu
     with pytest.raises(kiln.KilnError, match="static shapes"):
         kiln.build(model, (calib[0],), precision="int8", device=CPU, calibration=calib,
                    dynamic_shapes=({0: kiln.Dim("batch", min=1, max=8)},))
-    with pytest.raises(kiln.KilnError, match="backend"):
-        kiln.build(model, (calib[0],), config=kiln.BuildConfig(precision="int8", device=CPU, calibration=calib,
-                                                               backend="tensorrt"))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_tensorrt_backend_takes_the_quantized_graph(fmt):
+    """Explicit quantization: the Q/DQ ops and the 8-bit weights go into the TensorRT region
+    (built here, run only where the installed TensorRT runs)."""
+    from kiln.tensorrt import api
+
+    if not api.available():
+        pytest.skip("needs TensorRT or TensorRT-RTX (pip install 'kiln[tensorrt-rtx]')")
+    model, calib, _ = _setup("conv")
+    config = kiln.BuildConfig(precision=fmt, device=CPU, calibration=calib, backend="tensorrt")
+    with pytest.warns(kiln.KilnWarning):
+        engine = kiln.build(model, (calib[0],), config=config)
+    report = engine.build_info["tensorrt"]
+    assert report["regions"] and not report["outside"], report
+    assert [s["op"] for s in engine.plan["steps"]] == ["kiln.tensorrt_region.default"]
+    assert engine.build_info["quantization"]["quantized_layers"] >= 2
 
 
 def test_unknown_precision_lists_the_quantized_ones(no_capture):

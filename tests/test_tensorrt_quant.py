@@ -4,11 +4,8 @@ Graphs come from kiln.quant (calibrate + insert_qdq on a captured model) or from
 calling the kiln:: Q/DQ ops. TensorRT-RTX's builder runs on the CPU, so each network is built
 into a serialized engine here; executing it needs a GPU the installed TensorRT runs on (``gpu``).
 
-Two gaps outside the converters are pinned by strict xfails (their reasons name the fix):
-``network._fold`` folds a weight's dequantize into fp32 weights before any converter sees it,
-and ``context.trt_dtype`` has no float8 (so an fp8 quantize's output fails the dtype check).
-``proposed_fixes`` applies both fixes for the length of a test, to check the converters'
-weight → DQ and fp8 paths now; delete it (and the xfails) once the fixes land.
+Stored 8-bit weights reach the network as 8-bit constants behind a dequantize (the network
+builder never folds Q/DQ ops), and float8_e4m3fn maps to trt.fp8 whatever the precision.
 """
 
 from __future__ import annotations
@@ -25,11 +22,9 @@ if not api.available():
     pytest.skip("needs TensorRT or TensorRT-RTX (pip install 'kiln[tensorrt-rtx]')", allow_module_level=True)
 
 import kiln.tensorrt as kt  # noqa: E402
-import kiln.tensorrt.convert.context as context_mod  # noqa: E402
-import kiln.tensorrt.convert.network as network_mod  # noqa: E402
 from kiln.capture.export import capture  # noqa: E402
 from kiln.graph import CapturedGraph  # noqa: E402
-from kiln.ops.quant import DEQUANTIZE_OPS, QUANTIZE_OPS  # noqa: E402
+from kiln.ops.quant import QUANTIZE_OPS  # noqa: E402
 from kiln.quant.calibrate import calibrate  # noqa: E402
 from kiln.quant.insert import insert_qdq  # noqa: E402
 from kiln.tensorrt.partitioning.partition import find_regions  # noqa: E402
@@ -85,27 +80,6 @@ def _count(gm: torch.fx.GraphModule, targets: tuple) -> int:
 
 def _declined(gm: torch.fx.GraphModule) -> dict[str, str]:
     return {n.name: r for n, r in kt.supported_nodes(gm).items() if r}
-
-
-@pytest.fixture
-def proposed_fixes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What network.py and context.py need for quantized weights and fp8 (see the module docstring):
-    no folding of Q/DQ ops into constants; float8_e4m3fn ↔ trt.fp8, never remapped by ``precision``."""
-    trt = api.trt()
-    fold, to_trt, map_dtype = network_mod._fold, context_mod.trt_dtype, context_mod._State.map_dtype
-
-    def no_qdq_fold(node, args, kwargs, ctx):  # noqa: ANN001, ANN202
-        if node.target in QUANTIZE_OPS + DEQUANTIZE_OPS:
-            return network_mod._NOT_FOLDED
-        return fold(node, args, kwargs, ctx)
-
-    def fp8_dtype(dtype: torch.dtype):  # noqa: ANN202
-        return trt.fp8 if dtype == torch.float8_e4m3fn else to_trt(dtype)
-
-    monkeypatch.setattr(network_mod, "_fold", no_qdq_fold)
-    monkeypatch.setattr(network_mod, "trt_dtype", fp8_dtype)
-    monkeypatch.setattr(context_mod, "trt_dtype", fp8_dtype)
-    monkeypatch.setattr(context_mod._State, "map_dtype", lambda self, d: d if d.itemsize == 1 else map_dtype(self, d))
 
 
 # --- activations: Q → DQ per tensor ------------------------------------------------------
@@ -249,33 +223,20 @@ def _weight_dequantizes(net: kt.TRTNetwork) -> list:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="network._fold computes a weight's kiln::dequantize_per_channel with PyTorch (all its inputs are "
-    "constants), so the network gets fp32 weights, not int8 ones behind a DQ layer. Fix: in network._fold, "
-    "return _NOT_FOLDED for kiln.ops.quant.QUANTIZE_OPS + DEQUANTIZE_OPS (as for _seeded ops)",
-)
 def test_int8_weights_stay_int8_behind_a_dequantize() -> None:
     _, qgraph = _quantized("int8")
     net = kt.build_network(qgraph.module)
     assert len(_weight_dequantizes(net)) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="context.trt_dtype has no torch.float8_e4m3fn, so the fp8 quantize's output fails the dtype check "
-    "('TensorRT has no torch.float8_e4m3fn tensors'). Fix: map torch.float8_e4m3fn to trt.fp8 there, and in "
-    "_State.map_dtype leave 1-byte dtypes alone (float8 is_floating_point, so precision=fp16 would remap it)",
-)
 def test_fp8_activations_convert() -> None:
     _, qgraph = _quantized("fp8")
     assert _declined(qgraph.module) == {}
 
 
-@pytest.mark.usefixtures("proposed_fixes")
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("precision", [None, torch.float16], ids=["fp32", "fp16"])
-def test_explicit_quantization_pattern_builds_with_the_proposed_fixes(fmt: str, precision: torch.dtype | None) -> None:
+def test_explicit_quantization_pattern_builds(fmt: str, precision: torch.dtype | None) -> None:
     trt = api.trt()
     storage = trt.int8 if fmt == "int8" else trt.fp8
     float_type = trt.float16 if precision == torch.float16 else trt.float32
@@ -306,7 +267,6 @@ def _fp8_weight_graph() -> tuple[torch.fx.GraphModule, torch.Tensor, torch.Tenso
     return capture(Fn(dq), (torch.randn(4, 2),), device=CPU).module, stored, scales
 
 
-@pytest.mark.usefixtures("proposed_fixes")
 def test_fp8_weights_become_an_fp8_constant() -> None:
     """numpy has no float8: the constant is made from the stored bytes, typed trt.fp8 (the Python API
     cannot read fp8 weights back, so the values are checked on a GPU)."""
@@ -350,7 +310,6 @@ def test_int8_engine_matches_the_simulated_graph_on_gpu() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.usefixtures("proposed_fixes")
 def test_fp8_weight_values_on_gpu() -> None:
     ok, reason = api.runtime_usable()
     if not ok:

@@ -398,11 +398,6 @@ def _check_config(config: BuildConfig) -> None:
     if config.precision in QUANT_PRECISIONS:
         check_settings(config.precision, config.calibration, config.calibration_method, config.accuracy,
                        config.held_back)
-        if config.backend == "tensorrt":
-            raise KilnError(
-                f"precision {config.precision!r} is built by kiln's own backend only for now (TensorRT regions "
-                "have no converter for kiln's quantize/dequantize ops): drop backend='tensorrt' (--backend)"
-            )
     elif config.calibration is not None or config.accuracy is not None:
         raise KilnError(
             f"calibration= and accuracy= are for the quantized precisions ({', '.join(QUANT_PRECISIONS)}); "

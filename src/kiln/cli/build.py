@@ -199,8 +199,6 @@ def _check_quant_build(precision: str, backend: str, batch: Any, seq: Any) -> No
 
     if precision not in QUANT_PRECISIONS:
         return
-    if backend != "kiln":
-        raise usage(f"--precision {precision} is built by kiln's own backend only for now: drop --backend {backend}")
     if isinstance(batch, Dim) or isinstance(seq, Dim):
         raise usage(f"--precision {precision} is for static shapes for now: give --batch N (and --seq N or "
                     "--input-shape), not a range")

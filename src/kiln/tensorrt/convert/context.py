@@ -57,6 +57,8 @@ def trt_dtype(dtype: torch.dtype) -> Any:
         torch.uint8: trt.uint8,
         torch.bool: trt.bool,
     }
+    if hasattr(trt, "fp8"):
+        table[torch.float8_e4m3fn] = trt.fp8
     if dtype not in table:
         raise Decline(f"TensorRT has no {dtype} tensors")
     return table[dtype]
@@ -80,7 +82,7 @@ class _State:
     keepalive: list[Any] = field(default_factory=list)
 
     def map_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        if self.precision is not None and dtype.is_floating_point:
+        if self.precision is not None and dtype.is_floating_point and dtype.itemsize > 1:  # float8 stays
             return self.precision
         return dtype
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from kiln.ops.quant import DEQUANTIZE_OPS, QUANTIZE_OPS
 from kiln.tensorrt import api
 from kiln.tensorrt.convert.context import (
     ConversionContext,
@@ -276,7 +277,7 @@ def _fold(node: fx.Node, args: Any, kwargs: Any, ctx: ConversionContext) -> Any:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload) and target is not operator.getitem:
         return _NOT_FOLDED
-    if _seeded(target):
+    if _seeded(target) or _quantizing(target):
         return _NOT_FOLDED
     flat = list(_flatten((args, kwargs)))
     if any(ctx.is_tensor(x) or isinstance(x, _Unavailable) for x in flat):
@@ -321,6 +322,12 @@ def weight_nodes(graph: fx.Graph) -> set[fx.Node]:
         ):
             out.add(node)
     return out
+
+
+def _quantizing(target: Any) -> bool:
+    """kiln's Q/DQ ops: kept as TensorRT Q/DQ layers (explicit quantization), never folded, so an
+    8-bit weight reaches the network as an 8-bit constant behind a dequantize."""
+    return target in QUANTIZE_OPS or target in DEQUANTIZE_OPS
 
 
 def _seeded(target: Any) -> bool:

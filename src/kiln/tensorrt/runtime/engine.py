@@ -170,6 +170,7 @@ def torch_dtypes(trt: Any) -> dict[Any, torch.dtype]:
         "int8": torch.int8,
         "uint8": torch.uint8,
         "bool": torch.bool,
+        "fp8": torch.float8_e4m3fn,
     }
     return {getattr(trt, name): dtype for name, dtype in table.items() if hasattr(trt, name)}
 
