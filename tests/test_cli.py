@@ -185,6 +185,10 @@ def _bad_cases(factory, engine, files):
         (["bench", model, "--device", "tpu"], "not a device"),
         (["bench", "nosuchmodel", "--device", "cpu", "--against", "none"], "unknown zoo model"),
         (["bench", garbage, "--device", "cpu"], "not a kiln engine"),
+        (["bench", model, "--batch", "1:4:8", "--sizes", "2,9"], "--sizes 9: outside --batch 1:4:8"),
+        (["bench", model, "--batch", "1:4"], "one range MIN:OPT:MAX"),
+        (["bench", model, "--sizes", "3"], "--sizes goes with --batch MIN:OPT:MAX"),
+        (["bench", model, "--batch", "1:2:4", "--seq", "2:4:8", "--device", "cpu"], "no token input"),
         # predict
         (["predict"], "missing argument 'MODEL|ENGINE'"),
         (["predict", "resnet18", "--precision", "int8"], "'int8' is not one of"),

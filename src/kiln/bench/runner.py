@@ -51,8 +51,8 @@ from kiln.timing import Latency, measure
 from kiln.zoo import ZOO_TABLE
 
 __all__ = [
-    "BASELINE", "PRECISIONS", "ZOO_MODELS", "Accuracy", "BenchReport", "BenchSettings", "Environment", "PeerResult",
-    "Stats", "ZooEntry", "ZooReport", "bench_model", "bench_zoo",
+    "BASELINE", "PRECISIONS", "ZOO_MODELS", "Accuracy", "BenchReport", "BenchSettings", "DynamicBuild", "Environment",
+    "PeerResult", "Stats", "ZooEntry", "ZooReport", "bench_model", "bench_zoo", "default_sizes",
 ]
 
 ZOO_MODELS = ZOO_TABLE  # the broad zoo, one list for the table and the tests: kiln.zoo.ZOO_TABLE
@@ -358,10 +358,16 @@ def is_engine_file(target: str) -> bool:
     return ".py" not in target and Path(target).is_file()
 
 
-def open_source(target: str, settings: BenchSettings) -> tuple[ModelSource, torch.device]:
-    """What to benchmark, and where: an engine file runs where it was built for by default."""
+def open_source(
+    target: str, settings: BenchSettings, dynamic: DynamicBuild | None = None
+) -> tuple[ModelSource, torch.device]:
+    """What to benchmark, and where: an engine file runs where it was built for by default;
+    `dynamic`: a dynamic-shape engine built from the model here."""
     from kiln.builder import resolve_device
 
+    if dynamic is not None:
+        source = _built_dynamic_source(target, dynamic, settings, resolve_device(settings.device))
+        return source, source.engine.device
     if is_engine_file(target):
         source = _engine_source(Path(target), settings, settings.device)
         return source, source.engine.device
@@ -423,39 +429,128 @@ def batch_dim(engine: Any) -> str | None:
 
 
 def _dynamic_engine_source(path: Path, engine: Any, settings: BenchSettings) -> ModelSource:
-    """A dynamic-shape engine runs at each --batch size in its range (default: opt), beside a
-    static engine built for that size (the kiln-static peer) when the model can be rebuilt."""
+    """A dynamic-shape engine file runs at each --batch size in its range (default: opt), beside
+    a static engine built for that size (kiln-static) when the model can be rebuilt from the zoo."""
     info = engine.build_info
     name = str(info.get("model", path.stem))
     dim = batch_dim(engine)
     assert dim is not None
+    seed = info.get("seed", 0)
+
+    def eager_at(batch: int) -> tuple[torch.nn.Module | None, Inputs, str, str]:
+        return eager_for_engine(engine, name, batch, seed, engine.input_shapes_at(**{dim: batch}))
+
+    sizes = settings.batches or (engine.dims[dim].opt,)
+    return dynamic_source(engine, name, f"engine file {path}", sizes, eager_at)
+
+
+@dataclass
+class DynamicBuild:
+    """`kiln bench MODEL --batch MIN:OPT:MAX`: build one dynamic-shape engine from `model` and
+    benchmark it as an engine file (`settings.batches`: the sizes; default `default_sizes`)."""
+
+    model: Any  # the kiln.zoo.ZooModel: the module and its example inputs
+    dynamic_shapes: Any  # kiln.build's dynamic_shapes for those inputs; axis 0 of the first input is the batch
+
+
+def default_sizes(dim: Any) -> tuple[int, ...]:
+    """The batch sizes a dynamic build is benchmarked at by default: min, opt, max and an awkward
+    prime in between, the sizes kiln.shapes.probe_bindings checks the dim at, ascending."""
+    from kiln.shapes import probe_bindings
+
+    return tuple(sorted({binding[dim.name] for binding in probe_bindings([dim])}))
+
+
+def _built_dynamic_source(target: str, dynamic: DynamicBuild, settings: BenchSettings,
+                          device: torch.device) -> ModelSource:
+    """Build the dynamic engine from the model once, then bench it as `dynamic_source` does an
+    engine file, with the model itself as eager and kiln-static's model (inputs resized per size)."""
+    from kiln.builder import BuildConfig, build
+
+    precisions, notes = effective_precisions(settings.precisions, device)
+    if len(precisions) != 1:
+        raise ValueError(f"--batch MIN:OPT:MAX builds one dynamic engine: give one --precision, got "
+                         f"{','.join(precisions)}")
+    entry = dynamic.model
+    examples = at_opt(entry.model, entry.example_inputs, dynamic.dynamic_shapes)
+    config = BuildConfig(precision=precisions[0], device=str(device), model_name=entry.name,
+                         extra_info={"pretrained": entry.pretrained})
+    with _kiln_notes(notes):
+        engine = build(entry.model, examples, config=config, dynamic_shapes=dynamic.dynamic_shapes)
+    dim = batch_dim(engine)
+    if dim is None:
+        raise ValueError(f"the engine built from {target} has no dynamic batch (axis 0 of its first input)")
+
+    def eager_at(batch: int) -> tuple[torch.nn.Module | None, Inputs, str, str]:
+        shapes = engine.input_shapes_at(**{dim: batch})
+        return entry.model, resized_inputs(examples, shapes), entry.task, ""
+
+    source = dynamic_source(engine, entry.name, f"dynamic engine built from {target}",
+                            settings.batches or default_sizes(engine.dims[dim]), eager_at, option="--sizes")
+    source.notes += notes
+    return source
+
+
+def at_opt(model: torch.nn.Module, inputs: Inputs, dynamic_shapes: Any) -> Inputs:
+    """The example inputs resized to every dim's opt: the model is resolved at batch 1, which is
+    outside a range whose min is above 1 (the build traces at opt, and runs its examples)."""
+    from kiln.dims import forward_arg_names, normalize
+
+    spec = normalize(dynamic_shapes, inputs, forward_arg_names(model))
+    return spec.at(inputs, spec.opt_binding())
+
+
+def resized_inputs(inputs: Inputs, shapes: Sequence[Sequence[int]]) -> Inputs:
+    """The model's example inputs cycled or truncated to `shapes` (token ids and masks stay valid)."""
+    from kiln.dims import resize
+
+    if len(inputs) != len(shapes):
+        raise ValueError(f"the model takes {len(inputs)} inputs, its engine {len(shapes)}")
+    out = []
+    for x, shape in zip(inputs, shapes, strict=True):
+        for axis, size in enumerate(shape):
+            x = resize(x, axis, int(size))
+        out.append(x)
+    return tuple(out)
+
+
+def dynamic_source(
+    engine: Any,
+    name: str,
+    origin: str,
+    sizes: Sequence[int],
+    eager_at: Callable[[int], tuple[torch.nn.Module | None, Inputs, str, str]],
+    option: str = "--batch",
+) -> ModelSource:
+    """A dynamic-shape engine at each batch size in `sizes` (each in its range; `option` names them
+    in the error), beside a static engine built for that size (the kiln-static peer) and the peers.
+    `eager_at(batch)`: the eager model (None: none), the inputs at that size, the task, a note."""
+    info = engine.build_info
+    dim = batch_dim(engine)
+    assert dim is not None
     rng = engine.dims[dim]
-    batches = settings.batches or (rng.opt,)
-    outside = [b for b in batches if not rng.contains(b)]
+    outside = [b for b in sizes if not rng.contains(b)]
     if outside:
         raise ValueError(
-            f"--batch {','.join(map(str, outside))}: this engine takes {rng.describe()} "
+            f"{option} {','.join(map(str, outside))}: this engine takes {rng.describe()} "
             f"(axis 0 of its input {engine.inputs[0].name!r}); give sizes from {rng.min} to {rng.max}"
         )
     dims = ", ".join(d.describe() for d in engine.dims.values())
     notes = [
-        f"engine file {path} ({info['precision']}, dynamic shapes: {dims}, built in {info['build_seconds']} s)",
+        f"{origin} ({info['precision']}, dynamic shapes: {dims}, built in {info['build_seconds']} s)",
         "vs static: the dynamic engine's median / the median of a static kiln engine built for the same "
         "shapes (kiln-static); the other dims at opt",
     ]
-    seen: dict[int, tuple[torch.nn.Module | None, Inputs, str, str]] = {}
+    seen = {sizes[0]: eager_at(sizes[0])}
 
     def load(batch: int) -> tuple[torch.nn.Module | None, Inputs]:
-        found = seen.pop(batch, None) or eager_for_engine(
-            engine, name, batch, info.get("seed", 0), engine.input_shapes_at(**{dim: batch}))
+        found = seen.pop(batch, None) or eager_at(batch)
         return found[0], found[1]
 
-    seen[batches[0]] = eager_for_engine(engine, name, batches[0], info.get("seed", 0),
-                                        engine.input_shapes_at(**{dim: batches[0]}))
-    _, _, task, why = seen[batches[0]]
+    _, _, task, why = seen[sizes[0]]
     if why:
         notes.append(why)
-    return ModelSource(name, task, info.get("pretrained"), tuple(batches), load, engine=engine,
+    return ModelSource(name, task, info.get("pretrained"), tuple(sizes), load, engine=engine,
                        precisions=(info["precision"],), notes=notes, companions=("kiln-static",))
 
 
@@ -573,11 +668,13 @@ def bench_model(
     clock: Clock = time.perf_counter,
     registry: Mapping[str, Peer] | None = None,
     on_result: Callable[[PeerResult], None] | None = None,
+    dynamic: DynamicBuild | None = None,
 ) -> BenchReport:
-    """Benchmark MODEL (zoo name, file.py:factory) or ENGINE (file) against the peers."""
+    """Benchmark MODEL (zoo name, file.py:factory) or ENGINE (file) against the peers; with
+    `dynamic`, a dynamic-shape engine built from MODEL, as an engine file is benchmarked."""
     registry = PEERS if registry is None else registry
     peers = select_peers(settings.peers, registry)
-    source, device = open_source(target, settings)
+    source, device = open_source(target, settings, dynamic)
     peers += [registry[n] for n in source.companions if n in registry and registry[n] not in peers]
     precisions, notes = effective_precisions(source.precisions or settings.precisions, device)
     report = BenchReport(

@@ -6,6 +6,7 @@ noisy rows marked, notes and reasons underneath. The method: docs/benchmarking.m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,15 @@ from kiln.cli.common import (
     console,
     csv,
     device_option,
+    dynamic_shapes_for,
     fail,
     fitted_table,
     input_shape_option,
     parse_batches,
+    parse_range,
+    resolve_model,
     trusted_key_option,
+    usage,
 )
 
 
@@ -36,6 +41,16 @@ def parse_peers(text: str | None) -> tuple[str, ...] | None:
     return choices(*PEERS, extra=("all", "none"))(text)
 
 
+def parse_batch_sizes_or_range(text: str | Sequence[int] | None) -> Any:
+    """--batch: sizes N[,N…] (as every --batch list in kiln) or a range MIN:OPT:MAX (a kiln.Dim
+    named batch, as `kiln build --batch` reads it)."""
+    if isinstance(text, str) and ":" in text:
+        if text.count(":") != 2 or "," in text:
+            raise bad(f"--batch takes sizes N[,N…] (e.g. 1,32) or one range MIN:OPT:MAX (e.g. 1:8:64), got {text!r}")
+        return parse_range("batch", text)
+    return parse_batches(text)
+
+
 @command("bench")
 def bench(
     target: str = typer.Argument(
@@ -43,8 +58,19 @@ def bench(
         help="Zoo name (kiln zoo), path/to/file.py:factory, or an engine file.",
     ),
     batch: Any = typer.Option(
-        None, "--batch", parser=parse_batches, metavar="N[,N…]", show_default="1, or an engine's own",
-        help="Batch sizes, e.g. 1,32.",
+        None, "--batch", parser=parse_batch_sizes_or_range, metavar="N[,N…]|MIN:OPT:MAX",
+        show_default="1, or an engine's own",
+        help="Batch sizes, e.g. 1,32; or, for MODEL, a range, e.g. 1:8:64: one dynamic-shape engine is built "
+        "from MODEL and run at each of --sizes beside a static engine built for that size (÷static).",
+    ),
+    sizes: Any = typer.Option(
+        None, "--sizes", parser=parse_batches, metavar="N[,N…]", show_default="min, opt, a prime between, max",
+        help="With --batch MIN:OPT:MAX: the batch sizes to run the dynamic engine at, e.g. 1,3,8,17,64.",
+    ),
+    seq: Any = typer.Option(
+        None, "--seq", parser=lambda t: parse_range("seq", t), metavar="N|MIN:OPT:MAX", show_default=False,
+        help="Sequence length of token inputs: N (as --input-shape N), or with --batch MIN:OPT:MAX a range built "
+        "into the engine (axis 1 of integer inputs), e.g. 16:128:512; the rows run at its opt.",
     ),
     precision: Any = typer.Option(
         "fp16", "--precision", parser=choices(*PRECISIONS), metavar="P[,P…]",
@@ -78,15 +104,25 @@ def bench(
 
     Peers: eager PyTorch, CUDA graphs, torch.compile, ONNX Runtime, TensorRT. The peers take
     turns in rounds; the spread is reported and noisy rows are flagged.
+    --batch MIN:OPT:MAX builds one dynamic-shape engine from MODEL and runs it at each of --sizes
+    beside a static engine built for that size, as for a dynamic ENGINE --batch 1,3,8.
     The method: docs/benchmarking.md.
     """
     from kiln.bench import runner
     from kiln.errors import KilnError
+    from kiln.shapes import Dim
 
     if not zoo and not target:
         raise bad("give MODEL or ENGINE, or --zoo")
     if zoo and target and models:
         raise bad("give the models either as MODEL or as --models, not both")
+    _check_dynamic_options(target, zoo, batch, sizes, seq, precision)
+    if isinstance(seq, int) and input_shape is None:
+        input_shape = (seq,)  # --seq N: a fixed sequence length, as --input-shape N (as kiln build reads it)
+    ranges = [d for d in (batch, seq) if isinstance(d, Dim)]
+    dynamic = _dynamic_build(target, batch, seq, input_shape) if isinstance(batch, Dim) else None
+    if dynamic is not None:
+        batch = sizes or runner.default_sizes(batch)
     settings = runner.BenchSettings(
         batches=batch,
         precisions=precision,
@@ -103,14 +139,60 @@ def bench(
     if zoo:
         _run_zoo(csv(models) or csv(target) or list(runner.ZOO_MODELS), settings, outputs)
         return
+    if dynamic is not None:
+        described = ", ".join(d.describe() for d in ranges)
+        console.print(f"building a dynamic-shape engine ({escape(described)}) to run at batch "
+                      f"{','.join(map(str, batch))}")
     try:
-        report = runner.bench_model(target, settings, on_result=_progress)
+        report = runner.bench_model(target, settings, on_result=_progress, dynamic=dynamic)
     except (KilnError, ValueError, OSError, RuntimeError, ImportError, SyntaxError) as exc:
         raise fail(exc) from None
     console.print(result_table(report))
     for line in footer(report):
         console.print(escape(line))
-    _write(report, outputs)
+    _write(report, outputs, dynamic_json(ranges, batch) if dynamic else None)
+
+
+def _check_dynamic_options(target: str | None, zoo: bool, batch: Any, sizes: Any, seq: Any,
+                           precisions: Sequence[str]) -> None:
+    """--batch MIN:OPT:MAX, --sizes and --seq MIN:OPT:MAX fit together (exit 2, before any work)."""
+    from kiln.bench.runner import is_engine_file
+    from kiln.shapes import Dim
+
+    if not isinstance(batch, Dim):
+        if sizes is not None:
+            raise usage("--sizes goes with --batch MIN:OPT:MAX (a dynamic-shape build); give the sizes to run "
+                        "as --batch 1,32")
+        if isinstance(seq, Dim):
+            raise usage("--seq MIN:OPT:MAX goes with --batch MIN:OPT:MAX: kiln bench runs a dynamic build at "
+                        "batch sizes, with the sequence length at its opt")
+        return
+    spec = f"{batch.min}:{batch.opt}:{batch.max}"
+    if zoo:
+        raise usage(f"--batch {spec} is for one MODEL, not --zoo; give batch sizes, e.g. --batch 1,32")
+    if target and is_engine_file(target):
+        raise usage(f"--batch {spec} builds a dynamic-shape engine from MODEL; an engine file has its own range: "
+                    "give the sizes to run it at, e.g. --batch 1,3,8")
+    if len(precisions) != 1:
+        raise usage(f"--batch {spec} builds one dynamic-shape engine: give one --precision, got "
+                    f"{','.join(precisions)}")
+    outside = [n for n in sizes or () if not batch.contains(n)]
+    if outside:
+        raise usage(f"--sizes {','.join(map(str, outside))}: outside --batch {spec} ({batch.describe()}); give "
+                    f"sizes from {batch.min} to {batch.max}")
+
+
+def _dynamic_build(target: str, batch: Any, seq: Any, input_shape: tuple[int, ...] | None) -> Any:
+    """The model at batch 1 (the runner resizes its inputs to opt before building) and its dynamic_shapes."""
+    from kiln.bench.runner import DynamicBuild
+
+    entry = resolve_model(target, 1, input_shape)
+    return DynamicBuild(entry, dynamic_shapes_for(entry.example_inputs, batch, seq))
+
+
+def dynamic_json(ranges: Sequence[Any], sizes: Sequence[int]) -> dict[str, Any]:
+    """The --json report's record of a dynamic build: its ranges and the batch sizes run."""
+    return {"dims": [d.to_json() for d in ranges], "batch_sizes": list(sizes)}
 
 
 def _progress(result: Any) -> None:
@@ -180,14 +262,17 @@ def footer(report: Any) -> list[str]:
     return lines + [f"note: {n}" for n in report.notes]
 
 
-def _write(report: Any, outputs: dict[str, Path | None]) -> None:
+def _write(report: Any, outputs: dict[str, Path | None], dynamic: dict[str, Any] | None = None) -> None:
     from kiln.bench import report as writers
     from kiln.bench.results import ZooReport
 
     zoo = isinstance(report, ZooReport)
     try:
         if outputs["json"]:
-            writers.write_json(writers.zoo_to_dict(report) if zoo else writers.report_to_dict(report), outputs["json"])
+            data = writers.zoo_to_dict(report) if zoo else writers.report_to_dict(report)
+            if dynamic is not None:
+                data["dynamic"] = dynamic
+            writers.write_json(data, outputs["json"])
         if outputs["markdown"]:
             text = writers.zoo_markdown(report) if zoo else writers.report_markdown(report)
             Path(outputs["markdown"]).write_text(text)
