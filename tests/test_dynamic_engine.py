@@ -265,6 +265,18 @@ def test_the_size_check_allows_the_engines_own_rounding_and_catches_a_size_that_
     assert _relative(torch.ones(3), torch.zeros(3)) == float("inf") and _relative(torch.zeros(2), torch.zeros(2)) == 0
 
 
+def test_example_outside_the_range_is_traced_and_checked_at_opt():
+    """An example at batch 1 with a range from 2: the build traces at opt and the size check
+    takes its baseline there, never running the engine at the example's size."""
+    model = ConvNet().eval()
+    engine = kiln.build(model, (torch.randn(1, 3, 16, 16),), dynamic_shapes=({0: kiln.Dim("batch", min=2, opt=4,
+                                                                                            max=12)},))
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), model(x), **TOL)
+    assert [c["binding"]["batch"] for c in engine.build_info["dims"]["checked"]] == [4, 2, 12, 11]
+
+
 def test_bad_dynamic_shapes_are_named():
     with pytest.raises(kiln.KilnError, match="dynamic_shapes.*2 entries for 1 example input"):
         kiln.build(ConvNet(), (torch.randn(2, 3, 16, 16),), dynamic_shapes=({0: BATCH}, None))
