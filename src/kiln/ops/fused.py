@@ -9,26 +9,14 @@ are kiln.ops.vocabulary.ACTIVATIONS.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from kiln.ops.library import define_op
 from kiln.ops.vocabulary import activation
 
 
-def _define(name: str) -> Callable:
-    """Register `reference` as op kiln::name, and as its own fake implementation."""
-
-    def deco(reference: Callable) -> torch.library.CustomOpDef:
-        op = torch.library.custom_op(f"kiln::{name}", mutates_args=())(reference)
-        op.register_fake(reference)
-        return op
-
-    return deco
-
-
-@_define("conv_bias_act")
+@define_op("conv_bias_act")
 def conv_bias_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -47,14 +35,14 @@ def conv_bias_act(
     return activation(act)(y)
 
 
-@_define("linear_act")
+@define_op("linear_act")
 def linear_act(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(x @ weight_t + bias) for 2-D x; weight_t is the (in, out) transposed weight."""
     y = x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
     return activation(act)(y)
 
 
-@_define("add_layer_norm")
+@define_op("add_layer_norm")
 def add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,10 +14,11 @@ weights and Q/DQ steps needs these ops and nothing from the build side.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from kiln.ops.library import define_op
 
 
 @dataclass(frozen=True)
@@ -84,36 +85,26 @@ def _channel_shape(x: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Te
     return scales.float().reshape(shape)
 
 
-def _define(name: str) -> Callable:
-    """Register `reference` as op kiln::name, and as its own fake implementation."""
 
-    def deco(reference: Callable) -> torch.library.CustomOpDef:
-        op = torch.library.custom_op(f"kiln::{name}", mutates_args=())(reference)
-        op.register_fake(reference)
-        return op
-
-    return deco
-
-
-@_define("quantize_per_tensor")
+@define_op("quantize_per_tensor")
 def quantize_per_tensor(x: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
     """x / scale in the 8-bit format `fmt` ("int8" or "fp8_e4m3"), rounded and saturated."""
     return quant_format(fmt).quantize(x, scale)
 
 
-@_define("dequantize_per_tensor")
+@define_op("dequantize_per_tensor")
 def dequantize_per_tensor(q: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """q · scale as `dtype` (q: int8 or float8_e4m3fn)."""
     return (q.float() * scale).to(dtype)
 
 
-@_define("quantize_per_channel")
+@define_op("quantize_per_channel")
 def quantize_per_channel(x: torch.Tensor, scales: torch.Tensor, axis: int, fmt: str) -> torch.Tensor:
     """x / scales[c] along `axis`, in the 8-bit format `fmt`."""
     return quant_format(fmt).quantize(x, _channel_shape(x, scales, axis))
 
 
-@_define("dequantize_per_channel")
+@define_op("dequantize_per_channel")
 def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int, dtype: torch.dtype) -> torch.Tensor:
     """q · scales[c] along `axis`, as `dtype`."""
     return (q.float() * _channel_shape(q, scales, axis)).to(dtype)

@@ -348,20 +348,30 @@ def encode_response(
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name in names:
-        tensor = outputs[name].detach().cpu().contiguous()
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_name(tensor.dtype), "shape": list(tensor.shape)}
-        if name in request.binary_outputs:
-            raw = raw_bytes(tensor)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = json_data(tensor)
-        entries.append(entry)
+        entries.append(_tensor_entry(name, outputs[name], name in request.binary_outputs, blobs))
     doc: dict[str, Any] = {"model_name": model_name, "outputs": entries}
     if model_version is not None:
         doc["model_version"] = model_version
     if request.id is not None:
         doc["id"] = request.id
+    return _body(doc, blobs)
+
+
+def _tensor_entry(name: str, tensor: torch.Tensor, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+    """One tensor's JSON entry; its bytes appended to `blobs` instead of `data` when binary."""
+    tensor = tensor.detach().cpu().contiguous()
+    entry: dict[str, Any] = {"name": name, "datatype": datatype_name(tensor.dtype), "shape": list(tensor.shape)}
+    if binary:
+        raw = raw_bytes(tensor)
+        entry["parameters"] = {"binary_data_size": len(raw)}
+        blobs.append(raw)
+    else:
+        entry["data"] = json_data(tensor)
+    return entry
+
+
+def _body(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """The JSON header, then the binary blobs (with Inference-Header-Content-Length) if any."""
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": JSON_TYPE}
@@ -393,14 +403,7 @@ def encode_request(
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, tensor in inputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_name(tensor.dtype), "shape": list(tensor.shape)}
-        if binary:
-            raw = raw_bytes(tensor)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = json_data(tensor)
-        entries.append(entry)
+        entries.append(_tensor_entry(name, tensor, binary, blobs))
     doc: dict[str, Any] = {"inputs": entries}
     if request_id is not None:
         doc["id"] = request_id
@@ -408,10 +411,7 @@ def encode_request(
         doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary_outputs}} for n in outputs]
     elif binary_outputs:
         doc["parameters"] = {"binary_data_output": True}
-    header = json.dumps(doc, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"content-type": JSON_TYPE}
-    return header + b"".join(blobs), {"content-type": BINARY_TYPE, HEADER_LENGTH: str(len(header))}
+    return _body(doc, blobs)
 
 
 def decode_response(body: bytes, header_length: int | str | None = None) -> dict[str, torch.Tensor]:
