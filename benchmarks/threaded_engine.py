@@ -2,6 +2,7 @@
 for the same input (issue 10's check), and the calls per second with 1 and N threads.
 
     python benchmarks/threaded_engine.py resnet18 --threads 8 --calls 1000 --device cuda --precision fp16
+    python benchmarks/threaded_engine.py resnet18 --threads 8 --device cuda --own-streams --max-contexts 4
     python benchmarks/threaded_engine.py resnet18 --threads 8 --calls 50 --device cpu --input-shape 3,64,64
 
 Each call gets its own input (a pool of --distinct inputs, used round-robin with an offset per
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--max-contexts", type=int, default=None)
+    parser.add_argument("--own-streams", action="store_true", help="CUDA: each thread calls on a stream of its own")
     args = parser.parse_args()
     shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else None
     entry = zoo.create(args.model, batch=args.batch, input_shape=shape)
@@ -72,9 +74,13 @@ def main() -> None:
     spread = max(diff(a, b) for a, b in zip(expected, again))
 
     def thread(t: int, start: threading.Barrier) -> list[tuple[int, object]]:
+        stream = torch.cuda.Stream(device) if args.own_streams and device.type == "cuda" else None
         start.wait()
-        with torch.inference_mode():
-            return [((t * 7 + i) % len(inputs), engine(*inputs[(t * 7 + i) % len(inputs)])) for i in range(args.calls)]
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            out = [((t * 7 + i) % len(inputs), engine(*inputs[(t * 7 + i) % len(inputs)])) for i in range(args.calls)]
+        if stream is not None:
+            stream.synchronize()
+        return out
 
     def run(threads: int) -> tuple[list, float]:
         start = threading.Barrier(threads)
@@ -98,7 +104,7 @@ def main() -> None:
     context_diff = max(diff(a, expected[i]) for outs in per_context for i, a in enumerate(outs))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} {args.precision} on {engine.device} ({where}), "
-          f"{args.threads} threads x {args.calls} calls: {wrong} of {len(many)} outputs wrong "
+          f"{args.threads} threads x {args.calls} calls{' (a stream each)' if args.own_streams else ''}: {wrong} of {len(many)} outputs wrong "
           f"({'bitwise' if not spread else f'beyond 2x the single-thread spread {spread:.3g}'})")
     print(f"  largest difference from the single-thread output: {worst:.3g}; "
           f"two fresh contexts called in turn differ from it by up to {context_diff:.3g}")

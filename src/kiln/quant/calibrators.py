@@ -95,7 +95,7 @@ class Histogram:
             merged = self.counts.view(-1, 2).sum(1)
             self.counts = torch.cat([merged, torch.zeros(self.bins // 2, dtype=torch.float64)])
             self.range *= 2.0
-        self.counts += torch.histc(a, self.bins, 0.0, self.range).double()
+        self.counts += torch.histc(a, self.bins, 0.0, self.range).double().cpu()  # counts live on the CPU
 
     @property
     def width(self) -> float:

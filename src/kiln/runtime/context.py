@@ -9,14 +9,17 @@ inputs. A context runs one call at a time and says so when used by two threads a
 `Engine.__call__` lends each call a context from a ContextPool, so concurrent calls never
 share state and steady-state calls create nothing.
 
-CUDA specifics. All of a context's GPU work runs on its stream, which first waits for the
-caller's current stream; the caller's stream waits for it before the call returns, and the
-fresh output tensors are recorded on the caller's stream. The results are copied out of the
-arena (and the graph's static outputs) on the context's stream before the context goes back
-to the pool, so the next call on it cannot overwrite them. Streams come from PyTorch's stream
-pool and may be shared between contexts (ordering stays right); a CUDA graph capture, which
-would record any work enqueued on the capturing stream by any thread, therefore runs alone:
-`_GATE` lets calls enqueue work together but a capture only while no call enqueues.
+CUDA specifics. A call runs on the caller's current stream, as TensorRT's enqueue does: its
+inputs are ready there, its outputs are fresh tensors of that stream, and a call costs no stream
+switch and no cross-stream wait. An engine's calls run on the GPU in call order
+(`Engine.gpu_order`): a call on another stream than the engine's previous call first waits for
+that call's event, so a context's arena, static inputs and graph are never used by two calls
+at once. The results are copied out of the arena (and the graph's static outputs) before the
+context goes back to the pool. Memory a call may still use (an evicted graph, a dropped
+context's arena) is given back only after the engine's last call has finished. A context's
+own stream serves its graph captures; a capture, which would record any work enqueued on the
+capturing stream by any thread (pool streams can be shared), runs alone: `_GATE` lets calls
+enqueue work together but a capture only while no call enqueues.
 
 Every CUDA graph of the process is warmed up and captured on one thread (`_CAPTURER`).
 PyTorch caches cuDNN's chosen convolution plans per thread, and the warm-up lets cuDNN time
@@ -196,7 +199,8 @@ class ExecutionContext:
         self.engine = engine
         device = engine.device
         cuda = device.type == "cuda"
-        self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None
+        self.stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if cuda else None  # captures
+        self._done: torch.cuda.Event | None = torch.cuda.Event() if cuda else None  # the end of its last call
         side = cuda and any(s.side for s in engine.step_specs)
         self.side_stream: torch.cuda.Stream | None = torch.cuda.Stream(device) if side else None
         # on the context's stream, the only one that ever touches it; never an inference tensor
@@ -209,7 +213,7 @@ class ExecutionContext:
                 self.steps = [BoundStep(s, self.arena, engine.plan["slots"]) for s in engine.step_specs]
         # dynamic shapes: per binding, the bound steps (and on CUDA its graph), least recently used dropped
         self.shape_states: ShapeCache[tuple[int, ...], _ShapeState] = ShapeCache(
-            getattr(engine, "shape_cache_size", 8), on_evict=lambda key, state: state.drop()
+            getattr(engine, "shape_cache_size", 8), on_evict=self._evicted
         )
         self._max_inputs: list[torch.Tensor] = []  # CUDA: one max-size static buffer per input
         self._graph_pool: Any = None  # CUDA: the private memory pool every graph of this context shares
@@ -273,26 +277,40 @@ class ExecutionContext:
         engine = self.engine
         if engine.use_cuda_graph and self.graph is None:
             self._capture()
+        if engine.use_cuda_graph and self.graph is not None:
+            return self._replay(self.graph, self._static_inputs, self._static_outputs, inputs)
+        return self._step_by_step(inputs)
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, statics: list[torch.Tensor], outputs: list[Any],
+                inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+        """CUDA, under gpu_order: copy the inputs in, replay, copy the outputs out, on the
+        caller's stream after the engine's previous call."""
+        engine = self.engine
         caller = torch.cuda.current_stream(engine.device)
         _GATE.enter()
         try:
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_stream(caller)  # the inputs are ready
-                engine.after_previous_call(self.stream)
-                if engine.use_cuda_graph and self.graph is not None:
-                    for static, x in zip(self._static_inputs, inputs):
-                        static.copy_(x.detach() if x.requires_grad else x)
-                    self.graph.replay()
-                    out = engine.deliver(self._static_outputs)
-                else:
-                    with torch.no_grad():
-                        out = engine.deliver(self.run_steps(self._bind(inputs)))
-                # the outputs were copied out on this stream, before any later call on this context
-                for value in out:
-                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                        value.record_stream(caller)  # and are the caller's, used on its stream
-                engine.call_done(self.stream)
-                caller.wait_stream(self.stream)
+            engine.after_previous_call(caller)
+            for static, x in zip(statics, inputs):
+                static.copy_(x.detach() if x.requires_grad else x)
+            graph.replay()
+            out = engine.deliver(outputs)
+            engine.call_done(caller, self._done)
+        finally:
+            _GATE.exit()
+        return out
+
+    def _step_by_step(self, inputs: tuple[torch.Tensor, ...], program: _Program | None = None,
+                      steps: list[BoundStep] | None = None) -> list[Any]:
+        """CUDA, under gpu_order: run the steps on the caller's stream after the engine's
+        previous call (no CUDA graph: disabled, failed, or a binding not captured yet)."""
+        engine = self.engine
+        caller = torch.cuda.current_stream(engine.device)
+        _GATE.enter()
+        try:
+            engine.after_previous_call(caller)
+            with torch.no_grad():
+                out = engine.deliver(self.run_steps(self._bind(inputs), program, steps))
+            engine.call_done(caller, self._done)
         finally:
             _GATE.exit()
         return out
@@ -330,28 +348,18 @@ class ExecutionContext:
         state.calls += 1
         if engine.use_cuda_graph and state.graph is None and state.calls >= engine.capture_after:
             self._capture_shape(state)
-        caller = torch.cuda.current_stream(engine.device)
-        _GATE.enter()
-        try:
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_stream(caller)
-                engine.after_previous_call(self.stream)
-                if engine.use_cuda_graph and state.graph is not None:
-                    for static, x in zip(state.static_inputs, inputs):
-                        static.copy_(x.detach() if x.requires_grad else x)
-                    state.graph.replay()
-                    out = engine.deliver(state.static_outputs)
-                else:
-                    with torch.no_grad():
-                        out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
-                for value in out:
-                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                        value.record_stream(caller)
-                engine.call_done(self.stream)
-                caller.wait_stream(self.stream)
-        finally:
-            _GATE.exit()
+        if engine.use_cuda_graph and state.graph is not None:
+            out = self._replay(state.graph, state.static_inputs, state.static_outputs, inputs)
+        else:
+            out = self._step_by_step(inputs, state.program, state.steps)
         return engine.unpad_outputs(out, real, key) if key != real else out
+
+    def _evicted(self, key: tuple[int, ...], state: _ShapeState) -> None:
+        """A binding dropped from the LRU: its graph's memory goes back to the context's pool
+        once the engine's last call (which may have replayed it) has finished."""
+        if state.graph is not None:
+            self.engine.finish_previous_call()
+        state.drop()
 
     def _static_views(self, program: _Program) -> list[torch.Tensor]:
         """Each graph input at this binding: the first elements of its max-size buffer, in shape."""
@@ -379,6 +387,7 @@ class ExecutionContext:
         engine = self.engine
         try:
             with torch.cuda.stream(self.stream), torch.inference_mode(False):
+                engine.after_previous_call(self.stream)  # other bindings' graphs use this arena too
                 statics = self._static_views(state.program)
                 if self._graph_pool is None:
                     self._graph_pool = torch.cuda.graph_pool_handle()
@@ -393,6 +402,7 @@ class ExecutionContext:
                                           capture_error_mode="thread_local"):
                         outputs = self.run_steps(statics, state.program, state.steps)
                     self.graph_pool_bytes = _grown(before, engine.device)
+            engine.call_done(self.stream, self._done)
         except RuntimeError as exc:
             self.stream.synchronize()
             engine.capture_failed(exc)
@@ -405,7 +415,8 @@ class ExecutionContext:
         for key in keys:
             state = self.shape_state(key)
             if self.stream is not None and engine.use_cuda_graph and state.graph is None:
-                self._capture_shape(state)
+                with engine.gpu_order:
+                    self._capture_shape(state)
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [(x.detach() if x.requires_grad else x).to(s.dtype).contiguous()
@@ -455,9 +466,11 @@ class ExecutionContext:
                 scope.enter_context(torch.no_grad())
                 if self.stream is not None:
                     caller = torch.cuda.current_stream(self.engine.device)
+                    scope.enter_context(self.engine.gpu_order)
                     scope.enter_context(_GATE.launching())
                     scope.enter_context(torch.cuda.stream(self.stream))
                     self.stream.wait_stream(caller)
+                    self.engine.after_previous_call(self.stream)
                 bound = self._bind(inputs)
                 for _ in range(iters + 2):
                     vals: Vals = [None] * n_slots
@@ -466,7 +479,8 @@ class ExecutionContext:
                     for i, t in enumerate(times):
                         samples[i].append(t())
                 if self.stream is not None:
-                    caller.wait_stream(self.stream)
+                    self.engine.call_done(self.stream, self._done)
+                    caller.wait_event(self._done)
             return samples
 
     def _capture(self) -> None:
@@ -485,6 +499,7 @@ class ExecutionContext:
         device = engine.device
         try:
             with torch.cuda.stream(self.stream), torch.inference_mode(False):  # each call copies inputs in
+                engine.after_previous_call(self.stream)
                 statics = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in engine.graph_inputs]
             with torch.cuda.stream(self.stream), cudnn_benchmark(), torch.inference_mode():
                 # cuDNN times its algorithms for these exact shapes during warm-up; the graph keeps the
@@ -498,6 +513,7 @@ class ExecutionContext:
                     with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                         outputs = self.run_steps(statics)
                     self.graph_pool_bytes = _grown(before, device)
+            engine.call_done(self.stream, self._done)  # the warm-up wrote the arena on this stream
         except RuntimeError as exc:
             self.stream.synchronize()
             engine.capture_failed(exc)

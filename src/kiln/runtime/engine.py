@@ -208,12 +208,13 @@ class Engine:
             self.step_specs = [_Step(s, self.weights, self.device) for s in self.plan["steps"]]
             self.free_after = self._release_schedule()
         self._lock = threading.Lock()
-        # CUDA: the calls of one engine run on the GPU one after another, in call order, whatever
-        # context and stream each uses (the next call's stream waits for the last call's event);
-        # so CUDA engines default to one pooled context (callers queue for it), as more would
-        # only cost memory.
+        # CUDA: the calls of one engine run on the GPU one after another, in call order, each on
+        # its caller's stream (a call on another stream than the last first waits for it); so
+        # CUDA engines default to one pooled context (callers queue for it), as more would only
+        # cost memory.
         self.gpu_order = threading.Lock()
         self._last_call: torch.cuda.Event | None = None
+        self._last_stream: torch.cuda.Stream | None = None
         self._pool = ContextPool(self.create_context)
         if max_contexts is None and self.device.type == "cuda":
             max_contexts = 1
@@ -221,13 +222,24 @@ class Engine:
         self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
 
     def after_previous_call(self, stream: torch.cuda.Stream) -> None:
-        """CUDA, under gpu_order: `stream` waits until the engine's previous call has finished."""
-        if self._last_call is not None:
+        """CUDA, under gpu_order: work enqueued on `stream` from now on runs after the engine's
+        previous call (on the same stream the stream's own order does that)."""
+        if self._last_call is not None and self._last_stream != stream:
             stream.wait_event(self._last_call)
 
-    def call_done(self, stream: torch.cuda.Stream) -> None:
-        """CUDA, under gpu_order: the work enqueued on `stream` so far is this engine's last call."""
-        self._last_call = stream.record_event()
+    def call_done(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        """CUDA, under gpu_order: the work enqueued on `stream` so far is this engine's last call;
+        `event` (the calling context's own, reused: every wait on it is enqueued under gpu_order
+        before the context records it again) marks its end."""
+        event.record(stream)
+        self._last_call, self._last_stream = event, stream
+
+    def finish_previous_call(self) -> None:
+        """CUDA: block until the engine's last call has finished on the GPU (before memory that
+        call may still use is given back)."""
+        last = self._last_call
+        if last is not None:
+            last.synchronize()
 
     # -- dynamic shapes ----------------------------------------------------------------------
 
@@ -405,6 +417,10 @@ class Engine:
 
     def release_contexts(self) -> int:
         """Drop the idle pooled contexts, returning their memory; later calls create new ones."""
+        if self.device.type == "cuda":
+            with self.gpu_order:
+                self.finish_previous_call()  # it may still use an idle context's arena
+                return self._pool.clear()
         return self._pool.clear()
 
     @property
