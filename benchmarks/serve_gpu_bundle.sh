@@ -14,6 +14,9 @@
 #   echo /tmp/site > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz-kiln-serve.pth"
 set -euo pipefail
 VERSION="${RAY_VERSION:-2.60.0}"
+# grpcio comes from the machine (its site-packages precede the bundle), so grpcio-reflection must be
+# generated for that grpcio: a newer one refuses to import (1.85.1 over the machine's 1.84.0).
+GRPC="${GRPC_VERSION:-1.84.0}"
 mkdir -p "${OUT_DIR:-.whl}"
 OUT="$(cd "${OUT_DIR:-.whl}" && pwd)"
 work="$(mktemp -d)"
@@ -21,8 +24,8 @@ trap 'rm -rf "$work"' EXIT
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64)
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-    -d "$work/wheels" "ray[serve]==$VERSION"
-rm -f "$work"/wheels/numpy-*.whl  # the GPU machine has numpy (torch needs it)
+    -d "$work/wheels" "ray[serve]==$VERSION" "grpcio==$GRPC" "grpcio-reflection==$GRPC"
+rm -f "$work"/wheels/numpy-*.whl "$work"/wheels/grpcio-[0-9]*.whl  # the GPU machine has numpy and grpcio
 python3 -m pip install -q --target "$work/site" --no-deps --ignore-requires-python --no-compile \
     --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" "$work"/wheels/*.whl
 cd "$work/site"

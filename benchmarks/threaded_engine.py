@@ -103,8 +103,9 @@ def main() -> None:
         per_context = [[ctx(*x) for x in inputs[:8]] for ctx in fresh]
     context_diff = max(diff(a, expected[i]) for outs in per_context for i, a in enumerate(outs))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    streams = " (a stream each)" if args.own_streams else ""
     print(f"{args.model} {args.precision} on {engine.device} ({where}), "
-          f"{args.threads} threads x {args.calls} calls{' (a stream each)' if args.own_streams else ''}: {wrong} of {len(many)} outputs wrong "
+          f"{args.threads} threads x {args.calls} calls{streams}: {wrong} of {len(many)} outputs wrong "
           f"({'bitwise' if not spread else f'beyond 2x the single-thread spread {spread:.3g}'})")
     print(f"  largest difference from the single-thread output: {worst:.3g}; "
           f"two fresh contexts called in turn differ from it by up to {context_diff:.3g}")

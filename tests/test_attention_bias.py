@@ -250,3 +250,16 @@ def test_fp16_t5_on_cuda_runs_a_fused_attention_backend(tmp_path):
     with torch.no_grad():
         want = model.cuda().half()(*cuda_args)
     torch.testing.assert_close(engine(*cuda_args).float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_written_attention_with_a_dynamic_batch_keeps_the_batch_dynamic():
+    """fuse_attention computes its views' sizes as integers; on a graph with dynamic dims that
+    would fix the batch at the traced size, so it leaves such attention written out."""
+    model = Written(bias="alibi").eval()
+    x = torch.randn(4, 12, 32)
+    batch = kiln.Dim("batch", min=1, opt=4, max=8)
+    engine = kiln.build(model, (x,), device="cpu", dynamic_shapes=({0: batch},))
+    for n in (1, 3, 8):
+        y = torch.randn(n, 12, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(engine(y), model(y), **FP32)

@@ -496,3 +496,29 @@ def test_cuda_concurrent_contexts_at_different_sizes(cuda_conv):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+class _Attends(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_refresh_meta_takes_attention_from_the_shapes_in_a_dynamic_graph(monkeypatch):
+    """On CUDA, SDPA's fake kernel reads sizes as integers and so fixes dynamic dims (bert-base on
+    an H100); a dynamic graph's refresh computes its value from the shapes instead."""
+    from kiln import graph as graph_module
+    from kiln.capture.export import capture
+    from kiln.dims import normalize
+
+    q = torch.randn(4, 2, 8, 16)
+    spec = normalize(({0: kiln.Dim("batch", min=1, opt=4, max=8)},), (q,))
+    captured = capture(_Attends().eval(), spec.export_inputs((q,)), device=torch.device("cpu"), dynamic=spec)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert any(n.target is sdpa for n in captured.module.graph.nodes)
+    used = []
+    rule = graph_module.SHAPE_ONLY_META[sdpa]
+    monkeypatch.setitem(graph_module.SHAPE_ONLY_META, sdpa, lambda *a, **k: used.append(1) or rule(*a, **k))
+    graph_module.refresh_meta(captured)
+    assert used, "the dynamic graph's refresh dispatched attention instead of using its shape rule"
+    (out,) = [n for n in captured.module.graph.nodes if n.op == "output"][0].args[0]
+    assert isinstance(out.meta["val"].shape[0], torch.SymInt)

@@ -203,6 +203,31 @@ def finish(graph: CapturedGraph) -> CapturedGraph:
     return result
 
 
+def _attention_meta(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """[..., L, Ev] like the fused kernels lay it out: [B, H, L, Ev] as [B, L, H, Ev] in memory."""
+    if query.dim() == 4:
+        b, h, length, _ = query.shape
+        return query.new_empty((b, length, h, value.shape[-1])).transpose(1, 2)
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+# Ops whose fake value a graph with dynamic dims computes from the shapes alone, without
+# dispatching them: on CUDA, scaled_dot_product_attention's fake kernel chooses a backend by
+# reading sizes as integers, which guards the batch to the traced size (measured on an H100:
+# bert-base fp16 with batch 1..64 came out of its first refresh with batch fixed at 8).
+SHAPE_ONLY_META: dict[Any, Any] = {torch.ops.aten.scaled_dot_product_attention.default: _attention_meta}
+
+
+class _SymbolicProp(FakeTensorProp):
+    """FakeTensorProp that keeps dynamic dims symbolic through SHAPE_ONLY_META's ops."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        rule = SHAPE_ONLY_META.get(target)
+        if rule is not None:
+            return rule(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
 def refresh_meta(graph: CapturedGraph) -> None:
     """Recompute every node's meta["val"] (shape, dtype, strides) after a rewrite. A graph with
     dynamic dims propagates from its placeholders' own symbolic values, so shapes stay symbolic."""
@@ -212,7 +237,7 @@ def refresh_meta(graph: CapturedGraph) -> None:
         vals = [n.meta["val"] for n in graph.module.graph.nodes if n.op == "placeholder"]
         mode = detect_fake_mode(vals)
         mode.allow_non_fake_inputs = True
-        FakeTensorProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
+        _SymbolicProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
         return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = [
@@ -313,5 +338,6 @@ def infer_meta(node: fx.Node) -> None:
         return val
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
+    rule = SHAPE_ONLY_META.get(node.target) if mode.shape_env is not None else None
     with mode:
-        node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["val"] = (rule or node.target)(*args, **kwargs)

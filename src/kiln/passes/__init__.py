@@ -9,6 +9,7 @@ BuildConfig names it (measured not to pay everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import operator
@@ -108,6 +109,22 @@ def run_passes(graph: CapturedGraph, names: list[str] | None = None) -> tuple[Ca
         raise ValueError(f"unknown pass(es) {unknown}; known: {', '.join(PASSES)}")
     report = [{"pass": "capture", "ops": count_ops(graph)}]
     for name in chosen:
-        graph = PASSES[name].fn(copy_graph(graph))
+        with _no_guards(graph):
+            graph = PASSES[name].fn(copy_graph(graph))
         report.append({"pass": name, "ops": count_ops(graph)})
     return graph, report
+
+
+def _no_guards(graph: CapturedGraph) -> contextlib.AbstractContextManager:
+    """Passes compare sizes (is this a broadcast? the same layout?). On a graph with dynamic dims
+    such a comparison would add a guard to the shape environment, and a guard such as batch == 4
+    fixes the dim at its traced size for every later stage. Passes decide at the traced sizes
+    without guarding; the build's size check (check_dims) runs the engine across the range."""
+    if not graph.dims:
+        return contextlib.nullcontext()
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.module.graph.nodes if n.op == "placeholder"])
+    if mode is None or mode.shape_env is None:
+        return contextlib.nullcontext()
+    return mode.shape_env.suppress_guards()

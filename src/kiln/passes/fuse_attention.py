@@ -228,6 +228,8 @@ def _term_in(build: _Builder, term: fx.Node, frame: tuple[int, ...], refined: tu
 
 
 def _rewrite(graph: CapturedGraph, softmax: fx.Node) -> bool:
+    if graph.dims and any(isinstance(d, torch.SymInt) for d in getattr(_val(softmax), "shape", ())):
+        return False  # the rewrite computes its views' sizes as integers: they would fix the dims
     if softmax.args[1] not in (-1, len(_shape(softmax)) - 1):
         return False
     last2 = _shape(softmax)[-2:]

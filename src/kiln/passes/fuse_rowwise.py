@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from kiln.graph import CapturedGraph
 from kiln.ops.pointwise import ROWWISE_KIND, Const, ProgramBuilder, Var
@@ -74,7 +75,7 @@ def _var(b: ProgramBuilder, node: fx.Node, operand: Operand) -> Var:
     if not node.kwargs.get("keepdim", False) or not _last_dim(node, dims) or len(node.args) > 2:
         raise _NotFusable("not a keepdim variance over the last dim")
     n = _val(node.args[0]).shape[-1]
-    if not isinstance(correction, (int, float)) or n - correction <= 0:
+    if not isinstance(n, int) or not isinstance(correction, (int, float)) or n - correction <= 0:
         raise _NotFusable(f"variance correction {correction!r} over {n} elements")
     x = operand(node.args[0])
     centered = b.emit("sub", x, b.emit("row_mean", x))
@@ -118,15 +119,21 @@ def _is_reduction(node: fx.Node) -> bool:
     return True
 
 
+def _known(claim: Any) -> bool:
+    """A size comparison that holds for every value of the dims (dynamic shapes), never a guard
+    that would fix a dim at its traced size; a plain bool as it is."""
+    return statically_known_true(claim) if isinstance(claim, torch.SymBool) else bool(claim)
+
+
 def _fits(node: fx.Node, shape: torch.Size) -> bool:
     """Whether `node`'s value broadcasts to the row shape, and a reduction's operand spans the row."""
-    val = _val(node)
-    try:
-        if torch.broadcast_shapes(val.shape, shape) != shape:
-            return False
-    except RuntimeError:
+    sizes = _val(node).shape
+    if len(sizes) > len(shape):
         return False
-    return node.target not in REDUCTIONS or _val(node.args[0]).shape[-1] == shape[-1]
+    for size, full in zip(reversed(sizes), reversed(shape)):
+        if not (_known(size == full) or _known(size == 1)):
+            return False
+    return node.target not in REDUCTIONS or _known(_val(node.args[0]).shape[-1] == shape[-1])
 
 
 def find_regions(graph: fx.Graph) -> list[list[fx.Node]]:
@@ -140,7 +147,9 @@ def find_regions(graph: fx.Graph) -> list[list[fx.Node]]:
         if root not in ok or root in taken:
             continue
         shape = _val(root).shape
-        if len(shape) == 0 or not 2 <= shape[-1] <= MAX_ROW or _val(root).dtype not in FLOATS:
+        if len(shape) == 0 or not isinstance(shape[-1], int) or not 2 <= shape[-1] <= MAX_ROW:
+            continue  # (a row of dynamic length: its kernel is generated for one row length)
+        if _val(root).dtype not in FLOATS:
             continue
         region, grown = {root}, True
         while grown:
