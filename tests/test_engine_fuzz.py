@@ -141,7 +141,7 @@ def test_header_edits_with_the_digest_recomputed(base, data):
         paths = [p for p in _paths(header) if p]
         path = data.draw(st.sampled_from(paths))
         mode = data.draw(st.sampled_from(["replace", "replace", "delete", "duplicate", "tweak", "add"]))
-        _edit(header, path, data.draw(INTERESTING), mode)
+        _edit(header, path, copy.deepcopy(data.draw(INTERESTING)), mode)  # a drawn list is never mutated
     target = base["dir"] / "edited.kiln"
     engine_file.write(target, header, base["weights"])
     assert _load_outcome(base, target) in ("error", "identical", "different")
