@@ -444,3 +444,78 @@ def test_cuda_captures_all_run_on_one_thread_one_at_a_time():
 
     with pytest.raises(RuntimeError, match="capture failed"):
         capturer.run(broken)
+
+
+class _Stream:
+    """Records the events a (fake) CUDA stream was made to wait on."""
+
+    def __init__(self, name):
+        self.name, self.waited = name, []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def __eq__(self, other):
+        return isinstance(other, _Stream) and other.name == self.name
+
+    __hash__ = None
+
+
+class _Event:
+    def __init__(self):
+        self.recorded_on = []
+
+    def record(self, stream):
+        self.recorded_on.append(stream.name)
+
+    def synchronize(self):
+        self.recorded_on.append("synchronized")
+
+
+def _fresh_order(engine, monkeypatch):
+    monkeypatch.setattr(engine, "_last_call", None)
+    monkeypatch.setattr(engine, "_last_stream", None)
+
+
+def test_calls_wait_for_the_previous_call_only_from_another_stream(conv_engine, monkeypatch):
+    """Call order on CUDA: a call on the previous call's stream is ordered by the stream itself;
+    a call on another stream waits for the previous call's event."""
+    _, engine = conv_engine
+    _fresh_order(engine, monkeypatch)
+    first, second = _Stream("first"), _Stream("second")
+    engine.after_previous_call(first)
+    assert first.waited == []  # no call before
+    done = _Event()
+    engine.call_done(first, done)
+    assert done.recorded_on == ["first"]
+    same = _Stream("first")  # the same stream, another Stream object (as current_stream() returns)
+    engine.after_previous_call(same)
+    assert same.waited == []
+    engine.after_previous_call(second)
+    assert second.waited == [done]
+    later = _Event()
+    engine.call_done(second, later)
+    engine.after_previous_call(first)
+    assert first.waited == [later]
+
+
+def test_an_evicted_graph_is_dropped_after_the_engines_last_call(conv_engine, monkeypatch):
+    _, engine = conv_engine
+    _fresh_order(engine, monkeypatch)
+    done = _Event()
+    engine.call_done(_Stream("s"), done)
+    order = []
+
+    class State:
+        graph = object()
+
+        def drop(self):
+            order.append(list(done.recorded_on))
+
+    ctx = engine.create_context()
+    ctx._evicted((1,), State())
+    assert order == [["s", "synchronized"]], "the graph's memory went back before the last call finished"
+    State.graph = None
+    done.recorded_on.clear()
+    ctx._evicted((2,), State())
+    assert order[-1] == [], "a binding without a graph needs no wait"

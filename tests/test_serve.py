@@ -699,3 +699,21 @@ def test_a_bad_engine_file_fails_before_ray_starts(tmp_path):
 def test_json_data_of_half_precision_is_plain_numbers():
     assert protocol.json_data(torch.tensor([1.5, 2], dtype=torch.bfloat16)) == [1.5, 2.0]
     assert np.asarray(protocol.json_data(torch.tensor([[True], [False]]))).tolist() == [True, False]
+
+
+def test_the_load_test_measures_answers_against_the_reference(monkeypatch):
+    """benchmarks/serve_load.py: 0 for bitwise equal, the largest difference relative to the
+    reference's largest value otherwise, inf where names, shapes or dtypes differ."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    serve_load = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_load", serve_load)  # its dataclasses look themselves up there
+    spec.loader.exec_module(serve_load)
+    want = {"y": torch.tensor([2.0, -4.0])}
+    assert serve_load.difference({"y": torch.tensor([2.0, -4.0])}, want) == 0.0
+    assert serve_load.difference({"y": torch.tensor([2.0, -3.96])}, want) == pytest.approx(0.01)
+    assert serve_load.difference({"z": torch.tensor([2.0, -4.0])}, want) == float("inf")
+    assert serve_load.difference({"y": torch.tensor([2.0])}, want) == float("inf")
+    assert serve_load.difference({"y": torch.tensor([2, -4])}, want) == float("inf")
