@@ -18,6 +18,7 @@ from kiln.bench import runner as bench
 from kiln.bench.peers import PEERS, Peer, PeerContext, PeerSkipped, Prepared
 from kiln.bench.results import Stats, noise_reason, round_spread
 from kiln.cli import app
+from kiln.errors import KilnError
 from kiln.timing import Latency
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -216,6 +217,15 @@ def test_zoo_table_goes_on_when_a_model_fails(tiny):
     assert rows[1][5] == "100%"  # kiln's top-1 agrees with eager on the classifier
     markdown = writers.zoo_markdown(zoo_report)
     assert "| nosuchmodel |" in markdown and "failed: ZooError" in markdown
+
+
+def test_a_model_benchmarked_in_its_own_process_reports_back(tiny):
+    # what the zoo does per model on a GPU: a crash there cannot take the table with it
+    report = bench.bench_model_in_child(tiny, cpu_settings(peers=("eager", "kiln")))
+    by_peer = {r.peer: r for r in report.results}
+    assert by_peer["kiln"].status == "ok" and by_peer["kiln"].latency.median_ms > 0
+    with pytest.raises(KilnError, match="unknown zoo model"):
+        bench.bench_model_in_child("nosuchmodel", cpu_settings())
 
 
 # --- engine files --------------------------------------------------------------------------

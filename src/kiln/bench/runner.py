@@ -46,7 +46,7 @@ from kiln.bench.results import (
     ZooReport,
     stats_of,
 )
-from kiln.errors import KilnWarning
+from kiln.errors import KilnError, KilnWarning
 from kiln.timing import Latency, measure
 from kiln.zoo import ZOO_TABLE
 
@@ -732,6 +732,37 @@ def _bench_batch(
             on_result(result)
 
 
+def _bench_child(name: str, settings: BenchSettings, conn: Any) -> None:
+    try:
+        conn.send(("ok", bench_model(name, settings)))
+    except BaseException as exc:  # reported to the parent, which records the model's error
+        conn.send(("error", failure_reason(exc)))
+    finally:
+        conn.close()
+
+
+def bench_model_in_child(name: str, settings: BenchSettings) -> BenchReport:
+    """bench_model in a fresh (spawned) process; its failure, or its death, is a KilnError."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_bench_child, args=(name, settings, child), name=f"kiln-bench-{name}")
+    proc.start()
+    child.close()
+    try:
+        status, value = parent.recv()
+    except EOFError:
+        proc.join()
+        raise KilnError(f"the benchmark process of {name} died (exit code {proc.exitcode}) before reporting") from None
+    finally:
+        parent.close()
+    proc.join()
+    if status != "ok":
+        raise KilnError(value)
+    return value
+
+
 def bench_zoo(
     models: Sequence[str],
     settings: BenchSettings,
@@ -749,14 +780,24 @@ def bench_zoo(
     if settings.peers is None:
         settings = dataclasses.replace(settings, peers=("eager", "kiln"))
     zoo_report = ZooReport(environment(device), settings)
+    # On a GPU each model runs in a process of its own (the issue's "one process per model"): a
+    # device-side assert or a crash in one model's peer poisons its CUDA context for good, and
+    # allocator and compile caches would carry over to the next model. Injected timers and
+    # registries (tests) stay in this process.
+    isolate = device.type == "cuda" and timer is measure and registry is None
     for name in models:
         entry = ZooEntry(name)
         try:
-            entry.report = bench_model(name, settings, timer=timer, clock=clock, registry=registry, on_result=on_result)
+            if isolate:
+                entry.report = bench_model_in_child(name, settings)
+            else:
+                entry.report = bench_model(name, settings, timer=timer, clock=clock, registry=registry,
+                                           on_result=on_result)
         except Exception as exc:  # one model failing never stops the table
             entry.error = failure_reason(exc)
         zoo_report.entries.append(entry)
-        _release(device)
+        if not isolate:
+            _release(device)
         zoo_report.environment.load_after = load_average()
         if on_model is not None:
             on_model(zoo_report)

@@ -49,9 +49,29 @@ SUPPORTS = {"sdpa.flash": _without_mask, "sdpa.efficient": _additive_mask_ok, "s
 _PINNED = threading.Lock()
 
 
+def dense_last_dim(mask: object) -> object:
+    """The mask with its last dim contiguous, as every fused backend requires (a permuted bias,
+    e.g. T5's [1, H, L, L] computed as [1, L, L, H], has stride H there and would send the call
+    to the math backend). Broadcast dims (stride 0) stay broadcast: only one slice is copied."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() == 0 or mask.stride(-1) == 1 or mask.size(-1) == 1:
+        return mask
+    one = tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(mask.shape, mask.stride()))
+    return mask[one].contiguous().expand(mask.shape)
+
+
+def with_dense_mask(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """SDPA's arguments with the attention mask (positional or attn_mask=) made dense_last_dim."""
+    if len(args) > 3:
+        args = (*args[:3], dense_last_dim(args[3]), *args[4:])
+    elif "attn_mask" in kwargs:
+        kwargs = {**kwargs, "attn_mask": dense_last_dim(kwargs["attn_mask"])}
+    return args, kwargs
+
+
 def _register(name: str, backend: SDPBackend) -> None:
     def make(op_name: str, out: OutVariant | None) -> StepFn:
         def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
+            args, kwargs = with_dense_mask(args, kwargs)
             with _PINNED, sdpa_kernel([backend]):
                 return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
 
