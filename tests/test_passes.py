@@ -68,6 +68,22 @@ def test_dead_code_bypasses_identities_and_eval_dropout():
         torch.testing.assert_close(got, want)
 
 
+def test_dead_code_bypasses_a_padding_by_nothing():
+    class Windows(nn.Module):
+        def forward(self, x):  # Swin pads each stage to whole windows: by 0 where it already fits
+            w = 4
+            pad_h, pad_w = -x.shape[1] % w, -x.shape[2] % w
+            return torch.nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h)).relu(), torch.nn.functional.pad(x, (1, 0))
+
+    x = torch.randn(2, 8, 8, 3)
+    before = _capture(Windows(), x)
+    after, _ = run_passes(before, ["dead_code"])
+    assert _ops(before).count("aten.constant_pad_nd.default") == 2
+    assert _ops(after).count("aten.constant_pad_nd.default") == 1, "a real padding stays"
+    for got, want in zip(after.run(x), before.run(x)):
+        torch.testing.assert_close(got, want)
+
+
 def test_bypassed_clone_of_an_input_still_returns_fresh_memory():
     class Copies(nn.Module):
         def forward(self, x):

@@ -49,7 +49,7 @@ def _same_tensor(a: Any, b: Any) -> bool:
 def _identity_of(node: fx.Node) -> fx.Node | None:
     """The input `node` merely repeats, if it is an identity: a clone (dropout in eval), a
     same-dtype copy, a view to the same shape, a permutation that permutes nothing, a slice
-    of a whole dimension."""
+    of a whole dimension, a padding by nothing (Swin pads windows by `-size % window`)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
     source, op = node.args[0], node.target
@@ -58,6 +58,7 @@ def _identity_of(node: fx.Node) -> fx.Node | None:
         or (op == aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))))
         or (op == aten.slice.Tensor and _arg(node, 4, "step", 1) == 1 and _arg(node, 2, "start", 0) in (0, None)
             and _same_shape(node, source))
+        or (op == aten.constant_pad_nd.default and all(isinstance(p, int) and p == 0 for p in node.args[1]))
     )
     if identity and _same_tensor(source.meta.get("val"), node.meta.get("val")):
         return source
