@@ -219,6 +219,23 @@ def test_zoo_table_goes_on_when_a_model_fails(tiny):
     assert "| nosuchmodel |" in markdown and "failed: ZooError" in markdown
 
 
+def test_zoo_table_gives_kiln_against_the_best_other_peer(tiny):
+    def slow(ctx: PeerContext) -> Prepared:
+        return Prepared(run=lambda: torch.zeros(1))
+
+    registry = {**PEERS, "slow": Peer("slow", slow), "fast": Peer("fast", slow)}
+    settings = cpu_settings(peers=("eager", "slow", "fast", "kiln"))
+    # registry order: eager 8 ms, then the others as registered, kiln last at 4 ms
+    order = [p.name for p in bench.select_peers(settings.peers, registry)]
+    times = {"eager": [8.0], "slow": [9.0], "fast": [2.0], "kiln": [4.0]}
+    zoo_report = bench.bench_zoo([tiny], settings, timer=FakeTimer(*[times[n] for n in order]), registry=registry)
+    header, rows = writers.zoo_rows(zoo_report)
+    cells = dict(zip(header, rows[0]))
+    assert cells["speed-up fp32"] == "2.00×", "eager / kiln"
+    assert cells["vs best peer fp32"] == "0.50× fast", "the fastest peer other than kiln, named"
+    assert float(cells["kiln build s"]) > 0
+
+
 def test_a_model_benchmarked_in_its_own_process_reports_back(tiny):
     # what the zoo does per model on a GPU: a crash there cannot take the table with it
     report = bench.bench_model_in_child(tiny, cpu_settings(peers=("eager", "kiln")))

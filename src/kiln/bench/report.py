@@ -192,7 +192,9 @@ def zoo_rows(zoo_report: ZooReport) -> tuple[list[str], list[list[str]]]:
     header = ["model", "batch"]
     for p in precisions:
         header += [f"{peer} {p} ms" for peer, q in columns if q == p] + [f"speed-up {p}"]
-    header += ["kiln top-1 agree", "kiln max abs diff", "note"]
+        if _has_other_peers(columns, p):
+            header.append(f"vs best peer {p}")
+    header += ["kiln top-1 agree", "kiln max abs diff", "kiln build s", "note"]
     rows = []
     for entry in zoo_report.entries:
         if entry.report is None:
@@ -218,19 +220,35 @@ def _zoo_row(
                 if r and r.latency and r.latency.noisy:
                     notes.append(f"{peer} {p} noisy: {r.latency.noise}")
         eager, kiln = found.get(("eager", p)), found.get(("kiln", p))
-        if eager and kiln and eager.latency and kiln.latency:
-            doubt = "?" if eager.latency.noisy or kiln.latency.noisy else ""
-            row.append(f"{eager.latency.median_ms / kiln.latency.median_ms:.2f}×{doubt}")
-        else:
-            row.append("—")
-    kiln_acc = next((found[("kiln", p)].accuracy for p in precisions if found.get(("kiln", p))), None)
+        row.append(_ratio(eager, kiln))
+        if _has_other_peers(columns, p):
+            timed = [found.get((peer, p)) for peer, q in columns if q == p and peer != "kiln"]
+            timed = [r for r in timed if r and r.latency]
+            best = min(timed, key=lambda r: r.latency.median_ms, default=None)
+            row.append(_ratio(best, kiln) + (f" {best.peer}" if best and kiln and kiln.latency else ""))
+    kiln_results = [found[("kiln", p)] for p in precisions if found.get(("kiln", p))]
+    kiln_acc = next((r.accuracy for r in kiln_results), None)
+    build = next((r.build_seconds for r in kiln_results if r.build_seconds is not None), None)
     top1 = kiln_acc and kiln_acc.top1_agreement
     row += [
         _fmt(top1 and top1 * 100, ".0f") + ("%" if top1 is not None else ""),
         _fmt(kiln_acc and kiln_acc.max_abs, ".2e"),
+        _fmt(build, ".1f"),
         "; ".join(notes),
     ]
     return row
+
+
+def _has_other_peers(columns: list[tuple[str, str]], precision: str) -> bool:
+    return any(q == precision and peer not in ("eager", "kiln") for peer, q in columns)
+
+
+def _ratio(base: PeerResult | None, kiln: PeerResult | None) -> str:
+    """base's median over kiln's ('?' when either is noisy), or — when one was not timed."""
+    if not (base and kiln and base.latency and kiln.latency):
+        return "—"
+    doubt = "?" if base.latency.noisy or kiln.latency.noisy else ""
+    return f"{base.latency.median_ms / kiln.latency.median_ms:.2f}×{doubt}"
 
 
 def zoo_markdown(zoo_report: ZooReport) -> str:
@@ -242,8 +260,8 @@ def zoo_markdown(zoo_report: ZooReport) -> str:
         "",
         f"{zoo_report.environment.line()}  ",
         f"median latency per call, up to {s.iters} calls after {s.warmup} warm-up calls, in {s.rounds} rounds "
-        "taking turns with the other peers; speed-up = eager / kiln at the same precision ('?': from noisy "
-        "timings, see the note)  ",
+        "taking turns with the other peers; speed-up = eager / kiln at the same precision; vs best peer = "
+        "the fastest other peer's median / kiln's, naming that peer ('?': from noisy timings, see the note)  ",
         (weights_line(first.pretrained) if first else "") + "  ",
         "",
         _md_row(header),

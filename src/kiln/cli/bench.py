@@ -282,6 +282,14 @@ def _write(report: Any, outputs: dict[str, Path | None], dynamic: dict[str, Any]
         raise fail(exc) from None
 
 
+def _zoo_width(column: str) -> int:
+    if column.startswith("speed-up"):
+        return 8
+    if column.startswith("vs best"):
+        return 12
+    return 7 if column.endswith(" ms") else 6 if column == "batch" else 3
+
+
 def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -> None:
     from kiln.bench import report as writers
     from kiln.bench import runner
@@ -298,11 +306,7 @@ def _run_zoo(names: list[str], settings: Any, outputs: dict[str, Path | None]) -
     except (KilnError, ValueError, OSError, RuntimeError) as exc:
         raise fail(exc) from None
     header, rows = writers.zoo_rows(zoo_report)
-    columns = [Column(header[0], 9)] + [
-        Column(name, 8 if name.startswith("speed-up") else 7 if name.endswith(" ms") else 6 if name == "batch" else 3,
-               "right", no_wrap=True)
-        for name in header[1:-1]
-    ]
+    columns = [Column(header[0], 9)] + [Column(name, _zoo_width(name), "right", no_wrap=True) for name in header[1:-1]]
     notes, table_rows = [], []
     for row in rows:
         if row[-1]:
