@@ -345,3 +345,25 @@ def test_gpu_threads_on_their_own_streams_at_new_sizes(cuda_conv):
         t.join()
     assert not errors, errors[0]
     assert sum(c.padded_calls for c in engine.contexts) > 0
+
+
+def test_captures_a_call_waits_for_go_before_queued_background_warm_ups():
+    from kiln.runtime.context import _CaptureThread
+
+    capturer = _CaptureThread()
+    release, order = threading.Event(), []
+    first = capturer.submit(lambda: release.wait(30) and order.append("running warm-up"))
+    queued = [capturer.submit(lambda i=i: order.append(f"warm-up {i}")) for i in range(2)]
+    with ThreadPoolExecutor(1) as pool:
+        urgent = pool.submit(capturer.run, lambda: order.append("capture") or threading.get_ident())
+        while not capturer._urgent:
+            threading.Event().wait(0.001)
+        release.set()
+        worker = urgent.result(timeout=30)
+    for f in [first, *queued]:
+        f.result(timeout=30)
+    assert order == ["running warm-up", "capture", "warm-up 0", "warm-up 1"]
+    assert worker != threading.get_ident() and capturer.run(threading.get_ident) == worker
+    broken = capturer.submit(lambda: 1 / 0)
+    assert isinstance(broken.exception(timeout=30), ZeroDivisionError)
+    capturer._stop()

@@ -31,10 +31,12 @@ cache, so every context of an engine runs the same algorithms.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -136,30 +138,66 @@ _GATE = _LaunchGate()
 
 class _CaptureThread:
     """Runs functions on one long-lived worker thread, one at a time (see the module docstring:
-    PyTorch's per-thread cuDNN plan cache). A call from that thread itself runs inline."""
+    PyTorch's per-thread cuDNN plan cache). A call from that thread itself runs inline.
+
+    `run` (a capture a call waits for) goes before every queued `submit` (a background warm-up,
+    which nobody waits for); each kind runs in the order given. At exit, queued background work
+    is dropped and the worker is waited for."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._urgent: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._background: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._local = threading.local()
 
-    def _mark(self) -> None:
+    def _work(self) -> None:
         self._local.inside = True
+        while True:
+            with self._cond:
+                while not (self._urgent or self._background or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not self._urgent:
+                    return
+                fn, future = (self._urgent or self._background).popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+                    future.set_exception(exc)
+            del fn, future
 
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-cuda-capture", initializer=self._mark)
-            return self._pool
+    def _put(self, queue: collections.deque[tuple[Callable[[], Any], Future]], fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="kiln-cuda-capture", daemon=True)
+                self._thread.start()
+                atexit.register(self._stop)
+            queue.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for _, future in self._background:
+                future.cancel()
+            self._background.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
 
     def run(self, fn: Callable[[], Any]) -> Any:
         if getattr(self._local, "inside", False):
             return fn()
-        return self._executor().submit(fn).result()
+        return self._put(self._urgent, fn).result()
 
     def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the worker later, after what is queued; don't wait for it."""
-        return self._executor().submit(fn)
+        """Run `fn` on the worker when no `run` is waiting; don't wait for it."""
+        return self._put(self._background, fn)
 
 
 _CAPTURER = _CaptureThread()
