@@ -249,6 +249,7 @@ def build(
         if config.buckets:
             engine.set_buckets(**config.buckets)  # refuses a dim that is not paddable, naming why
             plan["buckets"] = {name: list(b.sizes) for name, b in engine.buckets.items()}
+        engine.prepare_pad_targets()  # as load does, now that the paddable dims are known
     return engine
 
 

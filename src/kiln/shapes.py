@@ -665,7 +665,25 @@ class ShapeCache(Generic[K, V]):
         self.capacity = capacity
         self.on_evict = on_evict
         self._items: collections.OrderedDict[K, V] = collections.OrderedDict()
+        self._pinned: set[K] = set()
         self.hits = self.misses = self.evictions = 0
+
+    def pin(self, key: K) -> None:
+        """Evict `key` only when every other entry but the newest is pinned too (a context's
+        pad targets: the bindings calls at new sizes are padded up to)."""
+        self._pinned.add(key)
+
+    @property
+    def pinned(self) -> frozenset[K]:
+        return frozenset(self._pinned)
+
+    def peek(self, key: K) -> V | None:
+        """The entry for `key`, or None, without counting a hit or a miss or refreshing it."""
+        return self._items.get(key)
+
+    def items(self) -> list[tuple[K, V]]:
+        """(key, value) pairs, least recently used first (nothing refreshed)."""
+        return list(self._items.items())
 
     def get(self, key: K) -> V | None:
         if key in self._items:
@@ -680,7 +698,10 @@ class ShapeCache(Generic[K, V]):
             self._items.move_to_end(key)
         self._items[key] = value
         while len(self._items) > self.capacity:
-            old_key, old = self._items.popitem(last=False)
+            keys = list(self._items)[:-1]  # never the entry just put
+            old_key = next((k for k in keys if k not in self._pinned), keys[0])
+            old = self._items.pop(old_key)
+            self._pinned.discard(old_key)
             self.evictions += 1
             if self.on_evict is not None:
                 self.on_evict(old_key, old)
@@ -693,6 +714,7 @@ class ShapeCache(Generic[K, V]):
         return value
 
     def clear(self) -> None:
+        self._pinned.clear()
         while self._items:
             old_key, old = self._items.popitem(last=False)
             if self.on_evict is not None:

@@ -31,17 +31,19 @@ cache, so every context of an engine runs the same algorithms.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln.errors import KilnError
 from kiln.shapes import ShapeCache
-from kiln.specs import dtype_from_name
+from kiln.specs import decode_value, dtype_from_name
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import Engine, _Program, _Step
@@ -136,27 +138,117 @@ _GATE = _LaunchGate()
 
 class _CaptureThread:
     """Runs functions on one long-lived worker thread, one at a time (see the module docstring:
-    PyTorch's per-thread cuDNN plan cache). A call from that thread itself runs inline."""
+    PyTorch's per-thread cuDNN plan cache). A call from that thread itself runs inline.
+
+    `run` (a capture a call waits for) goes before every queued `submit` (a background warm-up,
+    which nobody waits for); each kind runs in the order given. At exit, queued background work
+    is dropped and the worker is waited for."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._urgent: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._background: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._local = threading.local()
 
-    def _mark(self) -> None:
+    def _work(self) -> None:
         self._local.inside = True
+        while True:
+            with self._cond:
+                while not (self._urgent or self._background or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not self._urgent:
+                    return
+                fn, future = (self._urgent or self._background).popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+                    future.set_exception(exc)
+            del fn, future
+
+    def _put(self, queue: collections.deque[tuple[Callable[[], Any], Future]], fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="kiln-cuda-capture", daemon=True)
+                self._thread.start()
+                atexit.register(self._stop)
+            queue.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def _stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for _, future in self._background:
+                future.cancel()
+            self._background.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
 
     def run(self, fn: Callable[[], Any]) -> Any:
         if getattr(self._local, "inside", False):
             return fn()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-cuda-capture", initializer=self._mark)
-            pool = self._pool
-        return pool.submit(fn).result()
+        return self._put(self._urgent, fn).result()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker when no `run` is waiting; don't wait for it."""
+        return self._put(self._background, fn)
 
 
 _CAPTURER = _CaptureThread()
+
+
+def warm_binding(engine: Engine, key: tuple[int, ...]) -> None:
+    """Get one binding of a dynamic-shape engine ready to capture cheaply, touching no context:
+    run each of its steps once on zero-filled scratch tensors of the step's own shapes, strides
+    and dtypes (one step's inputs and outputs alive at a time), on the capture thread (which
+    captures every graph: its per-thread cuDNN cache then holds this binding's timed
+    algorithms), with cuDNN benchmarking, on a stream of the engine's own. Lazy set-up, cuDNN
+    plans and Triton variants for these sizes are then done; the values computed are thrown
+    away. Runs while the engine serves calls (Engine.warm_in_background)."""
+    program = engine.program(key)
+    device = engine.device
+    slots = program.plan["slots"]
+    with contextlib.ExitStack() as scope:
+        stream = None
+        if device.type == "cuda":
+            scope.enter_context(torch.cuda.device(device))
+            stream = engine.warm_stream()
+            scope.enter_context(torch.cuda.stream(stream))
+            scope.enter_context(cudnn_benchmark())
+        scope.enter_context(torch.inference_mode())
+        for step, spec in zip(program.step_specs, program.plan["steps"]):
+            vals: Vals = [None] * program.n_slots
+            for slot in _slots_read(spec, device):
+                vals[slot] = _scratch(slots[slot], device)
+            outs = [_scratch(slots[o], device) for o in step.outputs] if step.planned else []
+            fn = step.make()
+            with _GATE.launching():
+                fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, outs)
+            del vals, outs, fn
+        if stream is not None:
+            stream.synchronize()  # before its scratch memory can serve anything else
+
+
+def _slots_read(step: dict[str, Any], device: torch.device) -> list[int]:
+    """The slots a plan step's arguments refer to."""
+    read: list[int] = []
+    for value in (step["args"], list(step["kwargs"].values())):
+        decode_value(value, lambda ref: read.append(ref["slot"]) if "slot" in ref else None, device)
+    return read
+
+
+def _scratch(slot: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Zeros with a slot's shape, stride and dtype (zeros: valid indices, finite values)."""
+    shape, stride = slot["shape"], slot["stride"]
+    extent = 0 if any(d == 0 for d in shape) else 1 + sum((d - 1) * st for d, st in zip(shape, stride))
+    base = torch.zeros(extent, dtype=dtype_from_name(slot["dtype"]), device=device)
+    return base.as_strided(shape, stride)
 
 
 # -- the context ------------------------------------------------------------------------------
@@ -223,6 +315,7 @@ class ExecutionContext:
         self._static_outputs: list[Any] = []
         self._busy = threading.Lock()
         self.calls = 0
+        self.padded_calls = 0  # dynamic shapes on CUDA: calls answered by a larger binding's graph, padded
 
     @property
     def nbytes(self) -> int:
@@ -332,6 +425,18 @@ class ExecutionContext:
         engine = self.engine
         real = engine.binding_key(inputs)
         key = engine.bucket_key(real) if engine.buckets else real
+        capture_now = False
+        if self.stream is not None and engine.use_cuda_graph and engine.pad_while_capturing and engine.paddable:
+            exact = self.shape_states.peek(key)
+            if exact is None or exact.graph is None:
+                status = engine.warm_status(key)
+                if status == "ready":  # warmed up in the background: capturing now is cheap
+                    capture_now = True
+                elif status != "failed":
+                    cover = self.cover(key)
+                    if cover is not None:
+                        engine.warm_in_background(key)
+                        return self._run_padded(inputs, real, cover)
         state = self.shape_state(key)
         if key != real:  # bucketed: pad the inputs up to the bucket, slice the outputs back
             inputs = engine.pad_inputs(inputs, key)
@@ -340,14 +445,41 @@ class ExecutionContext:
                 out = engine.deliver(self.run_steps(self._bind(inputs), state.program, state.steps))
             return engine.unpad_outputs(out, real, key) if key != real else out
         with engine.gpu_order:
-            return self._run_dynamic_cuda(inputs, state, real, key)
+            return self._run_dynamic_cuda(inputs, state, real, key, capture_now)
+
+    def cover(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The smallest binding with a captured graph in this context that a call at `key` can be
+        padded up to (Engine.covers: larger or equal in paddable dims, equal in the others), or None."""
+        engine = self.engine
+        best: tuple[int, int, tuple[int, ...]] | None = None
+        for other, state in self.shape_states.items():
+            if state.graph is not None and engine.covers(other, key):
+                size = 1
+                for v in other:
+                    size *= v
+                if best is None or (size, sum(other), other) < best:
+                    best = (size, sum(other), other)
+        return None if best is None else best[2]
+
+    def _run_padded(self, inputs: tuple[torch.Tensor, ...], real: tuple[int, ...], cover: tuple[int, ...]) -> list[Any]:
+        """Answer a call at a binding without a graph yet by replaying a larger binding's graph:
+        inputs padded (repeating the last row) along the paddable dims that differ, outputs sliced
+        back. The build proved padded rows never change the real rows' values."""
+        engine = self.engine
+        state = self.shape_states.get(cover)  # refreshed: a pad target stays recently used
+        padded = engine.pad_inputs(inputs, cover)
+        with engine.gpu_order:
+            state.calls += 1
+            self.padded_calls += 1
+            out = self._replay(state.graph, state.static_inputs, state.static_outputs, padded)
+        return engine.unpad_outputs(out, real, cover)
 
     def _run_dynamic_cuda(self, inputs: tuple[torch.Tensor, ...], state: _ShapeState, real: tuple[int, ...],
-                          key: tuple[int, ...]) -> list[Any]:
+                          key: tuple[int, ...], capture_now: bool = False) -> list[Any]:
         engine = self.engine
         state.calls += 1
-        if engine.use_cuda_graph and state.graph is None and state.calls >= engine.capture_after:
-            self._capture_shape(state)
+        if engine.use_cuda_graph and state.graph is None and (capture_now or state.calls >= engine.capture_after):
+            self._capture_shape(state, warmups=1 if capture_now else 2)
         if engine.use_cuda_graph and state.graph is not None:
             out = self._replay(state.graph, state.static_inputs, state.static_outputs, inputs)
         else:
@@ -376,14 +508,15 @@ class ExecutionContext:
             views.append(buf[:numel].view(shape))
         return views
 
-    def _capture_shape(self, state: _ShapeState) -> None:
-        self._on_capture_thread(lambda: self._capture_shape_here(state))
+    def _capture_shape(self, state: _ShapeState, warmups: int = 2) -> None:
+        self._on_capture_thread(lambda: self._capture_shape_here(state, warmups))
 
-    def _capture_shape_here(self, state: _ShapeState) -> None:
+    def _capture_shape_here(self, state: _ShapeState, warmups: int = 2) -> None:
         """Capture the CUDA graph of one binding. Every graph of this context reads the same
         max-size input buffers and shares one private memory pool: the context replays one at a
         time and copies each replay's outputs out before the next, so their intermediates may
-        share memory."""
+        share memory. One warm-up run is enough for a binding warmed up in the background
+        (warm_binding: cuDNN's timings are then in the capture thread's cache)."""
         engine = self.engine
         try:
             with torch.cuda.stream(self.stream), torch.inference_mode(False):
@@ -393,7 +526,7 @@ class ExecutionContext:
                     self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.stream(self.stream), cudnn_benchmark(), torch.inference_mode():
                 with _GATE.launching():
-                    for _ in range(2):
+                    for _ in range(warmups):
                         self.run_steps(statics, state.program, state.steps)
                 graph = torch.cuda.CUDAGraph()
                 with _GATE.capturing():
@@ -409,14 +542,18 @@ class ExecutionContext:
             return
         state.static_inputs, state.static_outputs, state.graph = statics, outputs, graph
 
-    def warmup(self, keys: list[tuple[int, ...]]) -> None:
-        """Make (and on CUDA capture) the state of each binding now."""
+    def warmup(self, keys: list[tuple[int, ...]], pin: bool = False) -> None:
+        """Make (and on CUDA capture) the state of each binding now; with `pin`, keep them in
+        the context's cache before any other binding (Engine.prepare_pad_targets)."""
         engine = self.engine
-        for key in keys:
-            state = self.shape_state(key)
-            if self.stream is not None and engine.use_cuda_graph and state.graph is None:
-                with engine.gpu_order:
-                    self._capture_shape(state)
+        with self._exclusive():
+            for key in keys:
+                state = self.shape_state(key)
+                if pin:
+                    self.shape_states.pin(key)
+                if self.stream is not None and engine.use_cuda_graph and state.graph is None:
+                    with engine.gpu_order:
+                        self._capture_shape(state)
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [(x.detach() if x.requires_grad else x).to(s.dtype).contiguous()

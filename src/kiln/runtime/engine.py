@@ -15,6 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -186,6 +187,7 @@ class Engine:
         device: str | torch.device | None = None,
         *,
         max_contexts: int | None = None,
+        pad_while_capturing: bool = True,
     ):
         build = header["build"]
         self.header = header
@@ -198,6 +200,9 @@ class Engine:
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
+        # dynamic shapes on CUDA: a call at a size without a graph yet is answered by a larger
+        # captured size, padded, while its own graph is prepared in the background (see warm_in_background)
+        self.pad_while_capturing = bool(pad_while_capturing)
         # dynamic shapes (docs/dynamic-shapes.md): dims by name; each binding's plan specialized once
         self.dims: dict[str, Dim] = dims_from_json(self.plan["dims"]) if "dims" in self.plan else {}
         if self.dims:
@@ -220,6 +225,8 @@ class Engine:
             max_contexts = 1
         self.max_contexts = max_contexts
         self._pool.add(self.create_context())  # the first now: kernels made and the arena allocated at load
+        if self.dims:
+            self.prepare_pad_targets()
 
     def after_previous_call(self, stream: torch.cuda.Stream) -> None:
         """CUDA, under gpu_order: work enqueued on `stream` from now on runs after the engine's
@@ -261,6 +268,9 @@ class Engine:
         self.capture_after = 2  # CUDA: a binding's graph is captured at its call number capture_after (1: first)
         self.buckets: dict[str, Buckets] = {}
         self.paddable: list[str] = list(self.plan.get("paddable", []))
+        self._warm_lock = threading.Lock()
+        self._warming: dict[tuple[int, ...], Future] = {}  # bindings warmed up in the background
+        self._warm_stream: torch.cuda.Stream | None = None
         for name, sizes in self.plan.get("buckets", {}).items():
             self.buckets[name] = Buckets(self.dims[name], sizes)
 
@@ -337,30 +347,96 @@ class Engine:
         return tuple(self.buckets[d].bucket(v) if d in self.buckets else v for d, v in zip(self.dim_order, key))
 
     def pad_inputs(self, inputs: tuple[torch.Tensor, ...], key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """Inputs padded (repeating the last row) along every bucketed axis to the bucket's size."""
+        """Inputs padded (repeating the last row) up to binding `key` (a bucket, or a larger
+        captured binding) along every axis whose dim differs; only a paddable dim may differ."""
         from kiln.shapes import pad_to
 
         sizes = dict(zip(self.dim_order, key))
         out = []
         for x, spec in zip(inputs, self.inputs):
             for axis, d in enumerate(spec.shape):
-                if isinstance(d, str) and d in self.buckets and x.shape[axis] != sizes[d]:
+                if isinstance(d, str) and x.shape[axis] != sizes[d]:
+                    if d not in self.paddable:
+                        raise KilnError(f"internal: padding dim {d!r}, which the build did not prove paddable")
                     x = pad_to(x, axis, sizes[d])
             out.append(x)
         return tuple(out)
 
     def unpad_outputs(self, outputs: list[Any], real: tuple[int, ...], key: tuple[int, ...]) -> list[Any]:
-        """Outputs sliced back to the real sizes along every bucketed axis."""
+        """Outputs of a run padded to binding `key`, sliced back to the real sizes along every
+        axis whose dim was padded."""
         sizes = dict(zip(self.dim_order, real))
         padded = dict(zip(self.dim_order, key))
         out = []
         for y, spec in zip(outputs, self.outputs):
             if isinstance(y, torch.Tensor) and spec is not None:
                 for axis, d in enumerate(spec.shape):
-                    if isinstance(d, str) and d in self.buckets and sizes[d] != padded[d]:
+                    if isinstance(d, str) and sizes[d] != padded[d]:
                         y = y.narrow(axis, 0, sizes[d]).contiguous()
             out.append(y)
         return out
+
+    def covers(self, big: tuple[int, ...], key: tuple[int, ...]) -> bool:
+        """Whether a call at binding `key` may be answered by a run at binding `big`, padded:
+        `big` is at least `key` in every paddable dim and equal in every other."""
+        return big != key and all(b == k or (d in self.paddable and b > k)
+                                  for d, b, k in zip(self.dim_order, big, key))
+
+    def pad_targets(self) -> list[tuple[int, ...]]:
+        """The bindings prepared at load for calls at new sizes to be padded up to: every dim at
+        opt, and the paddable dims at max (the others at opt); none if no dim is paddable."""
+        if not self.paddable:
+            return []
+        keys = [self._opt_key, tuple(self.dims[d].max if d in self.paddable else self.dims[d].opt
+                                     for d in self.dim_order)]
+        if self.buckets:
+            keys = [self.bucket_key(k) for k in keys]
+        return list(dict.fromkeys(keys))
+
+    def prepare_pad_targets(self) -> int:
+        """On CUDA with graphs and `pad_while_capturing`: capture the pad targets in an idle
+        pooled context (at load; kept before any other binding in its cache), so that a call at
+        a size without a graph has a larger one to be padded to. Returns how many were prepared."""
+        if not (self.dims and self.use_cuda_graph and self.pad_while_capturing):  # (use_cuda_graph: CUDA only)
+            return 0
+        keys = self.pad_targets()
+        if keys:
+            with self._pool.lend() as context:
+                context.warmup(keys, pin=True)
+        return len(keys)
+
+    def warm_status(self, key: tuple[int, ...]) -> str | None:
+        """Where the background warm-up of a binding stands: None (not asked), "running",
+        "ready" or "failed"."""
+        with self._warm_lock:
+            future = self._warming.get(key)
+        if future is None:
+            return None
+        if not future.done():
+            return "running"
+        return "failed" if future.exception() is not None else "ready"
+
+    def warm_in_background(self, key: tuple[int, ...]) -> None:
+        """Warm a binding up on the capture thread (kiln.runtime.context.warm_binding), once;
+        calls meanwhile go on (padded to a larger graph). Its graph is captured, cheaply, by
+        the next call at that binding in each context after the warm-up has finished."""
+        from kiln.runtime.context import _CAPTURER, warm_binding
+
+        with self._warm_lock:
+            if key in self._warming:
+                return
+            if len(self._warming) >= self.WARM_RECORDS:  # forget finished ones (they only make captures cheaper)
+                for k in [k for k, f in self._warming.items() if f.done()]:
+                    del self._warming[k]
+            self._warming[key] = _CAPTURER.submit(lambda: warm_binding(self, key))
+
+    WARM_RECORDS = 256  # background warm-ups remembered per engine
+
+    def warm_stream(self) -> torch.cuda.Stream:
+        """CUDA: the stream background warm-ups run on (made on first use)."""
+        if self._warm_stream is None:
+            self._warm_stream = torch.cuda.Stream(self.device)
+        return self._warm_stream
 
     def warmup(self, **sizes: list[int]) -> int:
         """Prepare these sizes now in every idle pooled context (on CUDA: capture their graphs),
@@ -646,8 +722,14 @@ def _check_device(build: dict[str, Any], device: str | torch.device | None) -> t
     return target
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None, trusted_keys: Any = None) -> Engine:
+def load(path: str | os.PathLike, device: str | torch.device | None = None, trusted_keys: Any = None, *,
+         pad_while_capturing: bool = True) -> Engine:
     """Load an engine file; `device` defaults to the kind it was built for.
+
+    `pad_while_capturing` (dynamic-shape engines on CUDA; docs/dynamic-shapes.md): capture the
+    opt binding and the paddable dims' max at load, and answer a call at a size without a graph
+    yet by padding it up to a larger captured size while its own graph is prepared in the
+    background. False: no captures at load; such a call runs step by step, as before.
 
     The file is verified (digest; with `trusted_keys`, an Ed25519 signature by one of them:
     paths, PEM/OpenSSH bytes or public key objects) and its whole plan validated against
@@ -656,7 +738,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, trus
     that signed it (None if unsigned), `engine.signer_trusted` whether it was verified."""
     contents = engine_file.read_engine(path, trusted_keys)
     try:
-        engine = Engine(contents.header, contents.weights, device)
+        engine = Engine(contents.header, contents.weights, device, pad_while_capturing=pad_while_capturing)
     except KilnError:
         raise
     except (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)) as exc:
