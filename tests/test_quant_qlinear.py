@@ -1,0 +1,216 @@
+"""kiln::qlinear: a quantized linear layer as one op (kiln.quant.fuse), its reference against the
+Q/DQ graph it replaces, engines holding it (build, validate, save/load), and on a GPU its 8-bit
+kernels (kiln.kernels.scaled_mm) against the reference.
+
+CPU tolerances: none. The fusion keeps the simulated graph's numbers bit for bit (the reference
+dequantizes as the DQ ops do and multiplies as kiln::linear_act does), so fused and unfused
+graphs and engines are compared with torch.equal.
+
+GPU tolerances (8-bit kernels vs the reference, fp16, relative L2 error of the whole output):
+2e-3. The kernels multiply the 8-bit values exactly (int32 accumulation for int8, fp32 for fp8)
+and scale once in fp32; the reference rounds each dequantized operand to fp16 (relative error
+≤ 2⁻¹¹ ≈ 4.9e-4 per operand) before an fp16 GEMM, so the two differ by about 1e-3 at most in
+the relative L2 sense; selection's own check (kiln.select.tune.REL_TOL) is 2e-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.capture.export import capture
+from kiln.ops.quant import FP8_E4M3, INT8
+from kiln.passes import run_passes
+from kiln.quant.calibrate import calibrate
+from kiln.quant.fuse import fuse_qlinear
+from kiln.quant.insert import insert_qdq
+from kiln.runtime import engine_file
+from kiln.runtime.validate import ALLOWED_OPS
+
+kiln_ops = torch.ops.kiln
+CPU = torch.device("cpu")
+QLINEAR = "kiln.qlinear.default"
+FORMATS = {"int8": INT8, "fp8": FP8_E4M3}
+
+
+class MLP(nn.Module):
+    """Linear layers on a 3-D input (a view before each GEMM), with a GELU and a ReLU epilogue,
+    a layer without bias, and a residual read of a quantized tensor (its Q/DQ has another user)."""
+
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.fc3 = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, 16)
+
+    def forward(self, x):
+        y = nn.functional.gelu(self.fc1(x))
+        y = self.fc2(y).relu() + x
+        return self.head(self.fc3(y))
+
+
+def _batches(n, shape=(2, 8, 32), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=gen),) for _ in range(n)]
+
+
+def _quantized(fmt="int8", model=None):
+    torch.manual_seed(0)
+    model = (model or MLP()).eval()
+    batches = _batches(6)
+    graph = run_passes(capture(model, batches[0], device=CPU, compute_dtype=torch.float32))[0]
+    table = calibrate(graph, batches, "max", FORMATS[fmt])
+    return model, graph, insert_qdq(graph, table), batches
+
+
+def _count(graph, target):
+    return sum(1 for n in graph.module.graph.nodes if n.target == target)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fusion_makes_each_quantized_linear_one_op_with_the_same_numbers(fmt):
+    _, _, qgraph, batches = _quantized(fmt)
+    assert _count(qgraph, kiln_ops.linear_act.default) == 4
+    want = [qgraph.run(*b) for b in batches]
+    fused, n = fuse_qlinear(qgraph)
+    assert n == 4
+    assert _count(fused, kiln_ops.qlinear.default) == 4
+    for op in (kiln_ops.linear_act.default, kiln_ops.quantize_per_tensor.default,
+               kiln_ops.dequantize_per_tensor.default, kiln_ops.dequantize_per_channel.default):
+        assert _count(fused, op) == 0, op
+    acts = sorted(n.args[5] for n in fused.module.graph.nodes if n.target == kiln_ops.qlinear.default)
+    assert acts == ["gelu", "none", "none", "relu"]
+    no_bias = [n for n in fused.module.graph.nodes if n.target == kiln_ops.qlinear.default and n.args[4] is None]
+    assert len(no_bias) == 1
+    # the weights: [N, K] in the 8-bit format, row-major, with [N] fp32 scales
+    for node in fused.module.graph.nodes:
+        if node.target == kiln_ops.qlinear.default:
+            w, s = (getattr(fused.module, a.target) for a in node.args[2:4])
+            assert w.dtype == FORMATS[fmt].dtype and w.is_contiguous() and s.shape == (w.shape[0],)
+            assert s.dtype == torch.float32
+    for b, expected in zip(batches, want):
+        assert torch.equal(fused.run(*b), expected)
+
+
+def test_fusion_keeps_convolutions_and_batched_gemms_quantized_as_they_were():
+    class ConvAndScores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            q = self.fc(y)
+            return q[:, :, None] @ y[:, None, :]  # a GEMM of two activations
+
+    torch.manual_seed(0)
+    model = ConvAndScores().eval()
+    batches = [(torch.randn(2, 3, 8, 8),) for _ in range(3)]
+    graph = run_passes(capture(model, batches[0], device=CPU, compute_dtype=torch.float32))[0]
+    qgraph = insert_qdq(graph, calibrate(graph, batches, "max", INT8))
+    convs = _count(qgraph, kiln_ops.dequantize_per_channel.default) - 1
+    fused, n = fuse_qlinear(qgraph)
+    assert n == 1
+    assert _count(fused, kiln_ops.dequantize_per_channel.default) == convs == 1
+    assert _count(fused, kiln_ops.quantize_per_tensor.default) >= 1
+    for b in batches:
+        assert torch.equal(fused.run(*b), qgraph.run(*b))
+
+
+def test_a_fusion_that_does_not_fit_is_left_alone():
+    """Activations in int8 and weights in fp8 (insert_qdq's weight_format): no one format, no qlinear."""
+    _, graph, _, batches = _quantized("int8")
+    table = calibrate(graph, batches, "max", INT8)
+    mixed = insert_qdq(graph, table, weight_format="fp8")
+    fused, n = fuse_qlinear(mixed)
+    assert n == 0 and fused is mixed
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_is_the_fake_quantized_linear(fmt, act, bias):
+    f = FORMATS[fmt]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 32, generator=gen)
+    w = torch.randn(16, 32, generator=gen)
+    w_scale = w.abs().amax(1) / f.qmax
+    w_q = f.quantize(w, w_scale[:, None])
+    b = torch.randn(16, generator=gen) if bias else None
+    x_scale = float(x.abs().max()) / f.qmax
+    got = kiln_ops.qlinear(x, x_scale, w_q, w_scale, b, act)
+    xd = f.fake_quantize(x, x_scale)
+    wd = w_q.float() * w_scale[:, None]
+    want = nn.functional.linear(xd, wd, b)
+    want = {"none": want, "relu": want.relu(), "gelu": nn.functional.gelu(want)}[act]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32: the same sums in another order
+    assert got.dtype == x.dtype and got.shape == (24, 16)
+
+
+def test_reference_runs_on_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(40, 64, dtype=torch.float16)
+        w = torch.empty(48, 64, dtype=torch.float8_e4m3fn)
+        y = kiln_ops.qlinear(x, 0.1, w, torch.empty(48), torch.empty(48, dtype=torch.float16), "relu")
+    assert y.shape == (40, 48) and y.dtype == torch.float16 and y.is_contiguous()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_engine_with_qlinear_matches_the_simulated_engine_and_round_trips(precision, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    calib = [b[0] for b in _batches(6)]
+    tests = [b[0] for b in _batches(3, seed=9)]
+    engine = kiln.build(model, (calib[0],), precision=precision, device="cpu", calibration=calib)
+    steps = [s["op"] for s in engine.plan["steps"]]
+    assert steps.count(QLINEAR) == 4 and "kiln.dequantize_per_channel.default" not in steps
+    q = engine.build_info["quantization"]
+    assert q["fused_linears"] == q["quantized_layers"] == 4 and q["eight_bit_gemms"] == 0 and q["simulated"]
+    # the same build without the fusion: Q/DQ around kiln::linear_act
+    monkeypatch.setattr("kiln.quant.build.fuse_qlinear", lambda graph: (graph, 0))
+    simulated = kiln.build(model, (calib[0],), precision=precision, device="cpu", calibration=calib)
+    assert QLINEAR not in [s["op"] for s in simulated.plan["steps"]]
+    assert simulated.build_info["quantization"]["fused_linears"] == 0
+    with torch.no_grad():
+        for x in tests:
+            assert torch.equal(engine(x), simulated(x))
+    path = tmp_path / "q.kiln"
+    engine.save(path)
+    header, weights = engine_file.read(path)
+    assert sum(w.dtype == FORMATS[precision].dtype for w in weights.values()) == 4
+    loaded = kiln.load(path)
+    assert loaded.build_info["quantization"] == q
+    with torch.no_grad():
+        for x in tests:
+            assert torch.equal(loaded(x), engine(x))
+
+
+def test_validation_allows_qlinear_and_checks_its_activation(tmp_path):
+    from engine_files import rewrite
+
+    assert QLINEAR in ALLOWED_OPS
+    torch.manual_seed(0)
+    model = MLP().eval()
+    calib = [b[0] for b in _batches(3)]
+    path = tmp_path / "q.kiln"
+    kiln.build(model, (calib[0],), precision="int8", device="cpu", calibration=calib).save(path)
+    kiln.load(path)  # accepted
+    header = engine_file.read(path)[0]
+    i = next(i for i, s in enumerate(header["plan"]["steps"]) if s["op"] == QLINEAR)
+
+    def bad_act(h):
+        h["plan"]["steps"][i]["args"][5] = "__import__"
+
+    with pytest.raises(kiln.EngineFileError, match="unknown activation"):
+        kiln.load(rewrite(path, tmp_path / "act.kiln", bad_act))
+
+    def unknown_op(h):
+        h["plan"]["steps"][i]["op"] = "kiln.qlinear_fast.default"
+
+    with pytest.raises(kiln.EngineFileError):
+        kiln.load(rewrite(path, tmp_path / "op.kiln", unknown_op))
