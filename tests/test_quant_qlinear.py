@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 import kiln
+from interpreter import interpreted, run_interpreted_tests
 from kiln.capture.export import capture
+from kiln.kernels import KERNELS, OpCall, candidates
 from kiln.ops.quant import FP8_E4M3, INT8
 from kiln.passes import run_passes
 from kiln.quant.calibrate import calibrate
@@ -27,6 +29,7 @@ from kiln.quant.fuse import fuse_qlinear
 from kiln.quant.insert import insert_qdq
 from kiln.runtime import engine_file
 from kiln.runtime.validate import ALLOWED_OPS
+from kiln.specs import TensorSpec
 
 kiln_ops = torch.ops.kiln
 CPU = torch.device("cpu")
@@ -214,3 +217,148 @@ def test_validation_allows_qlinear_and_checks_its_activation(tmp_path):
 
     with pytest.raises(kiln.EngineFileError):
         kiln.load(rewrite(path, tmp_path / "op.kiln", unknown_op))
+
+
+# -- the 8-bit kernels: where they apply, and on a GPU what they compute ---------------------------------
+
+
+def _call(fmt, m=64, k=64, n=48, device="cuda", dtype=torch.float16, bias=True, act="none"):
+    w = TensorSpec("w", (n, k), FORMATS[fmt].dtype)
+    inputs = (TensorSpec("x", (m, k), dtype), None, w, TensorSpec("s", (n,), torch.float32),
+              TensorSpec("b", (n,), dtype) if bias else None, None)
+    return OpCall(QLINEAR, inputs, (TensorSpec("y", (m, n), dtype),), device,
+                  (None, 0.1, None, None, None, act))
+
+
+def _eight_bit(call):
+    return [k.name for k in candidates(call) if k.name != "kiln.reference"]
+
+
+def test_kernels_apply_only_where_they_can_run():
+    import kiln.kernels.scaled_mm as smm
+
+    int8 = _eight_bit(_call("int8"))
+    fp8 = _eight_bit(_call("fp8"))
+    assert int8 == (["int8.int_mm"] if smm.triton is not None else [])
+    assert set(fp8) <= {"fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"}
+    assert _eight_bit(_call("int8", device="cpu")) == [] == _eight_bit(_call("fp8", device="cpu"))
+    assert _eight_bit(_call("int8", m=16)) == []  # _int_mm needs more than 16 rows
+    assert _eight_bit(_call("int8", k=36)) == []  # K and N multiples of 8
+    assert _eight_bit(_call("fp8", n=40)) == []  # fp8: K and N multiples of 16
+    assert _eight_bit(_call("int8", dtype=torch.float32)) == []  # a half-precision engine's linears
+    # the reference always applies, last
+    assert candidates(_call("int8", m=16))[-1].name == "kiln.reference"
+    assert {"int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"} <= set(KERNELS)
+
+
+def test_quantize_and_epilogue_in_the_interpreter():
+    from kiln.kernels.triton_lang import triton
+
+    run_interpreted_tests(__file__, triton)
+
+
+@interpreted
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_interpreted_quantize_rounds_as_torch(fmt):
+    """The Triton quantize pass against QuantFormat.quantize: ties (k + ½ for int8, the midpoints
+    between e4m3 neighbours), saturation, subnormals, a strided x."""
+    from kiln.kernels.scaled_mm import quantize
+
+    f = FORMATS[fmt]
+    scale = 0.25
+    ties = torch.arange(-20, 20) + 0.5 if fmt == "int8" else torch.tensor([9.0, 11.0, 13.0, 17.0, 18.0, 120.0,
+                                                                           124.0, 232.0, 2 ** -10, 3 * 2 ** -11])
+    special = torch.cat([ties, -ties, torch.tensor([0.0, 1e6, -1e6, 127.49, 448.0, 460.0, 1e-30])]) * scale
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([special, torch.randn(64 * 40 - special.numel(), generator=gen) * 40 * scale]).reshape(64, 40)
+    for operand in (x, x.t().contiguous().t()):  # row-major, and column-major (stride (1, 64))
+        got = quantize(operand, scale, f.dtype)
+        assert got.dtype == f.dtype and got.is_contiguous()
+        assert torch.equal(got.float(), f.quantize(operand, scale).float())
+
+
+@interpreted
+@pytest.mark.parametrize("act", ["none", "gelu", "tanh"])
+def test_interpreted_epilogue_scales_adds_bias_and_activates(act):
+    from kiln.kernels.scaled_mm import dequant_epilogue
+    from kiln.ops.vocabulary import activation
+
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randint(-5000, 5000, (37, 150), generator=gen, dtype=torch.int32)
+    w_scale, bias = torch.rand(150, generator=gen) * 1e-3, torch.randn(150, generator=gen)
+    got = dequant_epilogue(acc, 0.05, w_scale, bias, act, torch.float32)
+    want = activation(act)(acc.float() * (w_scale * 0.05) + bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dequant_epilogue(acc[:, :0], 0.05, w_scale[:0], None, act, torch.float32),
+                       torch.empty(37, 0))
+
+
+def _operands(fmt, m, k, n, bias, seed=0):
+    f = FORMATS[fmt]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, 3] *= 8  # an outlier feature: clipping at the scale's edge is exercised
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w_scale = w.abs().amax(1) / f.qmax
+    w_q = f.quantize(w, w_scale[:, None])
+    b = torch.randn(n, generator=gen) if bias else None
+    x_scale = float(x.abs().max()) * 0.5 / f.qmax  # half the range: the top values saturate
+    cuda = torch.device("cuda")
+    return (x.half().to(cuda), x_scale, w_q.to(cuda), w_scale.to(cuda),
+            None if b is None else b.half().to(cuda))
+
+
+def _fp8_capable():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"])
+@pytest.mark.parametrize(("m", "k", "n", "bias", "act"), [
+    (64, 64, 48, True, "none"),
+    (4096, 768, 2304, True, "gelu"),  # BERT-base's q/k/v projection at batch 32 × 128 tokens
+    (200, 3072, 768, True, "relu"),  # rows not a multiple of anything
+    (32, 128, 256, False, "tanh"),
+])
+def test_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n, bias, act):
+    fmt = kernel.split(".")[0]
+    if fmt == "fp8" and not _fp8_capable():
+        pytest.skip("float8 GEMMs need compute capability 8.9 or later")
+    args = _operands(fmt, m, k, n, bias)
+    call = OpCall(QLINEAR, (TensorSpec("x", (m, k), torch.float16), None,
+                            TensorSpec("w", (n, k), args[2].dtype), TensorSpec("s", (n,), torch.float32),
+                            TensorSpec("b", (n,), torch.float16) if bias else None, None),
+                  (TensorSpec("y", (m, n), torch.float16),), "cuda", (None, args[1], None, None, None, act))
+    assert kernel in [c.name for c in candidates(call)]
+    fn = KERNELS[kernel].make(QLINEAR, None)
+    args = (*args, act)
+    with torch.inference_mode():
+        want = kiln_ops.qlinear(*args).float()
+        got = fn(args, {}, [])
+        assert got.dtype == torch.float16 and got.shape == (m, n) and got.is_contiguous()
+        got = got.float()
+        err = float((got - want).norm() / want.norm())
+    assert err < 2e-3, err
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_cuda_engine_runs_its_linears_in_8_bits(precision):
+    if precision == "fp8" and not _fp8_capable():
+        pytest.skip("float8 GEMMs need compute capability 8.9 or later")
+    torch.manual_seed(0)
+    model = MLP(d=64, hidden=128).eval()
+    calib = [b[0] for b in _batches(6, shape=(4, 16, 64))]
+    tests = [b[0] for b in _batches(3, shape=(4, 16, 64), seed=9)]
+    engine = kiln.build(model.cuda(), (calib[0].cuda(),), precision=precision, device="cuda", calibration=calib)
+    q = engine.build_info["quantization"]
+    kernels = [s["kernel"] for s in engine.plan["steps"] if s["op"] == QLINEAR]
+    assert len(kernels) == 4 == q["fused_linears"]
+    assert q["eight_bit_gemms"] == sum(k != "kiln.reference" for k in kernels) >= 1, kernels
+    assert not q["simulated"]
+    with torch.no_grad():
+        for x in tests:
+            got, want = engine(x.cuda()).float().cpu(), model(x.cuda()).float().cpu()
+            cos = float(nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
+            assert cos >= {"int8": 0.999, "fp8": 0.995}[precision], cos
