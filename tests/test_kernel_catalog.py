@@ -134,6 +134,18 @@ def _qlinear(fmt: str, act: str, bias: bool = True, m: int = 40, k: int = 64, n:
     return make
 
 
+def _qlinear_grouped(fmt: str, groups: int = 3, m: int = 40, k: int = 32, n: int = 16
+                     ) -> Callable[[str, torch.dtype], tuple]:
+    """kiln::qlinear_grouped's arguments: G projections of one x (q/k/v)."""
+    single = _qlinear(fmt, "none", m=m, k=k, n=groups * n)
+
+    def make(device: str, dtype: torch.dtype) -> tuple:
+        x, x_scale, w_q, w_scale, b, act = single(device, dtype)
+        return (x, x_scale, w_q.view(groups, n, k), w_scale.view(groups, n), b.view(groups, n), act)
+
+    return make
+
+
 def _triton(kernel: str, op: str, args: Callable[[str, torch.dtype], tuple]) -> list[Case]:
     return [Case(kernel, op, args, where="interpreter"),
             Case(kernel, op, args, where="gpu", dtype=torch.float16, tol=2e-2)]
@@ -180,6 +192,10 @@ CASES: list[Case] = [
     Case("int8.int_mm", QLINEAR, _qlinear("int8", "relu", bias=False), where="interpreter", label="no-bias"),
     *_triton("fp8.scaled_mm_tensorwise", QLINEAR, _qlinear("fp8", "silu")),
     *_triton("fp8.scaled_mm_rowwise", QLINEAR, _qlinear("fp8", "none")),
+    *(Case(kernel, "kiln.qlinear_grouped.default", _qlinear_grouped(fmt), where=where, label=f"grouped-{where}",
+           **({"dtype": torch.float16, "tol": 2e-2} if where == "gpu" else {}))
+      for kernel, fmt in (("int8.int_mm", "int8"), ("fp8.scaled_mm_tensorwise", "fp8"))
+      for where in ("interpreter", "gpu")),
     # TensorRT: a region built here, run by the TensorRT runtime
     Case("tensorrt", "kiln.tensorrt_region.default", lambda d, t: _tensorrt_region(d, t), where="gpu",
          reference=lambda inputs, engine, spec: [torch.relu(inputs[0]) * 2]),

@@ -319,5 +319,7 @@ def test_fused_qkv_projection_is_quantized():
     model = SeparateQKV().eval()
     calib = [torch.randn(2, 8, 32) for _ in range(6)]
     engine = kiln.build(model, (calib[0],), precision="int8", device=CPU, calibration=calib)
-    assert "aten.baddbmm.default" in _ops(engine)
-    assert engine.build_info["quantization"]["quantized_layers"] == 2  # q/k/v as one GEMM, and o
+    # q/k/v as one GEMM (horizontal_fuse's baddbmm), quantized as one kiln::qlinear_grouped; and o
+    assert "kiln.qlinear_grouped.default" in _ops(engine) and "aten.baddbmm.default" not in _ops(engine)
+    assert engine.build_info["quantization"]["quantized_layers"] == 2 == engine.build_info["quantization"][
+        "fused_linears"]

@@ -193,10 +193,44 @@ def test_engine_with_qlinear_matches_the_simulated_engine_and_round_trips(precis
             assert torch.equal(loaded(x), engine(x))
 
 
+class SeparateQKV(nn.Module):
+    """Attention with separate q/k/v projections (as Hugging Face BERT): horizontal_fuse makes
+    them one aten.baddbmm against a stacked [3, K, N] weight, fused as one kiln::qlinear_grouped."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_grouped_projection_is_one_op_with_the_same_numbers(precision, monkeypatch):
+    torch.manual_seed(0)
+    model = SeparateQKV().eval()
+    calib = [b[0] for b in _batches(4)]
+    engine = kiln.build(model, (calib[0],), precision=precision, device="cpu", calibration=calib)
+    steps = [s["op"] for s in engine.plan["steps"]]
+    assert steps.count("kiln.qlinear_grouped.default") == 1 and steps.count(QLINEAR) == 1
+    assert not {"aten.baddbmm.default", "kiln.dequantize_per_channel.default"} & set(steps)
+    assert engine.build_info["quantization"]["fused_linears"] == 2
+    monkeypatch.setattr("kiln.quant.build.fuse_qlinear", lambda graph: (graph, 0))
+    simulated = kiln.build(model, (calib[0],), precision=precision, device="cpu", calibration=calib)
+    assert "aten.baddbmm.default" in [s["op"] for s in simulated.plan["steps"]]
+    with torch.no_grad():
+        for (x,) in _batches(3, seed=5):
+            assert torch.equal(engine(x), simulated(x))
+
+
 def test_validation_allows_qlinear_and_checks_its_activation(tmp_path):
     from engine_files import rewrite
 
-    assert QLINEAR in ALLOWED_OPS
+    assert QLINEAR in ALLOWED_OPS and "kiln.qlinear_grouped.default" in ALLOWED_OPS
     torch.manual_seed(0)
     model = MLP().eval()
     calib = [b[0] for b in _batches(3)]
@@ -343,6 +377,28 @@ def test_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n, bias, act):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise"])
+@pytest.mark.parametrize(("m", "k", "n"), [(4096, 768, 768), (40, 64, 16)])  # BERT-base's q/k/v; a small one
+def test_grouped_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n):
+    fmt = kernel.split(".")[0]
+    if fmt == "fp8" and not _fp8_capable():
+        pytest.skip("float8 GEMMs need compute capability 8.9 or later")
+    x, x_scale, w_q, w_scale, bias = _operands(fmt, m, k, 3 * n, True)
+    args = (x, x_scale, w_q.view(3, n, k), w_scale.view(3, n), bias.view(3, n), "none")
+    op = "kiln.qlinear_grouped.default"
+    call = OpCall(op, (TensorSpec("x", (m, k), torch.float16), None, TensorSpec("w", (3, n, k), w_q.dtype),
+                       TensorSpec("s", (3, n), torch.float32), TensorSpec("b", (3, n), torch.float16), None),
+                  (TensorSpec("y", (3, m, n), torch.float16),), "cuda", (None, x_scale, None, None, None, "none"))
+    assert kernel in [c.name for c in candidates(call)]
+    with torch.inference_mode():
+        want = kiln_ops.qlinear_grouped(*args).float()
+        got = KERNELS[kernel].make(op, None)(args, {}, [])
+        assert got.shape == (3, m, n) and got.is_contiguous()
+        err = float((got.float() - want).norm() / want.norm())
+    assert err < 2e-3, err
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_cuda_engine_runs_its_linears_in_8_bits(precision):
     if precision == "fp8" and not _fp8_capable():
@@ -360,6 +416,27 @@ def test_cuda_engine_runs_its_linears_in_8_bits(precision):
     assert q["eight_bit_gemms"] == 4 == q["fused_linears"] and not q["simulated"]
     with torch.no_grad():
         for x in tests:
+            got, want = engine(x.cuda()).float().cpu(), model(x.cuda()).float().cpu()
+            cos = float(nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
+            assert cos >= {"int8": 0.999, "fp8": 0.995}[precision], cos
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_cuda_engine_runs_the_grouped_projection_in_8_bits(precision):
+    if precision == "fp8" and not _fp8_capable():
+        pytest.skip("float8 GEMMs need compute capability 8.9 or later")
+    torch.manual_seed(0)
+    model = SeparateQKV(d=64).eval()
+    calib = [b[0] for b in _batches(4, shape=(4, 16, 64))]
+    config = kiln.BuildConfig(precision=precision, device="cuda", calibration=calib, tune=False)
+    engine = kiln.build(model.cuda(), (calib[0].cuda(),), config=config)
+    kernels = {s["op"]: s["kernel"] for s in engine.plan["steps"] if "qlinear" in s["op"]}
+    default = {"int8": "int8.int_mm", "fp8": "fp8.scaled_mm_tensorwise"}[precision]
+    assert kernels == {"kiln.qlinear_grouped.default": default, QLINEAR: default}
+    assert engine.build_info["quantization"]["eight_bit_gemms"] == 2
+    with torch.no_grad():
+        for (x,) in _batches(3, shape=(4, 16, 64), seed=9):
             got, want = engine(x.cuda()).float().cpu(), model(x.cuda()).float().cpu()
             cos = float(nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0))
             assert cos >= {"int8": 0.999, "fp8": 0.995}[precision], cos

@@ -454,9 +454,10 @@ def _quantize(
 
 
 def _describe_execution(info: dict[str, Any], selections: dict[Any, Any]) -> None:
-    """build_info["quantization"]'s account of what runs in 8 bits: the kiln::qlinear steps whose
+    """build_info["quantization"]'s account of what runs in 8 bits: the kiln::qlinear(_grouped) steps whose
     kernel is an 8-bit GEMM (not the reference, which dequantizes and multiplies in float)."""
-    qlinear = [s.kernel for n, s in selections.items() if getattr(n, "target", None) is torch.ops.kiln.qlinear.default]
+    ops = (torch.ops.kiln.qlinear.default, torch.ops.kiln.qlinear_grouped.default)
+    qlinear = [s.kernel for n, s in selections.items() if getattr(n, "target", None) in ops]
     eight_bit = sum(k != "kiln.reference" for k in qlinear)
     info["eight_bit_gemms"] = eight_bit
     info["simulated"] = eight_bit == 0

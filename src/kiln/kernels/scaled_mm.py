@@ -1,4 +1,5 @@
-"""8-bit GEMM kernels for kiln::qlinear (a quantized linear layer, kiln.ops.quant): cuBLASLt's
+"""8-bit GEMM kernels for kiln::qlinear (a quantized linear layer, kiln.ops.quant) and
+kiln::qlinear_grouped (G of them reading one input, run as one GEMM over all G·N columns): cuBLASLt's
 int8 and float8 GEMMs through torch._int_mm and torch._scaled_mm, with the activation's
 quantization and the output's dequantization each one Triton pass.
 
@@ -37,6 +38,7 @@ from kiln.kernels.triton_act import activation
 from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 QLINEAR_OP = "kiln.qlinear.default"
+GROUPED_OP = "kiln.qlinear_grouped.default"
 HALF = (torch.float16, torch.bfloat16)
 INT8_RANGE = (-128.0, 127.0)
 FP8_RANGE = (-448.0, 448.0)
@@ -64,8 +66,8 @@ def quantize_kernel(x_ptr, q_ptr, M, K, stride_xm, stride_xk, scale, QMIN: tl.co
 
 @jit
 def dequant_epilogue_kernel(acc_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_am, stride_om, x_scale,
-                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            GROUP_N, stride_og, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
@@ -77,7 +79,11 @@ def dequant_epilogue_kernel(acc_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, strid
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = activation(y, ACT)
-    tl.store(out_ptr + rows * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if GROUPED:  # column j of the accumulator is column j % GROUP_N of group j // GROUP_N
+        cols = (rn // GROUP_N).to(tl.int64) * stride_og + rn % GROUP_N
+    else:
+        cols = rn
+    tl.store(out_ptr + rows * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -96,18 +102,21 @@ def quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequant_epilogue(acc: torch.Tensor, x_scale: float, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                     act: str, dtype: torch.dtype) -> torch.Tensor:
+                     act: str, dtype: torch.dtype, groups: int = 0) -> torch.Tensor:
     """act(acc · x_scale · w_scale[n] + bias) as `dtype`, computed in fp32: one Triton pass over
-    the GEMM's int32 or fp32 accumulator [M, N] (unit column stride)."""
+    the GEMM's int32 or fp32 accumulator [M, N] (unit column stride). With `groups` G > 0 the N
+    columns are G groups of N / G, written as G dense [M, N / G] slices of a [G, M, N / G] result
+    (w_scale and bias are read as flat [N] vectors)."""
     m, n = acc.shape
-    out = torch.empty((m, n), dtype=dtype, device=acc.device)
+    group_n = n // groups if groups else n
+    out = torch.empty((groups, m, group_n) if groups else (m, n), dtype=dtype, device=acc.device)
     if out.numel() == 0:
         return out
     needs_triton("8-bit GEMM epilogue")
     grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
     dequant_epilogue_kernel[grid](acc, w_scale, acc if bias is None else bias, out, m, n, acc.stride(0),
-                                  out.stride(0), float(x_scale), HAS_BIAS=bias is not None, ACT=act,
-                                  BLOCK_M=32, BLOCK_N=128, num_warps=4)
+                                  out.stride(-2), float(x_scale), group_n, m * group_n, HAS_BIAS=bias is not None,
+                                  ACT=act, GROUPED=groups > 0, BLOCK_M=32, BLOCK_N=128, num_warps=4)
     return out
 
 
@@ -115,16 +124,19 @@ def dequant_epilogue(acc: torch.Tensor, x_scale: float, w_scale: torch.Tensor, b
 
 
 def _shapes(call: OpCall, fmt: torch.dtype) -> tuple[int, int, int] | None:
-    """(M, K, N) of a qlinear call on CUDA with a half-precision x and w_q in `fmt`; else None."""
+    """(M, K, N) of the one GEMM a qlinear (N output columns) or qlinear_grouped (G·N) call
+    runs, on CUDA with a half-precision x and w_q in `fmt`; else None."""
     x, _, w, s = call.inputs[:4]
     bias = call.inputs[4] if len(call.inputs) > 4 else None
     if call.device_type != "cuda" or triton is None or x is None or w is None or s is None:
         return None
-    if x.dtype not in HALF or w.dtype != fmt or len(x.shape) != 2 or len(w.shape) != 2:
+    weight_dims = 3 if call.op == GROUPED_OP else 2
+    if x.dtype not in HALF or w.dtype != fmt or len(x.shape) != 2 or len(w.shape) != weight_dims:
         return None
-    if bias is not None and (bias.dtype != x.dtype or len(bias.shape) != 1):
+    if bias is not None and (bias.dtype != x.dtype or len(bias.shape) != weight_dims - 1):
         return None
-    (m, k), (n, wk) = x.shape, w.shape
+    (m, k), wk = x.shape, w.shape[-1]
+    n = w.shape[0] * w.shape[1] if weight_dims == 3 else w.shape[0]
     return (m, k, n) if wk == k else None
 
 
@@ -152,16 +164,27 @@ def _fp8_fits(call: OpCall) -> bool:
 # -- the kernels ----------------------------------------------------------------------------------------
 
 
-@register_kernel("int8.int_mm", provider="cublaslt", implements=QLINEAR_OP, supports=_int8_fits,
+def _flat(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """A qlinear_grouped's [G, N, K] weight, [G, N] scales and bias as one GEMM's [G·N, K], [G·N]
+    (views: they are dense)."""
+    return w_q.flatten(0, 1), w_scale.flatten(), None if bias is None else bias.flatten()
+
+
+@register_kernel("int8.int_mm", provider="cublaslt", implements=(QLINEAR_OP, GROUPED_OP), supports=_int8_fits,
                  writes_planned_outputs=False, priority=Priority.DEFAULT)
 def make_int8(name: str, out: OutVariant | None) -> StepFn:
     """int8 × int8 → int32 on cuBLASLt (torch._int_mm), x quantized and the output dequantized
-    (+ bias, activation) in one Triton pass each."""
+    (+ bias, activation) in one Triton pass each; qlinear_grouped as one GEMM over every group's
+    columns, the epilogue writing each group's dense slice."""
+    groups = name == GROUPED_OP
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, x_scale, w_q, w_scale, bias, act = args
+        g = w_q.shape[0] if groups else 0
+        if groups:
+            w_q, w_scale, bias = _flat(w_q, w_scale, bias)
         acc = torch._int_mm(quantize(x, x_scale, torch.int8), w_q.t())
-        return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype)
+        return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype, g)
 
     return run
 
@@ -181,18 +204,23 @@ class _DeviceScalars:
         return t
 
 
-@register_kernel("fp8.scaled_mm_tensorwise", provider="cublaslt", implements=QLINEAR_OP, supports=_fp8_fits,
-                 writes_planned_outputs=False, priority=Priority.DEFAULT)
+@register_kernel("fp8.scaled_mm_tensorwise", provider="cublaslt", implements=(QLINEAR_OP, GROUPED_OP),
+                 supports=_fp8_fits, writes_planned_outputs=False, priority=Priority.DEFAULT)
 def make_fp8_tensorwise(name: str, out: OutVariant | None) -> StepFn:
     """float8 e4m3 × e4m3 → fp32 on cuBLASLt (torch._scaled_mm, unit per-tensor scales), x
-    quantized and the output dequantized per channel (+ bias, activation) in one Triton pass each."""
+    quantized and the output dequantized per channel (+ bias, activation) in one Triton pass each;
+    qlinear_grouped as one GEMM, as int8.int_mm."""
     scalars = _DeviceScalars()
+    groups = name == GROUPED_OP
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
         x, x_scale, w_q, w_scale, bias, act = args
+        g = w_q.shape[0] if groups else 0
+        if groups:
+            w_q, w_scale, bias = _flat(w_q, w_scale, bias)
         one = scalars.full((), 1.0, x.device)
         acc = torch._scaled_mm(quantize(x, x_scale, w_q.dtype), w_q.t(), one, one, out_dtype=torch.float32)
-        return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype)
+        return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype, g)
 
     return run
 

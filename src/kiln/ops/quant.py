@@ -131,6 +131,23 @@ def qlinear(
     return activation(act)(y)
 
 
+@define_op("qlinear_grouped")
+def qlinear_grouped(
+    x: torch.Tensor, x_scale: float, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: str
+) -> torch.Tensor:
+    """G quantized linear layers reading one input (horizontal_fuse's q/k/v projection, a batched
+    GEMM against a stacked weight), [G, M, N] with each [M, N] slice dense: kiln::qlinear's
+    arithmetic per group, as the Q/DQ graph computed it (baddbmm of the expanded input).
+
+    x: [M, K]; w_q: [G, N, K] 8-bit, so w_q.view(G·N, K).t() is one column-major GEMM operand
+    for all groups; w_scale: [G, N] fp32; bias: [G, N] in x's dtype or None."""
+    fmt = format_of(w_q.dtype)
+    xd = (fmt.quantize(x, x_scale).float() * x_scale).to(x.dtype).expand(w_q.shape[0], -1, -1)
+    wd = (w_q.float() * w_scale.float()[:, :, None]).to(x.dtype).transpose(1, 2).contiguous()  # [G, K, N]
+    y = torch.bmm(xd, wd) if bias is None else torch.baddbmm(bias.unsqueeze(1), xd, wd)
+    return activation(act)(y)
+
+
 QUANTIZE_OPS = (torch.ops.kiln.quantize_per_tensor.default, torch.ops.kiln.quantize_per_channel.default)
 DEQUANTIZE_OPS = (torch.ops.kiln.dequantize_per_tensor.default, torch.ops.kiln.dequantize_per_channel.default)
-QUANTIZED_GEMM_OPS = (torch.ops.kiln.qlinear.default,)
+QUANTIZED_GEMM_OPS = (torch.ops.kiln.qlinear.default, torch.ops.kiln.qlinear_grouped.default)

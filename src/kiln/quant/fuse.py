@@ -14,8 +14,11 @@ graph's, bit for bit, wherever the reference runs (the CPU).
 
 Matched: kiln::linear_act, aten.mm and aten.addmm (1-D bias, unit alpha and beta) whose
 activation operand is a per-tensor Q/DQ pair and whose weight operand is a dequantized 8-bit
-constant of the same format, all in one float dtype. Everything else (convolutions, batched
-GEMMs, mixed formats) keeps its Q/DQ.
+constant of the same format, all in one float dtype. And horizontal_fuse's sibling projections,
+aten.bmm / aten.baddbmm (bias [G, 1, N]) of one input expanded to [G, M, K] against a stacked
+[G, K, N] weight: one kiln::qlinear_grouped (weight [G, N, K]), which runs as one 8-bit GEMM
+against all G·N columns writing the G dense [M, N] slices. Everything else (convolutions, GEMMs
+of two activations, mixed formats) keeps its Q/DQ.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ from kiln.quant.sites import LAYOUT_OPS, _trace
 kiln_ops = torch.ops.kiln
 aten = torch.ops.aten
 GEMMS = (kiln_ops.linear_act.default, aten.mm.default, aten.addmm.default)
+BATCHED = (aten.bmm.default, aten.baddbmm.default)
 
 
 def fuse_qlinear(graph: CapturedGraph) -> tuple[CapturedGraph, int]:
     """`graph` with every quantized linear layer as one kiln::qlinear, and how many were fused.
     The graph is rewritten in place (quantize_for_build hands over its own copy)."""
     fused = 0
+    for node in op_nodes(graph, *BATCHED):
+        fused += _fuse_grouped(graph, node)
     for node in op_nodes(graph, *GEMMS):
         operands = _operands(node)
         if operands is None:
@@ -75,6 +81,53 @@ def fuse_qlinear(graph: CapturedGraph) -> tuple[CapturedGraph, int]:
     return (finish(graph), fused) if fused else (graph, 0)
 
 
+def _fuse_grouped(graph: CapturedGraph, node: fx.Node) -> bool:
+    """bmm / baddbmm(bias [G, 1, N], expand(Q/DQ(x) [M, K]), DQ(W) [G, K, N]) → qlinear_grouped."""
+    if node.target == aten.baddbmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return False
+        bias, x_arg, w_arg = node.args[:3]
+    else:
+        (x_arg, w_arg), bias = node.args[:2], None
+    if not isinstance(x_arg, fx.Node) or not isinstance(w_arg, fx.Node):
+        return False
+    activation = _activation(x_arg)
+    weight = _weight(graph, w_arg, batched=True)
+    if activation is None or weight is None:
+        return False
+    producer, chain, scale, fmt_name = activation
+    w_q, w_scale, name = weight
+    groups, n = w_q.shape[:2]
+    out = node.meta["val"]
+    dtype = producer.meta["val"].dtype
+    # the input is one [M, K] tensor expanded over the groups: the chain ends in that expand
+    if not chain or chain[-1].target != aten.expand.default or chain[-1].args[0].meta["val"].dim() != 2:
+        return False
+    if format_of(w_q.dtype).name != fmt_name or out.dtype != dtype or tuple(out.shape[::2]) != (groups, n):
+        return False
+    bias_value = None
+    if bias is not None:
+        if not isinstance(bias, fx.Node) or bias.op != "get_attr" or tuple(bias.meta["val"].shape) != (groups, 1, n):
+            return False
+        bias_value = getattr(graph.module, bias.target)
+        if bias_value.dtype != dtype:
+            return False
+    g = graph.module.graph
+    x = _replay(graph, producer, chain[:-1], node)
+    w_node = add_weight(graph, f"{name}_gnk", w_q, node, dtype=w_q.dtype)
+    s_node = add_weight(graph, f"{name}_gnk_scale", w_scale.expand(groups, n).contiguous(), node, dtype=torch.float32)
+    b_node = None if bias_value is None else add_weight(graph, f"{bias.target}_gn", bias_value.reshape(groups, n),
+                                                        node, dtype=dtype)
+    with g.inserting_before(node):
+        new = g.call_function(kiln_ops.qlinear_grouped.default, (x, scale, w_node, s_node, b_node, "none"))
+    copy_origin(new, node)
+    new.meta["quant"] = {"role": "gemm", "site": node.name}
+    infer_meta(new)
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
+    return True
+
+
 def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, str] | None:
     """(activation operand, [K, N] weight operand, bias, activation name) of a GEMM node."""
     if node.target == kiln_ops.linear_act.default:
@@ -105,9 +158,12 @@ def _activation(arg: fx.Node) -> tuple[fx.Node, list[fx.Node], float, str] | Non
     return producer, chain, float(scale), str(fmt_name)
 
 
-def _weight(graph: CapturedGraph, arg: fx.Node) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+def _weight(
+    graph: CapturedGraph, arg: fx.Node, batched: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """(the 8-bit weight as [N, K] contiguous, its [N] fp32 scales, its name) where `arg` is a
-    dequantized 8-bit constant seen through layout views as the GEMM's [K, N] operand."""
+    dequantized 8-bit constant seen through layout views as the GEMM's [K, N] operand; with
+    `batched`, [G, N, K] from a [G, K, N] operand (the scales still [N], or [G, N])."""
     dq, chain = _trace(arg, LAYOUT_OPS)
     if dq.op != "call_function" or dq.target not in (
         kiln_ops.dequantize_per_channel.default,
@@ -127,9 +183,9 @@ def _weight(graph: CapturedGraph, arg: fx.Node) -> tuple[torch.Tensor, torch.Ten
         if any(isinstance(a, fx.Node) for a in fx.node.map_aggregate((view.args[1:], view.kwargs), lambda a: a)):
             return None
         operand = view.target(operand, *view.args[1:], **view.kwargs)
-    if operand.dim() != 2:
+    if operand.dim() != (3 if batched else 2):
         return None
-    n = operand.shape[1]
+    n = operand.shape[-1]
     if dq.target == kiln_ops.dequantize_per_channel.default:
         s_node, axis = dq.args[1], dq.args[2]
         if not isinstance(s_node, fx.Node) or s_node.op != "get_attr":
@@ -141,4 +197,4 @@ def _weight(graph: CapturedGraph, arg: fx.Node) -> tuple[torch.Tensor, torch.Ten
         scales = torch.full((n,), float(dq.args[1]), dtype=torch.float32, device=q.device)
     if scales.shape != (n,):
         return None
-    return operand.t().contiguous(), scales.contiguous(), str(q_node.target)
+    return operand.transpose(-1, -2).contiguous(), scales.contiguous(), str(q_node.target)
