@@ -192,6 +192,10 @@ CASES: list[Case] = [
     Case("int8.int_mm", QLINEAR, _qlinear("int8", "relu", bias=False), where="interpreter", label="no-bias"),
     *_triton("fp8.scaled_mm_tensorwise", QLINEAR, _qlinear("fp8", "silu")),
     *_triton("fp8.scaled_mm_rowwise", QLINEAR, _qlinear("fp8", "none")),
+    *(case for fmt, act in (("int8", "gelu"), ("fp8", "relu")) for config in ("wide", "narrow")
+      for case in _triton(f"triton.qlinear_{fmt}.{config}", QLINEAR, _qlinear(fmt, act, m=72, k=96, n=80))),
+    *(Case(f"triton.qlinear_{fmt}.wide", "kiln.qlinear_grouped.default", _qlinear_grouped(fmt), where="interpreter",
+           label="grouped") for fmt in ("int8", "fp8")),
     *(Case(kernel, "kiln.qlinear_grouped.default", _qlinear_grouped(fmt), where=where, label=f"grouped-{where}",
            **({"dtype": torch.float16, "tol": 2e-2} if where == "gpu" else {}))
       for kernel, fmt in (("int8.int_mm", "int8"), ("fp8.scaled_mm_tensorwise", "fp8"))

@@ -273,16 +273,21 @@ def test_kernels_apply_only_where_they_can_run():
 
     int8 = _eight_bit(_call("int8"))
     fp8 = _eight_bit(_call("fp8"))
-    assert int8 == (["int8.int_mm"] if smm.triton is not None else [])
-    assert set(fp8) <= {"fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"}
+    triton_int8 = ["triton.qlinear_int8.narrow", "triton.qlinear_int8.wide"]
+    assert int8 == (["int8.int_mm", *triton_int8] if smm.triton is not None else [])  # default first, then timed
+    assert set(fp8) <= {"fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise", "triton.qlinear_fp8.narrow",
+                        "triton.qlinear_fp8.wide"}
     assert _eight_bit(_call("int8", device="cpu")) == [] == _eight_bit(_call("fp8", device="cpu"))
-    assert _eight_bit(_call("int8", m=16)) == []  # _int_mm needs more than 16 rows
-    assert _eight_bit(_call("int8", k=36)) == []  # K and N multiples of 8
+    assert _eight_bit(_call("int8", m=16)) == triton_int8  # _int_mm needs more than 16 rows; Triton does not
+    assert _eight_bit(_call("int8", k=40)) == ["int8.int_mm"]  # _int_mm: K multiple of 8; Triton's tiles: 16
+    assert _eight_bit(_call("int8", k=36)) == []
     assert _eight_bit(_call("fp8", n=40)) == []  # fp8: K and N multiples of 16
     assert _eight_bit(_call("int8", dtype=torch.float32)) == []  # a half-precision engine's linears
-    # the reference always applies, last
-    assert candidates(_call("int8", m=16))[-1].name == "kiln.reference"
-    assert {"int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"} <= set(KERNELS)
+    # the reference always applies: after the default 8-bit kernel, before the timed candidates
+    assert [k.name for k in candidates(_call("int8", k=36))] == ["kiln.reference"]
+    assert [k.name for k in candidates(_call("int8"))][:2] == (
+        ["int8.int_mm", "kiln.reference"] if smm.triton is not None else ["kiln.reference"])
+    assert {"int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise", *triton_int8} <= set(KERNELS)
 
 
 def test_quantize_and_epilogue_in_the_interpreter():
@@ -347,7 +352,9 @@ def _fp8_capable():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise"])
+@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise", "fp8.scaled_mm_rowwise",
+                                    "triton.qlinear_int8.wide", "triton.qlinear_int8.narrow",
+                                    "triton.qlinear_fp8.wide", "triton.qlinear_fp8.narrow"])
 @pytest.mark.parametrize(("m", "k", "n", "bias", "act"), [
     (64, 64, 48, True, "none"),
     (4096, 768, 2304, True, "gelu"),  # BERT-base's q/k/v projection at batch 32 × 128 tokens
@@ -355,7 +362,7 @@ def _fp8_capable():
     (32, 128, 256, False, "tanh"),
 ])
 def test_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n, bias, act):
-    fmt = kernel.split(".")[0]
+    fmt = "fp8" if "fp8" in kernel else "int8"
     if fmt == "fp8" and not _fp8_capable():
         pytest.skip("float8 GEMMs need compute capability 8.9 or later")
     args = _operands(fmt, m, k, n, bias)
@@ -377,10 +384,11 @@ def test_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n, bias, act):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise"])
+@pytest.mark.parametrize("kernel", ["int8.int_mm", "fp8.scaled_mm_tensorwise", "triton.qlinear_int8.wide",
+                                    "triton.qlinear_fp8.narrow"])
 @pytest.mark.parametrize(("m", "k", "n"), [(4096, 768, 768), (40, 64, 16)])  # BERT-base's q/k/v; a small one
 def test_grouped_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n):
-    fmt = kernel.split(".")[0]
+    fmt = "fp8" if "fp8" in kernel else "int8"
     if fmt == "fp8" and not _fp8_capable():
         pytest.skip("float8 GEMMs need compute capability 8.9 or later")
     x, x_scale, w_q, w_scale, bias = _operands(fmt, m, k, 3 * n, True)

@@ -10,6 +10,10 @@ quantization and the output's dequantization each one Triton pass.
     fp8.scaled_mm_rowwise     quantize x (Triton) → _scaled_mm with row-wise scales (x_scale per
                               row, w_scale per column) and the bias in cuBLASLt's epilogue, in
                               the output dtype → the activation in place
+    triton.qlinear_{int8,fp8}.{wide,narrow}
+                              quantize x (Triton) → one Triton 8-bit GEMM whose epilogue
+                              dequantizes, adds the bias and activates: the int32 / fp32
+                              accumulator never goes to memory (timed candidates, two tile shapes)
 
 The weight is stored [N, K] row-major in its 8-bit format (kiln.quant.fuse lays it out at build
 time), so `w_q.t()` is the column-major [K, N] operand both GEMMs require, a view: nothing is
@@ -241,3 +245,112 @@ def make_fp8_rowwise(name: str, out: OutVariant | None) -> StepFn:
         return INPLACE[act](y)
 
     return run
+
+
+# -- one Triton 8-bit GEMM with the dequantize epilogue: no int32 / fp32 accumulator in memory ----------
+
+
+@jit
+def qgemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_wn, stride_om, x_scale,
+                 GROUP_N, stride_og, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+                 IS_INT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = min(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    col_ok = rn < N
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]  # [K, N] tile of the [N, K] weight
+    if IS_INT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    w_scale = tl.load(w_scale_ptr + rn, mask=col_ok, other=0.0)
+    y = acc.to(tl.float32) * (w_scale * x_scale)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = activation(y, ACT)
+    if GROUPED:
+        cols = (rn // GROUP_N).to(tl.int64) * stride_og + rn % GROUP_N
+    else:
+        cols = rn
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+QGEMM_CONFIGS = {"wide": (128, 128, 128, 8, 3), "narrow": (64, 64, 128, 4, 4)}  # (M, N, K tiles, warps, stages)
+
+
+def qgemm(x: torch.Tensor, x_scale: float, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+          act: str, groups: int = 0, config: str = "wide") -> torch.Tensor:
+    """kiln::qlinear (or, with `groups`, qlinear_grouped on flattened [G·N, K] weights): x quantized
+    in one Triton pass, then one Triton 8-bit GEMM whose epilogue dequantizes, adds the bias,
+    applies the activation and stores in x's dtype: the accumulator never leaves registers."""
+    m, k = x.shape
+    n = w_q.shape[0]
+    group_n = n // groups if groups else n
+    out = torch.empty((groups, m, group_n) if groups else (m, n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    xq = quantize(x, x_scale, w_q.dtype)
+    tm, tn, tk, warps, stages = QGEMM_CONFIGS[config]
+    block_m = max(16, min(tm, triton.next_power_of_2(m)))
+    block_n = max(16, min(tn, triton.next_power_of_2(n)))
+    block_k = max(32, min(tk, triton.next_power_of_2(k)))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    qgemm_kernel[grid](xq, w_q, w_scale, xq if bias is None else bias, out, m, n, k, xq.stride(0), w_q.stride(0),
+                       out.stride(-2), float(x_scale), group_n, m * group_n, HAS_BIAS=bias is not None, ACT=act,
+                       GROUPED=groups > 0, IS_INT=w_q.dtype == torch.int8, BLOCK_M=block_m, BLOCK_N=block_n,
+                       BLOCK_K=block_k, GROUP=8, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _triton_int8_fits(call: OpCall) -> bool:
+    shapes = _shapes(call, torch.int8)
+    return shapes is not None and shapes[1] % 16 == 0  # K: whole 16-byte rows for the tile loads
+
+
+def _triton_fp8_fits(call: OpCall) -> bool:
+    shapes = _shapes(call, torch.float8_e4m3fn)
+    return shapes is not None and shapes[1] % 16 == 0 and fp8_capable()
+
+
+def _register_triton(fmt: str, fits: object) -> None:
+    for config in QGEMM_CONFIGS:
+
+        @register_kernel(f"triton.qlinear_{fmt}.{config}", provider="triton", implements=(QLINEAR_OP, GROUPED_OP),
+                         supports=fits, writes_planned_outputs=False, priority=Priority.CANDIDATE)
+        def make(name: str, out: OutVariant | None, config: str = config) -> StepFn:
+            """A Triton 8-bit GEMM (int8 → int32, or e4m3 → fp32) ending in the dequantize + bias +
+            activation epilogue, x quantized in one Triton pass before it; a timed candidate."""
+            grouped = name == GROUPED_OP
+
+            def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
+                x, x_scale, w_q, w_scale, bias, act = args
+                g = w_q.shape[0] if grouped else 0
+                if grouped:
+                    w_q, w_scale, bias = _flat(w_q, w_scale, bias)
+                return qgemm(x, x_scale, w_q, w_scale, bias, act, g, config)
+
+            return run
+
+
+_register_triton("int8", _triton_int8_fits)
+_register_triton("fp8", _triton_fp8_fits)
