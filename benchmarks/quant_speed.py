@@ -94,13 +94,12 @@ def bench_model(name: str, batch: int, seq: int, n_calib: int, iters: int, emit,
         emit(row)
 
 
-def bench_gemms(batch: int, seq: int, iters: int, emit) -> None:
+def bench_gemms(batch: int, seq: int, iters: int, emit, device: torch.device) -> None:
     """kiln::qlinear's kernels against the fp16 linear at BERT-base's shapes."""
     from kiln.kernels import KERNELS, OpCall, candidates
     from kiln.ops.quant import FP8_E4M3, INT8
     from kiln.specs import TensorSpec
 
-    device = torch.device("cuda")
     m = batch * seq
     fp16 = KERNELS["cublaslt.linear_epilogue"].make("kiln.linear_act.default", None)
     for k, n, act in BERT_GEMMS:
@@ -144,7 +143,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--gemms", action="store_true", help="time the 8-bit GEMM kernels alone, not models")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--device", default="cuda", help="cpu only checks that the script runs (fp32, simulated)")
+    parser.add_argument("--device", default="cuda",
+                        help="cpu only checks that the script runs (models in fp32, simulated; --gemms needs "
+                             "TRITON_INTERPRET=1 there)")
     parser.add_argument("--override", default=None, help='zoo overrides as JSON, e.g. \'{"num_hidden_layers": 2}\'')
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -162,7 +163,7 @@ def main() -> None:
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
     if args.gemms:
-        bench_gemms(args.batch, args.seq, args.iters, emit)
+        bench_gemms(args.batch, args.seq, args.iters, emit, device)
         return
     for name in args.models:
         bench_model(name, args.batch, args.seq, args.calib, args.iters, emit, device,
