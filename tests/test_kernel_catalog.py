@@ -30,6 +30,7 @@ from kiln.specs import TensorSpec
 
 CONV = "kiln.conv_bias_act.default"
 LINEAR = "kiln.linear_act.default"
+QLINEAR = "kiln.qlinear.default"
 LAYER_NORM = "kiln.add_layer_norm.default"
 POINTWISE = "kiln.pointwise.default"
 SDPA = "aten.scaled_dot_product_attention.default"
@@ -115,6 +116,36 @@ def _concat_placed(args: tuple) -> list[torch.Tensor]:
     return [torch.cat(*args[:1], dim=args[1])]
 
 
+def _qlinear(fmt: str, act: str, bias: bool = True, m: int = 40, k: int = 64, n: int = 48
+             ) -> Callable[[str, torch.dtype], tuple]:
+    """kiln::qlinear's arguments: x, its scale (the top rows saturate), an 8-bit [N, K] weight
+    with per-channel scales, bias, activation."""
+    from kiln.ops.quant import quant_format
+
+    def make(device: str, dtype: torch.dtype) -> tuple:
+        f = quant_format(fmt)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device) * 0.05
+        w_scale = w.abs().amax(1) / f.qmax
+        x_scale = float(x.abs().max()) * 0.6 / f.qmax
+        b = torch.randn(n, device=device, dtype=dtype) if bias else None
+        return (x, x_scale, f.quantize(w, w_scale[:, None]), w_scale, b, act)
+
+    return make
+
+
+def _qlinear_grouped(fmt: str, groups: int = 3, m: int = 40, k: int = 32, n: int = 16
+                     ) -> Callable[[str, torch.dtype], tuple]:
+    """kiln::qlinear_grouped's arguments: G projections of one x (q/k/v)."""
+    single = _qlinear(fmt, "none", m=m, k=k, n=groups * n)
+
+    def make(device: str, dtype: torch.dtype) -> tuple:
+        x, x_scale, w_q, w_scale, b, act = single(device, dtype)
+        return (x, x_scale, w_q.view(groups, n, k), w_scale.view(groups, n), b.view(groups, n), act)
+
+    return make
+
+
 def _triton(kernel: str, op: str, args: Callable[[str, torch.dtype], tuple]) -> list[Case]:
     return [Case(kernel, op, args, where="interpreter"),
             Case(kernel, op, args, where="gpu", dtype=torch.float16, tol=2e-2)]
@@ -154,6 +185,21 @@ CASES: list[Case] = [
     *_triton("triton.spatial_mean", "aten.mean.dim", _spatial_mean),
     *_triton("triton.pointwise", POINTWISE, _pointwise),
     *_triton("triton.rowwise", "kiln.rowwise.default", _rowwise),
+    # 8-bit GEMMs for kiln::qlinear: cuBLASLt's GEMM between Triton passes (fp32 on the CPU in the interpreter:
+    # the same 8-bit products, so only the sums' order differs; fp16 on the GPU: the reference rounds its
+    # dequantized operands to fp16, 2e-2 covers it elementwise)
+    *_triton("int8.int_mm", QLINEAR, _qlinear("int8", "gelu")),
+    Case("int8.int_mm", QLINEAR, _qlinear("int8", "relu", bias=False), where="interpreter", label="no-bias"),
+    *_triton("fp8.scaled_mm_tensorwise", QLINEAR, _qlinear("fp8", "silu")),
+    *_triton("fp8.scaled_mm_rowwise", QLINEAR, _qlinear("fp8", "none")),
+    *(case for fmt, act in (("int8", "gelu"), ("fp8", "relu")) for config in ("wide", "narrow")
+      for case in _triton(f"triton.qlinear_{fmt}.{config}", QLINEAR, _qlinear(fmt, act, m=72, k=96, n=80))),
+    *(Case(f"triton.qlinear_{fmt}.wide", "kiln.qlinear_grouped.default", _qlinear_grouped(fmt), where="interpreter",
+           label="grouped") for fmt in ("int8", "fp8")),
+    *(Case(kernel, "kiln.qlinear_grouped.default", _qlinear_grouped(fmt), where=where, label=f"grouped-{where}",
+           **({"dtype": torch.float16, "tol": 2e-2} if where == "gpu" else {}))
+      for kernel, fmt in (("int8.int_mm", "int8"), ("fp8.scaled_mm_tensorwise", "fp8"))
+      for where in ("interpreter", "gpu")),
     # TensorRT: a region built here, run by the TensorRT runtime
     Case("tensorrt", "kiln.tensorrt_region.default", lambda d, t: _tensorrt_region(d, t), where="gpu",
          reference=lambda inputs, engine, spec: [torch.relu(inputs[0]) * 2]),

@@ -97,17 +97,21 @@ def test_quantized_engine_close_to_fp32(name, precision):
             # quantized for real: further from the model than the fp32 engine's rounding
             assert _rel(got, want) > 10 * max(_rel(fp32(x), want), 1e-6)
     ops = _ops(engine)
-    assert QDQ_OPS <= set(ops)
+    assert QDQ_OPS <= set(ops) or name == "block"  # the block is linears alone: every one a kiln::qlinear
     info = engine.build_info
     assert info["precision"] == precision and info["device_type"] == "cpu"
     q = info["quantization"]
     layers = {"conv": 4, "block": 5}[name]  # convs + linears; the block's q/k/v projection is one linear
+    linears = {"conv": 1, "block": 5}[name]
     assert q["format"] == {"int8": "int8", "fp8": "fp8_e4m3"}[precision]
     assert q["calibrator"] == {"int8": "entropy", "fp8": "max"}[precision]
     assert (q["calibration_batches"], q["held_back_batches"]) == (8, 0)
     assert q["layers"] == q["quantized_layers"] == layers and q["kept"] == [] and q["accuracy"] is None
     assert q["compute_precision"] == "fp32" and q["simulated"] and "simulated" in q["execution"]
-    assert ops.count("kiln.dequantize_per_channel.default") == layers  # one per quantized weight
+    assert q["fused_linears"] == linears and q["eight_bit_gemms"] == 0  # the reference kernel on the CPU
+    # one per quantized weight: a convolution's DQ, or a linear layer's kiln::qlinear (kiln.quant.fuse)
+    assert ops.count("kiln.dequantize_per_channel.default") == layers - linears
+    assert ops.count("kiln.qlinear.default") == linears
 
 
 def test_weights_are_stored_in_8_bits(tmp_path):
@@ -169,7 +173,7 @@ def test_mixed_keeps_the_sensitive_layer():
     assert [k["module"] for k in q["kept"]] == ["fc2"]
     assert "sensitivity rank 1" in q["kept"][0]["reason"]
     assert (q["layers"], q["quantized_layers"]) == (3, 2)
-    assert _ops(mixed).count("kiln.dequantize_per_channel.default") == 2
+    assert _ops(mixed).count("kiln.qlinear.default") == 2 == q["fused_linears"]
     # on inputs neither calibrated nor held back (the guard's metric: mean cosine of output rows);
     # measured 0.9988 with fc2 kept, 0.870 with every layer in int8
     with torch.no_grad():
@@ -315,5 +319,7 @@ def test_fused_qkv_projection_is_quantized():
     model = SeparateQKV().eval()
     calib = [torch.randn(2, 8, 32) for _ in range(6)]
     engine = kiln.build(model, (calib[0],), precision="int8", device=CPU, calibration=calib)
-    assert "aten.baddbmm.default" in _ops(engine)
-    assert engine.build_info["quantization"]["quantized_layers"] == 2  # q/k/v as one GEMM, and o
+    # q/k/v as one GEMM (horizontal_fuse's baddbmm), quantized as one kiln::qlinear_grouped; and o
+    assert "kiln.qlinear_grouped.default" in _ops(engine) and "aten.baddbmm.default" not in _ops(engine)
+    assert engine.build_info["quantization"]["quantized_layers"] == 2 == engine.build_info["quantization"][
+        "fused_linears"]

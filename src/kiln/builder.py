@@ -31,7 +31,8 @@ from kiln.shapes import probe_bindings
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Post-training quantization (kiln.quant.build): int8, fp8 (e4m3) and "mixed" (int8 with the accuracy
 # guard keeping sensitive layers in high precision). The rest of the graph computes in fp32 on the
-# CPU and fp16 on CUDA; the Q/DQ ops run as their references (simulated quantization).
+# CPU and fp16 on CUDA. Quantized linear layers are one kiln::qlinear each (kiln.quant.fuse), an 8-bit
+# GEMM on CUDA where a kernel applies (kiln.kernels.scaled_mm); other Q/DQ ops run as their references.
 ALL_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *QUANT_PRECISIONS)
 STAGES = ("capture", "passes", "select", "plan")
 
@@ -207,6 +208,8 @@ def build(
         selections = select_kernels(graph, cache, exact=config.exact)
         if cache is not None:
             cache.save()
+    if quant_info is not None:
+        _describe_execution(quant_info, selections)
     weights = dict(graph.module.named_buffers())
     with stage("plan"):
         plan = make_plan(graph, selections)
@@ -437,14 +440,10 @@ def _quantize(
     fmt, default_method, _ = QUANT_PRECISIONS[config.precision]
     method = config.calibration_method or default_method
     target = guard_target(config.precision, config.accuracy)
+    # TensorRT takes the Q/DQ graph itself (explicit quantization): no kiln::qlinear there
     graph, info = quantize_for_build(graph, batches, fmt=fmt, method=method, accuracy=target,
-                                     held_back=config.held_back)
+                                     held_back=config.held_back, fuse=config.backend != "tensorrt")
     info["compute_precision"] = compute_precision(config.precision, device)
-    info["simulated"] = True  # Q/DQ run as reference ops around float kernels: no 8-bit GEMM kernel yet
-    info["execution"] = (
-        f"simulated {info['format']}: values rounded to the 8-bit format by Q/DQ reference ops, GEMMs in "
-        f"{info['compute_precision']}"
-    )
     if info["accuracy"] is not None and not info["accuracy"]["met"]:
         warnings.warn(
             f"{info['accuracy']['summary']}; the engine is built with those layers in high precision "
@@ -453,6 +452,26 @@ def _quantize(
             stacklevel=4,
         )
     return graph, info
+
+
+def _describe_execution(info: dict[str, Any], selections: dict[Any, Any]) -> None:
+    """build_info["quantization"]'s account of what runs in 8 bits: the kiln::qlinear(_grouped) steps whose
+    kernel is an 8-bit GEMM (not the reference, which dequantizes and multiplies in float)."""
+    ops = (torch.ops.kiln.qlinear.default, torch.ops.kiln.qlinear_grouped.default)
+    qlinear = [s.kernel for n, s in selections.items() if getattr(n, "target", None) in ops]
+    eight_bit = sum(k != "kiln.reference" for k in qlinear)
+    info["eight_bit_gemms"] = eight_bit
+    info["simulated"] = eight_bit == 0
+    if eight_bit == 0:
+        info["execution"] = (
+            f"simulated {info['format']}: values rounded to the 8-bit format by Q/DQ reference ops, GEMMs in "
+            f"{info['compute_precision']}"
+        )
+    else:
+        info["execution"] = (
+            f"{info['format']}: {eight_bit} of {info['quantized_layers']} quantized layers run as 8-bit GEMMs "
+            f"(kiln::qlinear), the rest as Q/DQ reference ops around {info['compute_precision']} kernels"
+        )
 
 
 def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> float:

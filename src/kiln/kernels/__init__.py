@@ -12,6 +12,7 @@ the list below (for a new module), and tests/test_kernel_catalog.py (its case).
     cudnn                  cuDNN convolution + the fused op's epilogue
     conv_gemm              1×1 and patch convolutions as cuBLASLt GEMMs
     cublas                 cuBLASLt GEMM with bias + activation epilogue
+    scaled_mm              8-bit GEMMs for kiln::qlinear (cuBLASLt int8 / float8, Triton quantize + epilogue)
     triton_conv            cuDNN convolution + one Triton epilogue pass
     triton_gemm            Triton GEMM ending in the fused op's epilogue
     triton_layer_norm      residual add + layer norm in one Triton launch
@@ -32,6 +33,7 @@ from kiln.kernels import (  # noqa: F401  (each registers its kernels)
     cublas,
     cudnn,
     reference,
+    scaled_mm,
     tensorrt,
     triton_conv,
     triton_gemm,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.ops.library import define_op
+from kiln.ops.vocabulary import activation
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,6 @@ def _channel_shape(x: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Te
     return scales.float().reshape(shape)
 
 
-
 @define_op("quantize_per_tensor")
 def quantize_per_tensor(x: torch.Tensor, scale: float, fmt: str) -> torch.Tensor:
     """x / scale in the 8-bit format `fmt` ("int8" or "fp8_e4m3"), rounded and saturated."""
@@ -110,5 +110,44 @@ def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int, dty
     return (q.float() * _channel_shape(q, scales, axis)).to(dtype)
 
 
+@define_op("qlinear")
+def qlinear(
+    x: torch.Tensor, x_scale: float, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: str
+) -> torch.Tensor:
+    """act(Q/DQ(x) @ DQ(w_q)ᵀ + bias): one quantized linear layer, computed as its Q/DQ graph
+    would (kiln.quant.fuse makes it of one).
+
+    x: [M, K] in the compute dtype, quantized per tensor at `x_scale` to w_q's format; w_q:
+    [N, K] int8 or float8_e4m3fn (nn.Linear's layout, so w_q.t() is the column-major [K, N]
+    operand cuBLASLt's 8-bit GEMMs take); w_scale: [N] fp32, one scale per output channel;
+    bias: [N] in x's dtype or None; act: a kiln.ops.vocabulary activation. The result has x's
+    dtype. This reference dequantizes both operands exactly as dequantize_per_tensor and
+    dequantize_per_channel do and multiplies as kiln::linear_act does, so it is bit for bit the
+    simulated path; the 8-bit kernels (kiln.kernels.scaled_mm) multiply the 8-bit values."""
+    fmt = format_of(w_q.dtype)
+    xd = (fmt.quantize(x, x_scale).float() * x_scale).to(x.dtype)
+    wd = (w_q.float() * _channel_shape(w_q, w_scale, 0)).to(x.dtype).t().contiguous()  # [K, N], as the DQ graph's
+    y = xd @ wd if bias is None else torch.addmm(bias, xd, wd)
+    return activation(act)(y)
+
+
+@define_op("qlinear_grouped")
+def qlinear_grouped(
+    x: torch.Tensor, x_scale: float, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: str
+) -> torch.Tensor:
+    """G quantized linear layers reading one input (horizontal_fuse's q/k/v projection, a batched
+    GEMM against a stacked weight), [G, M, N] with each [M, N] slice dense: kiln::qlinear's
+    arithmetic per group, as the Q/DQ graph computed it (baddbmm of the expanded input).
+
+    x: [M, K]; w_q: [G, N, K] 8-bit, so w_q.view(G·N, K).t() is one column-major GEMM operand
+    for all groups; w_scale: [G, N] fp32; bias: [G, N] in x's dtype or None."""
+    fmt = format_of(w_q.dtype)
+    xd = (fmt.quantize(x, x_scale).float() * x_scale).to(x.dtype).expand(w_q.shape[0], -1, -1)
+    wd = (w_q.float() * w_scale.float()[:, :, None]).to(x.dtype).transpose(1, 2).contiguous()  # [G, K, N]
+    y = torch.bmm(xd, wd) if bias is None else torch.baddbmm(bias.unsqueeze(1), xd, wd)
+    return activation(act)(y)
+
+
 QUANTIZE_OPS = (torch.ops.kiln.quantize_per_tensor.default, torch.ops.kiln.quantize_per_channel.default)
 DEQUANTIZE_OPS = (torch.ops.kiln.dequantize_per_tensor.default, torch.ops.kiln.dequantize_per_channel.default)
+QUANTIZED_GEMM_OPS = (torch.ops.kiln.qlinear.default, torch.ops.kiln.qlinear_grouped.default)

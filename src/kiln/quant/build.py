@@ -23,6 +23,7 @@ from kiln.graph import CapturedGraph
 from kiln.ops.quant import quant_format
 from kiln.quant.calibrate import calibrate
 from kiln.quant.calibrators import CALIBRATORS
+from kiln.quant.fuse import fuse_qlinear
 from kiln.quant.guard import GuardReport, accuracy_guard, parse_targets
 from kiln.quant.insert import insert_qdq
 from kiln.quant.sites import find_sites
@@ -151,6 +152,7 @@ def quantize_for_build(
     method: str = "entropy",
     accuracy: str | None = None,
     held_back: int = 4,
+    fuse: bool = True,
 ) -> tuple[CapturedGraph, dict[str, Any]]:
     """Calibrate `graph` (after the passes) and insert Q/DQ at its quantizable ops; returns the
     quantized graph and a JSON-safe description for `build_info["quantization"]`.
@@ -159,7 +161,10 @@ def quantize_for_build(
     back (not calibrated on) and the accuracy guard keeps the most sensitive layers in the
     graph's compute precision until the target holds on them (each kept layer is listed with
     its module path and the reason). A target that still fails with every layer kept is
-    reported (`accuracy.met` false), not raised: the caller decides."""
+    reported (`accuracy.met` false), not raised: the caller decides.
+
+    With `fuse`, each quantized linear layer's Q/DQ and GEMM then become one kiln::qlinear
+    (kiln.quant.fuse: the same numbers, and the op the 8-bit GEMM kernels implement)."""
     qfmt = quant_format(fmt)
     batches = list(calibration)
     held = held_back if accuracy is not None else 0
@@ -173,6 +178,9 @@ def quantize_for_build(
         on_device = [tuple(x.to(graph.device) for x in s) for s in samples]
         qgraph, report = accuracy_guard(graph, table, on_device, accuracy)
     quantized = {n.meta["quant"]["site"] for n in qgraph.module.graph.nodes if "quant" in n.meta}
+    fused = 0
+    if fuse:
+        qgraph, fused = fuse_qlinear(qgraph)
     info: dict[str, Any] = {
         "format": qfmt.name,
         "calibrator": method,
@@ -180,6 +188,7 @@ def quantize_for_build(
         "held_back_batches": len(samples),
         "layers": len(layers),
         "quantized_layers": len(quantized),
+        "fused_linears": fused,  # quantized layers that are one kiln::qlinear (an 8-bit GEMM where a kernel runs it)
         "weights": "per output channel, symmetric (max)",
         "activations": "per tensor, symmetric (calibrated)",
         "kept": [],

@@ -194,7 +194,8 @@ _ALLOWED_TABLE: dict[str, str] = {
         kiln.conv_bias_act.default kiln.linear_act.default kiln.add_layer_norm.default
         kiln.pointwise.default kiln.rowwise.default kiln.tensorrt_region.default
         kiln.quantize_per_tensor.default kiln.dequantize_per_tensor.default
-        kiln.quantize_per_channel.default kiln.dequantize_per_channel.default
+        kiln.quantize_per_channel.default kiln.dequantize_per_channel.default kiln.qlinear.default
+        kiln.qlinear_grouped.default
     """,
 }
 
@@ -282,6 +283,8 @@ OP_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {
     "aten.convolution.default": _check_conv,
     "kiln.conv_bias_act.default": _check_conv,
     "kiln.linear_act.default": _check_activation,
+    "kiln.qlinear.default": _check_activation,
+    "kiln.qlinear_grouped.default": _check_activation,
     "kiln.pointwise.default": _check_program("pointwise"),
     "kiln.rowwise.default": _check_program("rowwise"),
     "kiln.tensorrt_region.default": _check_region,
