@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -28,7 +29,16 @@ from hypothesis import strategies as st
 import kiln
 from kiln.errors import InputError
 from kiln.serve import protocol
-from kiln.serve.batching import Batching, engine_batching, flat_outputs, request_rows, run_batched, signature
+from kiln.serve.batching import (
+    Batching,
+    DynamicBatcher,
+    Staging,
+    engine_batching,
+    flat_outputs,
+    request_rows,
+    run_batched,
+    signature,
+)
 from kiln.serve.protocol import Signature, TensorMeta
 from kiln.specs import TensorSpec
 
@@ -344,6 +354,50 @@ def test_a_failing_engine_call_fails_only_the_requests_it_held():
     assert isinstance(only, InputError)
 
 
+@settings(max_examples=40, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=5), min_size=1, max_size=6),
+       low=st.integers(1, 6), extra=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_staged_batches_equal_fresh_ones(batches, low, extra, seed):
+    """One Staging reused over a run of dynamic batches (big calls, then small ones): every call sees
+    the same inputs as with fresh tensors, its padding zero, and the answers are the same."""
+    batching = Batching(low, low + extra)
+    gen = torch.Generator().manual_seed(seed)
+    staging = Staging()
+    for rows in batches:
+        requests = [[torch.randn(n, 3, generator=gen), torch.randint(1, 9, (n, 2), generator=gen)] for n in rows]
+        fresh: list = []
+        staged: list = []
+
+        def recorded(into):
+            return lambda c: (into.append([x.clone() for x in c]), rowwise(c))[1]
+
+        want = run_batched(recorded(fresh), requests, batching)
+        got = run_batched(recorded(staged), requests, batching, staging=staging)
+        assert len(fresh) == len(staged)
+        assert all(torch.equal(a, b) for f, g in zip(fresh, staged) for a, b in zip(f, g))
+        assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+
+
+def test_staging_reuses_its_buffers():
+    staging, seen = Staging(), []
+
+    def call(chunk):
+        seen.append(chunk[0].data_ptr())
+        return [chunk[0] + 1]
+
+    for n in ([1, 2], [3], [1]):
+        run_batched(call, [[torch.ones(k, 4)] for k in n], Batching(8, 8), staging=staging)
+    assert len(seen) == 3 and len(set(seen)) == 1
+
+
+def test_an_output_that_is_a_staged_input_is_copied():
+    staging = Staging()
+    first, _ = run_batched(lambda c: [c[0]], [[torch.ones(1, 2)], [torch.ones(1, 2)]], Batching(4, 4),
+                           staging=staging)
+    run_batched(lambda c: [c[0]], [[torch.full((3, 2), 7.0)]], Batching(4, 4), staging=staging)
+    assert torch.equal(first[0], torch.ones(1, 2))  # not overwritten by the second call's rows
+
+
 def test_pad_rows_are_zero():
     got = []
     run_batched(lambda c: (got.append(c[0].clone()), [c[0]])[1], [[torch.ones(1, 2)]], Batching(3, 3))
@@ -366,6 +420,98 @@ def test_flat_outputs_follow_the_engine_order():
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     assert [t.item() for t in flat_outputs({"p": a, "q": (b, [c])})] == [0.0, 1.0, 2.0]
     assert flat_outputs(a)[0] is a
+
+
+def run_batcher(max_batch, wait_s, waves, run_s=0.05, fail=None):
+    """Batch sizes a DynamicBatcher runs when `waves[k]` requests arrive while batch k runs, and each
+    request's answer (its own item, doubled, or the error its batch raised)."""
+    sizes: list[int] = []
+
+    async def run(items):
+        sizes.append(len(items))
+        await asyncio.sleep(run_s)
+        if fail is not None and fail in items:
+            raise InputError(f"item {fail} fails its batch")
+        return [2 * i for i in items]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch, wait_s)
+        tasks, n = [], 0
+        start = asyncio.get_running_loop().time()
+        for k, wave in enumerate(waves):  # wave k arrives halfway through batch k - 1
+            await asyncio.sleep(max(0.0, start + (k - 0.5) * run_s - asyncio.get_running_loop().time()))
+            for _ in range(wave):
+                tasks.append(asyncio.ensure_future(batcher.submit(n)))
+                n += 1
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return sizes, asyncio.run(main())
+
+
+def test_the_next_batch_takes_every_request_queued_while_one_runs():
+    # serve.batch (Ray 2.60) cut these into batches of one request each, queued behind the running batch
+    sizes, answers = run_batcher(32, 0.001, [1, 20, 5])
+    assert sizes == [1, 20, 5]
+    assert answers == [2 * i for i in range(26)]
+
+
+def test_dynamic_batches_hold_at_most_max_batch_requests():
+    sizes, answers = run_batcher(8, 0.001, [1, 20])
+    assert sizes == [1, 8, 8, 4]
+    assert answers == [2 * i for i in range(21)]
+
+
+def test_a_batch_waits_for_more_requests_only_up_to_its_wait():
+    async def main():
+        sizes = []
+
+        async def run(items):
+            sizes.append(len(items))
+            return items
+
+        batcher = DynamicBatcher(run, 4, 0.2)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.submit("b"))  # within the wait: same batch
+        t0 = time.perf_counter()
+        await asyncio.gather(first, second)
+        waited = time.perf_counter() - t0
+        full = [asyncio.ensure_future(batcher.submit(k)) for k in range(4)]  # a full batch does not wait
+        t1 = time.perf_counter()
+        await asyncio.gather(*full)
+        return sizes, waited, time.perf_counter() - t1
+
+    sizes, waited, full_took = asyncio.run(main())
+    assert sizes == [2, 4]
+    assert 0.05 < waited < 1.0 and full_took < 0.15
+
+
+def test_a_failing_batch_fails_its_own_requests_and_the_next_batch_runs():
+    sizes, answers = run_batcher(32, 0.001, [1, 3, 2], fail=2)
+    assert sizes == [1, 3, 2]
+    assert answers[0] == 0 and answers[4:] == [8, 10]
+    assert all(isinstance(a, InputError) and "item 2" in str(a) for a in answers[1:4])
+
+
+def test_a_cancelled_request_leaves_its_batch():
+    async def main():
+        seen = []
+
+        async def run(items):
+            seen.append(list(items))
+            await asyncio.sleep(0.05)
+            return items
+
+        batcher = DynamicBatcher(run, 32, 0.001)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        gone, kept = asyncio.ensure_future(batcher.submit(1)), asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return seen, await first, await kept
+
+    seen, first, kept = asyncio.run(main())
+    assert seen == [[0], [2]] and (first, kept) == (0, 2)
 
 
 # -- the end-to-end server ----------------------------------------------------------------------------
