@@ -560,7 +560,7 @@ def processes_with(token: str) -> list[int]:
 
 
 class Server:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()):
         torch.manual_seed(0)
         self.engine_path = folder / "tiny.kiln"
         kiln.build(Tiny().eval(), (torch.randn(BATCH, 16), torch.randint(0, 10, (BATCH, 3))), device="cpu").save(
@@ -577,7 +577,7 @@ class Server:
                "RAY_DISABLE_USAGE_STATS": "1"}
         command = [sys.executable, "-c", "import sys; from kiln.cli import main; sys.argv[0] = 'kiln'; main()",
                    "serve", str(self.engine_path), "--port", str(self.port), "--max-batch", "8",
-                   "--batch-wait-ms", "5", "--device", "cpu"]
+                   "--batch-wait-ms", "5", "--device", "cpu", *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.stopped = False
@@ -788,6 +788,35 @@ def test_ctrl_c_stops_everything(server):
     assert code == 0, server.output()
     assert left == [], f"processes left after shutdown: {left}"
     assert "stopped" in server.output()
+
+
+@needs_ray
+def test_direct_ingress_serves_each_replica_on_a_port_of_its_own(tmp_path):
+    """--direct-ingress: the replica answers on its own port (no proxy) as through the proxy: the same
+    outputs as the engine in-process, 400 with kiln's message for a bad request; Ctrl-C stops all."""
+    from kiln.serve.client import Client
+
+    s = Server(tmp_path, extra=("--direct-ingress",))
+    try:
+        deadline = time.monotonic() + 30
+        while "ready:" not in s.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        urls = re.findall(r"replica \(direct\): (http://\S+)/v2/models/tiny/infer", s.output())
+        assert len(urls) == 1 and urls[0] != s.url, s.output()
+        with Client(urls[0]) as client:
+            for seed in range(4):
+                x, ids = random_request(seed)
+                got = client.infer("tiny", {"x": x, "ids": ids}, binary=seed % 2 == 0)
+                want = s.reference(x, ids)
+                assert all(torch.equal(got[k], want[k]) for k in want)
+            with pytest.raises(InputError, match="HTTP 400: input 'ids' has datatype 'INT32'; the model takes INT64"):
+                client.infer("tiny", {"x": x, "ids": ids.int()})
+            assert client.ready("tiny")
+        assert s.ready()
+    finally:
+        code, left = s.stop()
+    assert code == 0, s.output()
+    assert left == [], f"processes left after shutdown: {left}"
 
 
 def test_app_is_a_bound_serve_application(tmp_path):

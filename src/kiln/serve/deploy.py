@@ -146,6 +146,8 @@ class Served:
     applications: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)  # each Ray node's Prometheus endpoint
     ray_address: str | None = None  # the Ray cluster's GCS address (ray.init(address=...) joins it)
+    # with direct ingress: model name → the base URL of each of its replicas' own HTTP servers
+    direct: dict[str, list[str]] = field(default_factory=dict)
 
 
 def run(
@@ -163,6 +165,7 @@ def run(
     access_log: bool = False,
     request_timeout_s: float | None = 30.0,
     trusted_keys: Sequence[str | os.PathLike] | None = None,
+    direct_ingress: bool = False,
 ) -> Served:
     """Serve every engine over the Open Inference Protocol; returns once all are ready.
 
@@ -172,6 +175,11 @@ def run(
     within `request_timeout_s` is answered by the HTTP proxy with an error (408), so no client
     waits forever on a replica that died; None: no limit. `host`, `port` and the timeout
     apply when this call starts Serve (an existing Serve instance keeps its own).
+
+    `direct_ingress`: every model replica also serves the protocol on an HTTP port of its own
+    (Ray Serve's direct ingress), listed in `Served.direct`; a request sent there skips the HTTP
+    proxy and the Ray calls between it and the replica. It needs a Ray instance this call starts
+    (the switch is read when Ray's processes start); a replica started again gets another port.
     """
     names: dict[str, str] = {}
     for p in engine_paths:
@@ -185,6 +193,15 @@ def run(
     kinds = {n: check_engine(p, keys) for n, p in names.items()}  # a bad file fails here, not in a replica
     if device is not None:
         kinds = dict.fromkeys(kinds, device)
+    if direct_ingress:
+        import ray
+
+        if address is not None or ray.is_initialized():
+            raise ValueError("direct_ingress needs a Ray instance kiln starts (no address, Ray not initialized): "
+                             "Ray's processes read the switch when they start")
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        # Ray keeps a stopping replica's port open 30 s for load balancers to notice; nothing here balances
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     started = connect(address)
     import ray
     from ray import serve
@@ -221,7 +238,25 @@ def run(
                for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
     return Served(url=f"http://{shown}:{port}", models=names, started_ray=started,
                   applications=[*names, SERVER_APP], metrics=metrics,
-                  ray_address=ray.get_runtime_context().gcs_address)
+                  ray_address=ray.get_runtime_context().gcs_address,
+                  direct=direct_urls(list(names)) if direct_ingress else {})
+
+
+def direct_urls(models: Sequence[str]) -> dict[str, list[str]]:
+    """Model name → the base URL of each replica's own HTTP server (Ray Serve's direct ingress; its
+    controller's target groups). Empty for a model whose requests go through the proxy only."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+    urls: dict[str, list[str]] = {}
+    for group in groups:
+        if group.app_name in models and str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP":
+            # a group of proxies (direct ingress off, or no replica running yet) points at the proxy port
+            targets = [t for t in group.targets if "proxy" not in t.name.lower()]
+            if targets:
+                urls[group.app_name] = sorted(f"http://{t.ip}:{t.port}" for t in targets)
+    return urls
 
 
 def connect(address: str | None = None) -> bool:
