@@ -52,6 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=1, help="rows (samples) per request on a batched model")
     p.add_argument("--distinct", type=int, default=64, help="distinct request inputs, cycled")
     p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replicas-per-gpu", type=int, default=1,
+                   help="CUDA replicas share each GPU this many ways (give --replicas accordingly)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--device", choices=("cpu", "cuda"), help="[default: the kind the engine was built for]")
@@ -129,7 +131,8 @@ def main() -> int:
     t_start = time.perf_counter()
     served = kiln.serve.run([path], port=args.port, replicas=args.replicas, max_batch=args.max_batch,
                             batch_wait_ms=args.batch_wait_ms, device=args.device,
-                            request_timeout_s=args.request_timeout_s or None, direct_ingress=args.direct_ingress)
+                            request_timeout_s=args.request_timeout_s or None, direct_ingress=args.direct_ingress,
+                            replicas_per_gpu=args.replicas_per_gpu)
     startup_s = time.perf_counter() - t_start
     try:
         results = load(args, served.url, name, inputs, references, served.direct.get(name))

@@ -840,6 +840,11 @@ def test_deployment_options():
     gpu = deployment_options("cuda", max_batch=32, replicas=2, gpus_per_replica=0.5)
     assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5} and gpu["num_replicas"] == 2
     assert gpu["max_ongoing_requests"] >= 64
+    shared = deployment_options("cuda", max_batch=32, gpus_per_replica=0.5, replicas_per_gpu=4)
+    assert shared["ray_actor_options"]["num_gpus"] == 0.125 and shared["num_replicas"] == 4  # no Ray: one GPU
+    assert deployment_options("cpu", max_batch=32, replicas_per_gpu=4)["num_replicas"] == 1
+    with pytest.raises(ValueError, match="replicas_per_gpu"):
+        deployment_options("cuda", max_batch=32, replicas_per_gpu=0)
     cpu = deployment_options("cpu", max_batch=4, autoscaling={"min_replicas": 1, "max_replicas": 3})
     assert "num_gpus" not in cpu["ray_actor_options"] and cpu["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in cpu

@@ -56,6 +56,9 @@ def serve_command(
     trusted_key: list[Path] = trusted_key_option(),
     request_timeout_s: float = typer.Option(30.0, min=0.0, metavar="S", help="Answer a request not done in S "
                                             "seconds with an error (HTTP 408) instead of letting it wait; 0: never."),
+    replicas_per_gpu: int = typer.Option(1, min=1, metavar="K", help="GPU replicas share each GPU K ways (more "
+                                         "processes decoding and batching for one GPU); the default replica "
+                                         "count is K per GPU."),
     direct_ingress: bool = typer.Option(False, help="Each replica also serves HTTP on a port of its own (Ray "
                                         "Serve's direct ingress): requests sent there skip the HTTP proxy."),
 ) -> None:
@@ -73,6 +76,7 @@ def serve_command(
             batch_wait_ms=batch_wait_ms, replicas=replicas, autoscaling=autoscaling,
             cpus_per_replica=cpus_per_replica, access_log=access_log, request_timeout_s=request_timeout_s or None,
             trusted_keys=trusted_key or None, direct_ingress=direct_ingress,
+            replicas_per_gpu=replicas_per_gpu,
         )
     except (KilnError, ValueError, OSError) as exc:
         raise fail(exc) from None

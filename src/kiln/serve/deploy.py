@@ -49,17 +49,22 @@ def check_engine(engine_path: str | os.PathLike, trusted_keys: Sequence[str] | N
 def deployment_options(
     device: str, *, max_batch: int, replicas: int | None = None, autoscaling: Mapping[str, Any] | None = None,
     gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, ray_actor_options: Mapping[str, Any] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> dict[str, Any]:
-    """Serve deployment options for a model: GPU replicas take `gpus_per_replica` of a GPU each;
-    CPU replicas take `cpus_per_replica` CPUs. `autoscaling` (Serve's autoscaling_config) replaces
-    a fixed replica count."""
+    """Serve deployment options for a model: GPU replicas take `gpus_per_replica` of a GPU each,
+    shared by `replicas_per_gpu` replicas (more processes feeding one GPU: each replica decodes,
+    batches and answers its requests in one Python process); CPU replicas take `cpus_per_replica`
+    CPUs. `autoscaling` (Serve's autoscaling_config) replaces a fixed replica count."""
     if replicas is not None and autoscaling:
         raise ValueError("give replicas or autoscaling, not both (autoscaling sets min/max_replicas)")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if replicas_per_gpu < 1:
+        raise ValueError(f"replicas_per_gpu must be at least 1, got {replicas_per_gpu}")
+    cuda = device.startswith("cuda")
     actor: dict[str, Any] = {"num_cpus": cpus_per_replica}
-    if device.startswith("cuda"):
-        actor["num_gpus"] = gpus_per_replica
+    if cuda:
+        actor["num_gpus"] = gpus_per_replica / replicas_per_gpu
     actor.update(ray_actor_options or {})
     options: dict[str, Any] = {
         "name": MODEL_DEPLOYMENT,
@@ -70,7 +75,8 @@ def deployment_options(
     if autoscaling:
         options["autoscaling_config"] = dict(autoscaling)
     else:
-        options["num_replicas"] = replicas if replicas is not None else _default_replicas(device, gpus_per_replica)
+        options["num_replicas"] = (replicas if replicas is not None
+                                   else _default_replicas(device, gpus_per_replica) * (replicas_per_gpu if cuda else 1))
     return options
 
 
@@ -99,13 +105,15 @@ def app(
     cpus_per_replica: float = 1.0,
     ray_actor_options: Mapping[str, Any] | None = None,
     trusted_keys: Sequence[str | os.PathLike] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> Any:
     """The Ray Serve application serving one engine file (a bound KilnModel deployment).
 
     Run it alone (`serve.run(kiln.serve.app("m.kiln"), route_prefix="/v2/models/m")`) or pass
     it to your own deployment's `.bind(...)` and call `await handle.infer.remote({"x": tensor})`.
     `device` defaults to the kind the engine was built for; `replicas` to one per GPU of the
-    connected Ray cluster (CUDA engines) or one (CPU engines). With `trusted_keys` (public key
+    connected Ray cluster (CUDA engines, times `replicas_per_gpu`, which share each GPU) or one
+    (CPU engines). With `trusted_keys` (public key
     files), replicas refuse an engine none of them signed. The engine file (and the keys) must be
     readable at the same path on every node that runs a replica.
     """
@@ -119,7 +127,7 @@ def app(
     kind = device or check_engine(path, keys)
     options = deployment_options(
         kind, max_batch=max_batch, replicas=replicas, autoscaling=autoscaling, gpus_per_replica=gpus_per_replica,
-        cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options,
+        cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options, replicas_per_gpu=replicas_per_gpu,
     )
     return serve.deployment(KilnModel).options(**options).bind(str(path), chosen, device, max_batch, batch_wait_ms,
                                                                keys)
@@ -166,6 +174,7 @@ def run(
     request_timeout_s: float | None = 30.0,
     trusted_keys: Sequence[str | os.PathLike] | None = None,
     direct_ingress: bool = False,
+    replicas_per_gpu: int = 1,
 ) -> Served:
     """Serve every engine over the Open Inference Protocol; returns once all are ready.
 
@@ -213,7 +222,7 @@ def run(
         targets = [
             (app(p, name=n, device=kinds[n], max_batch=max_batch, batch_wait_ms=batch_wait_ms, replicas=replicas,
                  autoscaling=autoscaling, gpus_per_replica=gpu_share, cpus_per_replica=cpus_per_replica,
-                 trusted_keys=keys),
+                 trusted_keys=keys, replicas_per_gpu=replicas_per_gpu),
              n, f"/v2/models/{n}")
             for n, p in names.items()
         ]
