@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,9 +44,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="batch of the MLP built without --engine")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (threads, one connection each)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the clients (one Python process saturates near one core: the "
+                        "report says how busy each was)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="serve with direct ingress and send each client to a replica's own HTTP port, not the proxy")
     p.add_argument("--rows", type=int, default=1, help="rows (samples) per request on a batched model")
     p.add_argument("--distinct", type=int, default=64, help="distinct request inputs, cycled")
     p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replicas-per-gpu", type=int, default=1,
+                   help="CUDA replicas share each GPU this many ways (give --replicas accordingly)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--device", choices=("cpu", "cuda"), help="[default: the kind the engine was built for]")
@@ -62,7 +72,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--engine-throughput", action="store_true",
                    help="also time the engine in-process at its own batch (rows/s) before serving")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.kill_at and args.processes > 1:
+        p.error("--kill-at counts answers in this process: use it with --processes 1")
+    return args
 
 
 def build_mlp(folder: Path, batch: int) -> Path:
@@ -118,10 +131,11 @@ def main() -> int:
     t_start = time.perf_counter()
     served = kiln.serve.run([path], port=args.port, replicas=args.replicas, max_batch=args.max_batch,
                             batch_wait_ms=args.batch_wait_ms, device=args.device,
-                            request_timeout_s=args.request_timeout_s or None)
+                            request_timeout_s=args.request_timeout_s or None, direct_ingress=args.direct_ingress,
+                            replicas_per_gpu=args.replicas_per_gpu)
     startup_s = time.perf_counter() - t_start
     try:
-        results = load(args, served.url, name, inputs, references)
+        results = load(args, served.url, name, inputs, references, served.direct.get(name))
     finally:
         kiln.serve.shutdown(served)
     results.update(engine=str(path), startup_s=round(startup_s, 1), engine_rows_per_s=engine_rows_per_s,
@@ -187,21 +201,24 @@ def in_process(args: argparse.Namespace, path: Path) -> tuple[list[dict], list[d
     return inputs, references, rows, rows_per_s
 
 
-def load(args: argparse.Namespace, url: str, name: str, inputs: list[dict], references: list[dict]) -> dict:
-    outcomes = [Outcome() for _ in range(args.requests)]
-    next_index = iter(range(args.requests))
+def run_share(args: argparse.Namespace, urls: list[str], fallback: str, name: str, inputs: list[dict],
+              references: list[dict], indices: list[int], threads: int,
+              on_finish: Callable[[], None] | None = None) -> dict:
+    """Send the requests `indices` from `threads` clients (one connection each); client k talks to
+    urls[k % len(urls)], and to `fallback` (the proxy) once its URL stops answering (a replica gone)."""
+    outcomes = {i: Outcome() for i in indices}
+    pending = iter(indices)
     lock = threading.Lock()
-    finished = threading.Semaphore(0)
     resent = [0]
-    killed: dict[str, object] = {}
     worst, bitwise = [0.0], [0]
     tolerance = args.tolerance
 
-    def client_loop() -> None:
+    def client_loop(k: int) -> None:
+        url = urls[k % len(urls)]
         client = Client(url, timeout=args.timeout)
         while True:
             with lock:
-                i = next(next_index, None)
+                i = next(pending, None)
             if i is None:
                 break
             outcome = outcomes[i]
@@ -217,6 +234,11 @@ def load(args: argparse.Namespace, url: str, name: str, inputs: list[dict], refe
                 except ServerError as exc:
                     outcome.errors.append(str(exc))
                     outcome.status = "failed"
+                    if exc.status is None and url != fallback:  # its replica is gone: through the proxy from now
+                        with lock:
+                            resent[0] += client.resent
+                        client.close()
+                        url, client = fallback, Client(fallback, timeout=args.timeout)
                     continue
                 outcome.latency_ms = (time.perf_counter() - t0) * 1e3
                 want = references[i % len(references)]
@@ -226,49 +248,100 @@ def load(args: argparse.Namespace, url: str, name: str, inputs: list[dict], refe
                     bitwise[0] += diff == 0.0
                 outcome.status = "ok" if diff <= tolerance else "wrong"
                 break
-            finished.release()
+            if on_finish is not None:
+                on_finish()
         with lock:
             resent[0] += client.resent
         client.close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(client_loop, k) for k in range(threads)]:
+            f.result()
+    return {"outcomes": outcomes, "resent": resent[0], "worst": worst[0], "bitwise": bitwise[0],
+            "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - t0}
+
+
+def _client_process(share: dict, ready: Any, start: Any, results: Any) -> None:
+    torch.set_num_threads(1)
+    ready.put(1)
+    start.wait()
+    result = run_share(**share)
+    result["outcomes"] = {i: vars(o) for i, o in result["outcomes"].items()}  # plain data across processes
+    results.put(result)
+
+
+def load(args: argparse.Namespace, url: str, name: str, inputs: list[dict], references: list[dict],
+         direct: list[str] | None = None) -> dict:
+    urls = direct or [url]
+    finished = threading.Semaphore(0)
+    killed: dict[str, object] = {}
+    indices = list(range(args.requests))
+    processes = max(1, min(args.processes, args.clients))
 
     def killer() -> None:
         target = max(1, int(args.kill_at * args.requests))
         for _ in range(target):
             finished.acquire()
-        killed["at_request"] = sum(o.status != "lost" for o in outcomes)
+        killed["at_request"] = target
         killed["t"] = time.perf_counter()
         killed["replica"] = kill_one_replica(name)
 
     kill_thread = threading.Thread(target=killer, daemon=True) if args.kill_at > 0 else None
-    t0 = time.perf_counter()
-    if kill_thread:
-        kill_thread.start()
-    with ThreadPoolExecutor(args.clients) as pool:
-        for f in [pool.submit(client_loop) for _ in range(args.clients)]:
-            f.result()
-    wall = time.perf_counter() - t0
+    if processes == 1:
+        t0 = time.perf_counter()
+        if kill_thread:
+            kill_thread.start()
+        shares = [run_share(args, urls, url, name, inputs, references, indices, args.clients,
+                            on_finish=finished.release)]
+        wall = time.perf_counter() - t0
+    else:  # client processes (spawned: this one holds Ray's threads), started together once all are up
+        ctx = multiprocessing.get_context("spawn")
+        ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+        threads = [args.clients // processes + (p < args.clients % processes) for p in range(processes)]
+        workers = [ctx.Process(target=_client_process, daemon=True, args=(
+            {"args": args, "urls": urls[p:] + urls[:p], "fallback": url, "name": name, "inputs": inputs,
+             "references": references, "indices": indices[p::processes], "threads": threads[p]},
+            ready, start, results)) for p in range(processes)]
+        for w in workers:
+            w.start()
+        for _ in workers:
+            ready.get(timeout=300)
+        t0 = time.perf_counter()
+        start.set()
+        shares = [results.get() for _ in workers]
+        for share in shares:
+            share["outcomes"] = {i: Outcome(**o) for i, o in share["outcomes"].items()}
+        wall = time.perf_counter() - t0
+        for w in workers:
+            w.join(timeout=30)
     if kill_thread:
         kill_thread.join(timeout=30)
 
+    outcomes = [o for share in shares for o in share["outcomes"].values()]
     counts = collections.Counter(o.status for o in outcomes)
     latencies = sorted(o.latency_ms for o in outcomes if o.status == "ok")
     errors = collections.Counter(e[:160] for o in outcomes for e in o.errors)
     after_ready = Client(url).ready()
+    busy = [share["cpu_s"] / share["wall_s"] for share in shares if share["wall_s"] > 0]
     return {
         "model": name, "requests": args.requests, "clients": args.clients, "binary": args.binary,
         "replicas": args.replicas, "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
+        "client_processes": processes, "urls": urls,
+        "client_cpu_busy": [round(b, 2) for b in busy],
         "wall_s": round(wall, 2), "answered_per_s": round(counts["ok"] / wall, 1),
         "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
         "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2) if latencies else None,
         "ok": counts["ok"], "wrong": counts["wrong"], "failed": counts["failed"], "lost": counts["lost"],
         "failed_attempts": sum(len(o.errors) for o in outcomes),
         "retried_then_ok": sum(1 for o in outcomes if o.status == "ok" and o.attempts > 1),
-        "resent_on_closed_connection": resent[0],
+        "resent_on_closed_connection": sum(share["resent"] for share in shares),
         "killed": {k: v for k, v in killed.items() if k != "t"} or None,
         "killed_at_s": round(float(killed["t"]) - t0, 2) if "t" in killed else None,
         "ready_after": after_ready,
         "errors": dict(errors.most_common(10)),
-        "tolerance": tolerance, "bitwise_equal": bitwise[0], "max_relative_difference": worst[0],
+        "tolerance": args.tolerance, "bitwise_equal": sum(share["bitwise"] for share in shares),
+        "max_relative_difference": max(share["worst"] for share in shares),
     }
 
 
@@ -278,6 +351,10 @@ def report(r: dict) -> None:
           f"{r['rows_per_request']} row(s) each), {r['replicas']} replica(s), max batch {r['max_batch']}, "
           f"wait {r['batch_wait_ms']} ms")
     print(f"  {r['answered_per_s']} answers/s over {r['wall_s']} s; latency p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    busy = r.get("client_cpu_busy") or [0.0]
+    print(f"  sent to {', '.join(r['urls'])} from {r['client_processes']} client process(es), each busy "
+          f"{', '.join(f'{b:.0%}' for b in busy)} of a core"
+          + ("  ← a client process near 100% caps the measurement: raise --processes" if max(busy) > 0.85 else ""))
     print(f"  ok {r['ok']}, wrong {r['wrong']}, failed {r['failed']}, lost {r['lost']}; "
           f"failed attempts {r['failed_attempts']}, retried then ok {r['retried_then_ok']}, "
           f"re-sent on a closed connection {r['resent_on_closed_connection']}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -28,7 +29,16 @@ from hypothesis import strategies as st
 import kiln
 from kiln.errors import InputError
 from kiln.serve import protocol
-from kiln.serve.batching import Batching, engine_batching, flat_outputs, request_rows, run_batched, signature
+from kiln.serve.batching import (
+    Batching,
+    DynamicBatcher,
+    Staging,
+    engine_batching,
+    flat_outputs,
+    request_rows,
+    run_batched,
+    signature,
+)
 from kiln.serve.protocol import Signature, TensorMeta
 from kiln.specs import TensorSpec
 
@@ -344,6 +354,50 @@ def test_a_failing_engine_call_fails_only_the_requests_it_held():
     assert isinstance(only, InputError)
 
 
+@settings(max_examples=40, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=5), min_size=1, max_size=6),
+       low=st.integers(1, 6), extra=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_staged_batches_equal_fresh_ones(batches, low, extra, seed):
+    """One Staging reused over a run of dynamic batches (big calls, then small ones): every call sees
+    the same inputs as with fresh tensors, its padding zero, and the answers are the same."""
+    batching = Batching(low, low + extra)
+    gen = torch.Generator().manual_seed(seed)
+    staging = Staging()
+    for rows in batches:
+        requests = [[torch.randn(n, 3, generator=gen), torch.randint(1, 9, (n, 2), generator=gen)] for n in rows]
+        fresh: list = []
+        staged: list = []
+
+        def recorded(into):
+            return lambda c: (into.append([x.clone() for x in c]), rowwise(c))[1]
+
+        want = run_batched(recorded(fresh), requests, batching)
+        got = run_batched(recorded(staged), requests, batching, staging=staging)
+        assert len(fresh) == len(staged)
+        assert all(torch.equal(a, b) for f, g in zip(fresh, staged) for a, b in zip(f, g))
+        assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+
+
+def test_staging_reuses_its_buffers():
+    staging, seen = Staging(), []
+
+    def call(chunk):
+        seen.append(chunk[0].data_ptr())
+        return [chunk[0] + 1]
+
+    for n in ([1, 2], [3], [1]):
+        run_batched(call, [[torch.ones(k, 4)] for k in n], Batching(8, 8), staging=staging)
+    assert len(seen) == 3 and len(set(seen)) == 1
+
+
+def test_an_output_that_is_a_staged_input_is_copied():
+    staging = Staging()
+    first, _ = run_batched(lambda c: [c[0]], [[torch.ones(1, 2)], [torch.ones(1, 2)]], Batching(4, 4),
+                           staging=staging)
+    run_batched(lambda c: [c[0]], [[torch.full((3, 2), 7.0)]], Batching(4, 4), staging=staging)
+    assert torch.equal(first[0], torch.ones(1, 2))  # not overwritten by the second call's rows
+
+
 def test_pad_rows_are_zero():
     got = []
     run_batched(lambda c: (got.append(c[0].clone()), [c[0]])[1], [[torch.ones(1, 2)]], Batching(3, 3))
@@ -366,6 +420,98 @@ def test_flat_outputs_follow_the_engine_order():
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     assert [t.item() for t in flat_outputs({"p": a, "q": (b, [c])})] == [0.0, 1.0, 2.0]
     assert flat_outputs(a)[0] is a
+
+
+def run_batcher(max_batch, wait_s, waves, run_s=0.05, fail=None):
+    """Batch sizes a DynamicBatcher runs when `waves[k]` requests arrive while batch k runs, and each
+    request's answer (its own item, doubled, or the error its batch raised)."""
+    sizes: list[int] = []
+
+    async def run(items):
+        sizes.append(len(items))
+        await asyncio.sleep(run_s)
+        if fail is not None and fail in items:
+            raise InputError(f"item {fail} fails its batch")
+        return [2 * i for i in items]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch, wait_s)
+        tasks, n = [], 0
+        start = asyncio.get_running_loop().time()
+        for k, wave in enumerate(waves):  # wave k arrives halfway through batch k - 1
+            await asyncio.sleep(max(0.0, start + (k - 0.5) * run_s - asyncio.get_running_loop().time()))
+            for _ in range(wave):
+                tasks.append(asyncio.ensure_future(batcher.submit(n)))
+                n += 1
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return sizes, asyncio.run(main())
+
+
+def test_the_next_batch_takes_every_request_queued_while_one_runs():
+    # serve.batch (Ray 2.60) cut these into batches of one request each, queued behind the running batch
+    sizes, answers = run_batcher(32, 0.001, [1, 20, 5])
+    assert sizes == [1, 20, 5]
+    assert answers == [2 * i for i in range(26)]
+
+
+def test_dynamic_batches_hold_at_most_max_batch_requests():
+    sizes, answers = run_batcher(8, 0.001, [1, 20])
+    assert sizes == [1, 8, 8, 4]
+    assert answers == [2 * i for i in range(21)]
+
+
+def test_a_batch_waits_for_more_requests_only_up_to_its_wait():
+    async def main():
+        sizes = []
+
+        async def run(items):
+            sizes.append(len(items))
+            return items
+
+        batcher = DynamicBatcher(run, 4, 0.2)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(batcher.submit("b"))  # within the wait: same batch
+        t0 = time.perf_counter()
+        await asyncio.gather(first, second)
+        waited = time.perf_counter() - t0
+        full = [asyncio.ensure_future(batcher.submit(k)) for k in range(4)]  # a full batch does not wait
+        t1 = time.perf_counter()
+        await asyncio.gather(*full)
+        return sizes, waited, time.perf_counter() - t1
+
+    sizes, waited, full_took = asyncio.run(main())
+    assert sizes == [2, 4]
+    assert 0.05 < waited < 1.0 and full_took < 0.15
+
+
+def test_a_failing_batch_fails_its_own_requests_and_the_next_batch_runs():
+    sizes, answers = run_batcher(32, 0.001, [1, 3, 2], fail=2)
+    assert sizes == [1, 3, 2]
+    assert answers[0] == 0 and answers[4:] == [8, 10]
+    assert all(isinstance(a, InputError) and "item 2" in str(a) for a in answers[1:4])
+
+
+def test_a_cancelled_request_leaves_its_batch():
+    async def main():
+        seen = []
+
+        async def run(items):
+            seen.append(list(items))
+            await asyncio.sleep(0.05)
+            return items
+
+        batcher = DynamicBatcher(run, 32, 0.001)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        gone, kept = asyncio.ensure_future(batcher.submit(1)), asyncio.ensure_future(batcher.submit(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return seen, await first, await kept
+
+    seen, first, kept = asyncio.run(main())
+    assert seen == [[0], [2]] and (first, kept) == (0, 2)
 
 
 # -- the end-to-end server ----------------------------------------------------------------------------
@@ -414,7 +560,7 @@ def processes_with(token: str) -> list[int]:
 
 
 class Server:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()):
         torch.manual_seed(0)
         self.engine_path = folder / "tiny.kiln"
         kiln.build(Tiny().eval(), (torch.randn(BATCH, 16), torch.randint(0, 10, (BATCH, 3))), device="cpu").save(
@@ -431,7 +577,7 @@ class Server:
                "RAY_DISABLE_USAGE_STATS": "1"}
         command = [sys.executable, "-c", "import sys; from kiln.cli import main; sys.argv[0] = 'kiln'; main()",
                    "serve", str(self.engine_path), "--port", str(self.port), "--max-batch", "8",
-                   "--batch-wait-ms", "5", "--device", "cpu"]
+                   "--batch-wait-ms", "5", "--device", "cpu", *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.stopped = False
@@ -644,6 +790,35 @@ def test_ctrl_c_stops_everything(server):
     assert "stopped" in server.output()
 
 
+@needs_ray
+def test_direct_ingress_serves_each_replica_on_a_port_of_its_own(tmp_path):
+    """--direct-ingress: the replica answers on its own port (no proxy) as through the proxy: the same
+    outputs as the engine in-process, 400 with kiln's message for a bad request; Ctrl-C stops all."""
+    from kiln.serve.client import Client
+
+    s = Server(tmp_path, extra=("--direct-ingress",))
+    try:
+        deadline = time.monotonic() + 30
+        while "ready:" not in s.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        urls = re.findall(r"replica \(direct\): (http://\S+)/v2/models/tiny/infer", s.output())
+        assert len(urls) == 1 and urls[0] != s.url, s.output()
+        with Client(urls[0]) as client:
+            for seed in range(4):
+                x, ids = random_request(seed)
+                got = client.infer("tiny", {"x": x, "ids": ids}, binary=seed % 2 == 0)
+                want = s.reference(x, ids)
+                assert all(torch.equal(got[k], want[k]) for k in want)
+            with pytest.raises(InputError, match="HTTP 400: input 'ids' has datatype 'INT32'; the model takes INT64"):
+                client.infer("tiny", {"x": x, "ids": ids.int()})
+            assert client.ready("tiny")
+        assert s.ready()
+    finally:
+        code, left = s.stop()
+    assert code == 0, s.output()
+    assert left == [], f"processes left after shutdown: {left}"
+
+
 def test_app_is_a_bound_serve_application(tmp_path):
     if ray_missing:
         pytest.skip("Ray Serve is not installed")
@@ -665,6 +840,11 @@ def test_deployment_options():
     gpu = deployment_options("cuda", max_batch=32, replicas=2, gpus_per_replica=0.5)
     assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5} and gpu["num_replicas"] == 2
     assert gpu["max_ongoing_requests"] >= 64
+    shared = deployment_options("cuda", max_batch=32, gpus_per_replica=0.5, replicas_per_gpu=4)
+    assert shared["ray_actor_options"]["num_gpus"] == 0.125 and shared["num_replicas"] == 4  # no Ray: one GPU
+    assert deployment_options("cpu", max_batch=32, replicas_per_gpu=4)["num_replicas"] == 1
+    with pytest.raises(ValueError, match="replicas_per_gpu"):
+        deployment_options("cuda", max_batch=32, replicas_per_gpu=0)
     cpu = deployment_options("cpu", max_batch=4, autoscaling={"min_replicas": 1, "max_replicas": 3})
     assert "num_gpus" not in cpu["ray_actor_options"] and cpu["autoscaling_config"]["max_replicas"] == 3
     assert "num_replicas" not in cpu

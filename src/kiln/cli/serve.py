@@ -56,6 +56,11 @@ def serve_command(
     trusted_key: list[Path] = trusted_key_option(),
     request_timeout_s: float = typer.Option(30.0, min=0.0, metavar="S", help="Answer a request not done in S "
                                             "seconds with an error (HTTP 408) instead of letting it wait; 0: never."),
+    replicas_per_gpu: int = typer.Option(1, min=1, metavar="K", help="GPU replicas share each GPU K ways (more "
+                                         "processes decoding and batching for one GPU); the default replica "
+                                         "count is K per GPU."),
+    direct_ingress: bool = typer.Option(False, help="Each replica also serves HTTP on a port of its own (Ray "
+                                        "Serve's direct ingress): requests sent there skip the HTTP proxy."),
 ) -> None:
     """Serve ENGINE(s) over HTTP (Open Inference Protocol / KServe v2) on Ray Serve, with dynamic batching."""
     try:
@@ -70,12 +75,15 @@ def serve_command(
             engines, host=host, port=port, address=address, device=device, max_batch=max_batch,
             batch_wait_ms=batch_wait_ms, replicas=replicas, autoscaling=autoscaling,
             cpus_per_replica=cpus_per_replica, access_log=access_log, request_timeout_s=request_timeout_s or None,
-            trusted_keys=trusted_key or None,
+            trusted_keys=trusted_key or None, direct_ingress=direct_ingress,
+            replicas_per_gpu=replicas_per_gpu,
         )
     except (KilnError, ValueError, OSError) as exc:
         raise fail(exc) from None
     for name, path in served.models.items():
         console.print(f"  [green]✓[/] {name:<12} {served.url}/v2/models/{name}/infer   ({path})", soft_wrap=True)
+        for url in served.direct.get(name, []):
+            console.print(f"    replica (direct): {url}/v2/models/{name}/infer", soft_wrap=True)
     for url in served.metrics:
         console.print(f"  metrics (Prometheus): {url}", soft_wrap=True)
     console.print(f"  Ray: {served.ray_address}" + ("  (local, loopback only)" if served.started_ray else ""))

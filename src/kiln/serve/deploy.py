@@ -49,17 +49,22 @@ def check_engine(engine_path: str | os.PathLike, trusted_keys: Sequence[str] | N
 def deployment_options(
     device: str, *, max_batch: int, replicas: int | None = None, autoscaling: Mapping[str, Any] | None = None,
     gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, ray_actor_options: Mapping[str, Any] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> dict[str, Any]:
-    """Serve deployment options for a model: GPU replicas take `gpus_per_replica` of a GPU each;
-    CPU replicas take `cpus_per_replica` CPUs. `autoscaling` (Serve's autoscaling_config) replaces
-    a fixed replica count."""
+    """Serve deployment options for a model: GPU replicas take `gpus_per_replica` of a GPU each,
+    shared by `replicas_per_gpu` replicas (more processes feeding one GPU: each replica decodes,
+    batches and answers its requests in one Python process); CPU replicas take `cpus_per_replica`
+    CPUs. `autoscaling` (Serve's autoscaling_config) replaces a fixed replica count."""
     if replicas is not None and autoscaling:
         raise ValueError("give replicas or autoscaling, not both (autoscaling sets min/max_replicas)")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if replicas_per_gpu < 1:
+        raise ValueError(f"replicas_per_gpu must be at least 1, got {replicas_per_gpu}")
+    cuda = device.startswith("cuda")
     actor: dict[str, Any] = {"num_cpus": cpus_per_replica}
-    if device.startswith("cuda"):
-        actor["num_gpus"] = gpus_per_replica
+    if cuda:
+        actor["num_gpus"] = gpus_per_replica / replicas_per_gpu
     actor.update(ray_actor_options or {})
     options: dict[str, Any] = {
         "name": MODEL_DEPLOYMENT,
@@ -70,7 +75,8 @@ def deployment_options(
     if autoscaling:
         options["autoscaling_config"] = dict(autoscaling)
     else:
-        options["num_replicas"] = replicas if replicas is not None else _default_replicas(device, gpus_per_replica)
+        options["num_replicas"] = (replicas if replicas is not None
+                                   else _default_replicas(device, gpus_per_replica) * (replicas_per_gpu if cuda else 1))
     return options
 
 
@@ -99,13 +105,15 @@ def app(
     cpus_per_replica: float = 1.0,
     ray_actor_options: Mapping[str, Any] | None = None,
     trusted_keys: Sequence[str | os.PathLike] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> Any:
     """The Ray Serve application serving one engine file (a bound KilnModel deployment).
 
     Run it alone (`serve.run(kiln.serve.app("m.kiln"), route_prefix="/v2/models/m")`) or pass
     it to your own deployment's `.bind(...)` and call `await handle.infer.remote({"x": tensor})`.
     `device` defaults to the kind the engine was built for; `replicas` to one per GPU of the
-    connected Ray cluster (CUDA engines) or one (CPU engines). With `trusted_keys` (public key
+    connected Ray cluster (CUDA engines, times `replicas_per_gpu`, which share each GPU) or one
+    (CPU engines). With `trusted_keys` (public key
     files), replicas refuse an engine none of them signed. The engine file (and the keys) must be
     readable at the same path on every node that runs a replica.
     """
@@ -119,7 +127,7 @@ def app(
     kind = device or check_engine(path, keys)
     options = deployment_options(
         kind, max_batch=max_batch, replicas=replicas, autoscaling=autoscaling, gpus_per_replica=gpus_per_replica,
-        cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options,
+        cpus_per_replica=cpus_per_replica, ray_actor_options=ray_actor_options, replicas_per_gpu=replicas_per_gpu,
     )
     return serve.deployment(KilnModel).options(**options).bind(str(path), chosen, device, max_batch, batch_wait_ms,
                                                                keys)
@@ -146,6 +154,8 @@ class Served:
     applications: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)  # each Ray node's Prometheus endpoint
     ray_address: str | None = None  # the Ray cluster's GCS address (ray.init(address=...) joins it)
+    # with direct ingress: model name → the base URL of each of its replicas' own HTTP servers
+    direct: dict[str, list[str]] = field(default_factory=dict)
 
 
 def run(
@@ -163,6 +173,8 @@ def run(
     access_log: bool = False,
     request_timeout_s: float | None = 30.0,
     trusted_keys: Sequence[str | os.PathLike] | None = None,
+    direct_ingress: bool = False,
+    replicas_per_gpu: int = 1,
 ) -> Served:
     """Serve every engine over the Open Inference Protocol; returns once all are ready.
 
@@ -172,6 +184,11 @@ def run(
     within `request_timeout_s` is answered by the HTTP proxy with an error (408), so no client
     waits forever on a replica that died; None: no limit. `host`, `port` and the timeout
     apply when this call starts Serve (an existing Serve instance keeps its own).
+
+    `direct_ingress`: every model replica also serves the protocol on an HTTP port of its own
+    (Ray Serve's direct ingress), listed in `Served.direct`; a request sent there skips the HTTP
+    proxy and the Ray calls between it and the replica. It needs a Ray instance this call starts
+    (the switch is read when Ray's processes start); a replica started again gets another port.
     """
     names: dict[str, str] = {}
     for p in engine_paths:
@@ -185,6 +202,15 @@ def run(
     kinds = {n: check_engine(p, keys) for n, p in names.items()}  # a bad file fails here, not in a replica
     if device is not None:
         kinds = dict.fromkeys(kinds, device)
+    if direct_ingress:
+        import ray
+
+        if address is not None or ray.is_initialized():
+            raise ValueError("direct_ingress needs a Ray instance kiln starts (no address, Ray not initialized): "
+                             "Ray's processes read the switch when they start")
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        # Ray keeps a stopping replica's port open 30 s for load balancers to notice; nothing here balances
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     started = connect(address)
     import ray
     from ray import serve
@@ -196,7 +222,7 @@ def run(
         targets = [
             (app(p, name=n, device=kinds[n], max_batch=max_batch, batch_wait_ms=batch_wait_ms, replicas=replicas,
                  autoscaling=autoscaling, gpus_per_replica=gpu_share, cpus_per_replica=cpus_per_replica,
-                 trusted_keys=keys),
+                 trusted_keys=keys, replicas_per_gpu=replicas_per_gpu),
              n, f"/v2/models/{n}")
             for n, p in names.items()
         ]
@@ -221,7 +247,25 @@ def run(
                for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
     return Served(url=f"http://{shown}:{port}", models=names, started_ray=started,
                   applications=[*names, SERVER_APP], metrics=metrics,
-                  ray_address=ray.get_runtime_context().gcs_address)
+                  ray_address=ray.get_runtime_context().gcs_address,
+                  direct=direct_urls(list(names)) if direct_ingress else {})
+
+
+def direct_urls(models: Sequence[str]) -> dict[str, list[str]]:
+    """Model name → the base URL of each replica's own HTTP server (Ray Serve's direct ingress; its
+    controller's target groups). Empty for a model whose requests go through the proxy only."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+    urls: dict[str, list[str]] = {}
+    for group in groups:
+        if group.app_name in models and str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP":
+            # a group of proxies (direct ingress off, or no replica running yet) points at the proxy port
+            targets = [t for t in group.targets if "proxy" not in t.name.lower()]
+            if targets:
+                urls[group.app_name] = sorted(f"http://{t.ip}:{t.port}" for t in targets)
+    return urls
 
 
 def connect(address: str | None = None) -> bool:

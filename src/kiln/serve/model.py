@@ -3,9 +3,9 @@
 KilnModel answers `GET /v2/models/NAME`, `GET /v2/models/NAME/ready` and
 `POST /v2/models/NAME/infer` over HTTP, and `infer(...)` / `metadata()` through a
 DeploymentHandle (composition). Requests are decoded and checked on arrival (a bad one
-is answered 400 at once and never joins a batch), then batched with `serve.batch`;
+is answered 400 at once and never joins a batch), then batched by kiln's DynamicBatcher;
 the engine runs on one worker thread per replica, so the event loop keeps accepting
-requests and forming the next batch while a batch runs.
+requests while a batch runs, and the next batch takes every request queued by then.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from kiln.errors import InputError
 from kiln.serve import protocol
 from kiln.serve.batching import (
     Batching,
+    DynamicBatcher,
+    Staging,
     engine_batching,
     flat_outputs,
     request_rows,
@@ -119,8 +121,9 @@ class KilnModel:
         self.input_names = [m.name for m in self.signature.inputs]
         self.output_names = [m.name for m in self.signature.outputs]
         self.metrics = Metrics(name)
-        self._run.set_max_batch_size(max_batch)
-        self._run.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        # the engine calls' input buffers, reused (pinned for a CUDA engine: faster copies to it)
+        self._staging = Staging(pin_memory=torch.device(self.device).type == "cuda")
+        self._batcher: DynamicBatcher[_Pending] = DynamicBatcher(self._run, max_batch, batch_wait_ms / 1000)
         # One thread runs every engine call (and the warm-up: CUDA graph capture) of this replica.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kiln-{name}")
         self._executor.submit(self._warm_up).result()
@@ -183,13 +186,12 @@ class KilnModel:
         if self.batching is not None:
             request_rows(inputs, self.input_names)
         arrived = time.perf_counter()
-        outputs = await self._run(_Pending(inputs, arrived))
+        outputs = await self._batcher.submit(_Pending(inputs, arrived))
         self.metrics.request_ms.observe((time.perf_counter() - arrived) * 1e3)
         if isinstance(outputs, Exception):  # the engine call holding this request's rows failed
             raise outputs
         return dict(zip(self.output_names, outputs))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _run(self, batch: list[_Pending]) -> list[list[torch.Tensor] | Exception]:
         start = time.perf_counter()
         for item in batch:
@@ -216,7 +218,8 @@ class KilnModel:
             return out
 
         with torch.inference_mode():
-            return run_batched(call, requests, self.batching, on_call=lambda r, p: sizes.append((r, p)))
+            return run_batched(call, requests, self.batching, on_call=lambda r, p: sizes.append((r, p)),
+                               staging=self._staging)
 
     def _call(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """One engine call: CPU inputs in, the tensor outputs back on the CPU."""

@@ -128,7 +128,7 @@ def decode_request(body: bytes, signature: Signature, header_length: int | str |
     the JSON header is the first `header_length` bytes, raw tensor data follows.
     Raises InputError naming what is wrong.
     """
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -136,7 +136,8 @@ def decode_request(body: bytes, signature: Signature, header_length: int | str |
             raise InputError(f"the Inference-Header-Content-Length header is not a number: {header_length!r}") from None
         if not 0 <= n <= len(body):
             raise InputError(f"Inference-Header-Content-Length is {n}, but the request body has {len(body)} bytes")
-        body, binary = body[:n], body[n:]
+        binary = memoryview(body)[n:]  # the tensors' bytes, not copied until each tensor takes its own
+        body = body[:n]
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -190,7 +191,8 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _decode_input(entry: dict[str, Any], meta: TensorMeta, binary: bytes, offset: int) -> tuple[torch.Tensor, int]:
+def _decode_input(entry: dict[str, Any], meta: TensorMeta, binary: bytes | memoryview,
+                  offset: int) -> tuple[torch.Tensor, int]:
     """One input's tensor and how many bytes of binary data it used."""
     where = f"input {meta.name!r}"
     datatype = entry.get("datatype")
@@ -205,7 +207,7 @@ def _decode_input(entry: dict[str, Any], meta: TensorMeta, binary: bytes, offset
             raise InputError(f"{where} has both 'data' and binary_data_size; give one")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InputError(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
-        itemsize = torch.empty((), dtype=meta.dtype).element_size()
+        itemsize = meta.dtype.itemsize
         if size != numel * itemsize:
             raise InputError(
                 f"{where}: binary_data_size is {size} bytes, but shape {list(shape)} of {meta.datatype} "
