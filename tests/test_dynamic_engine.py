@@ -528,3 +528,31 @@ def test_refresh_meta_takes_attention_from_the_shapes_in_a_dynamic_graph(monkeyp
     assert used, "the dynamic graph's refresh dispatched attention instead of using its shape rule"
     (out,) = [n for n in captured.module.graph.nodes if n.op == "output"][0].args[0]
     assert isinstance(out.meta["val"].shape[0], torch.SymInt)
+
+
+class CentersTheBatch(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)  # every row depends on every other: padding changes them
+
+
+def test_a_dim_whose_rows_mix_is_not_paddable():
+    engine = kiln.build(CentersTheBatch().eval(), (torch.randn(4, 8),), dynamic_shapes=({0: BATCH},),
+                        config=kiln.BuildConfig(check_dims=False))
+    assert engine.paddable == []
+    with pytest.raises(kiln.KilnError, match="cannot be bucketed"):
+        engine.set_buckets(batch="pow2")
+
+
+def test_paddable_allows_rounding_at_the_engines_precision_but_not_more():
+    from kiln.builder import PAD_REL_ERROR, _rel_error
+
+    want = torch.randn(64, 100)
+    assert _rel_error(want.clone(), want) == 0.0
+    rounded = want.half().float()  # what other fp16 kernels at another size may differ by
+    assert _rel_error(rounded, want) <= PAD_REL_ERROR["fp16"]
+    assert _rel_error(rounded, want) > PAD_REL_ERROR["fp32"]
+    mixed = want - want.mean(0, keepdim=True)
+    assert _rel_error(mixed, want) > PAD_REL_ERROR["bf16"]
+    nan = want.clone()
+    nan[3, 4] = float("nan")
+    assert _rel_error(nan, want) == float("inf") and _rel_error(want, nan) == float("inf")

@@ -278,7 +278,7 @@ def qgemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a
         k_ok = rk < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, out_dtype=acc.dtype)  # int8 x int8 accumulates in int32
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     w_scale = tl.load(w_scale_ptr + rn, mask=col_ok, other=0.0)
