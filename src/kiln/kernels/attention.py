@@ -68,10 +68,20 @@ def with_dense_mask(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+# Which pinned backends get the mask made dense first. Memory-efficient attention takes the dense
+# copy of a permuted bias (T5's). cuDNN is left as it was (a permuted mask makes it refuse the call,
+# so the build drops it): on an H100 a T5 zoo run crashed ("unspecified launch failure") once the
+# dense copy reached every backend, and which backend crashed was not found.
+DENSE_MASK = {"sdpa.efficient"}
+
+
 def _register(name: str, backend: SDPBackend) -> None:
+    dense = name in DENSE_MASK
+
     def make(op_name: str, out: OutVariant | None) -> StepFn:
         def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-            args, kwargs = with_dense_mask(args, kwargs)
+            if dense:
+                args, kwargs = with_dense_mask(args, kwargs)
             with _PINNED, sdpa_kernel([backend]):
                 return torch.ops.aten.scaled_dot_product_attention.default(*args, **kwargs)
 
