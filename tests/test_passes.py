@@ -133,6 +133,31 @@ def test_constant_fold_computes_weight_only_ops_at_build():
     torch.testing.assert_close(after.run(x), before.run(x))
 
 
+def test_constant_fold_folds_a_window_mask_but_not_a_huge_broadcast():
+    class WindowBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.row = nn.Buffer(torch.arange(64.0).view(64, 1, 1))
+            self.col = nn.Buffer(torch.arange(49.0).view(1, 1, 49))
+            self.bias = nn.Parameter(torch.randn(1, 3, 49, 49))
+            self.big = nn.Parameter(torch.randn(1, 1, 1024))
+
+        def forward(self, x):
+            # [64, 1, 49, 49]: a batch-independent shift mask (153,664 elements) plus a bias, as Swin's
+            mask = torch.where(self.row.unsqueeze(1) == self.col.unsqueeze(1), 0.0, -100.0).expand(64, 1, 49, 49)
+            scores = x + (mask + self.bias)
+            return scores, self.big.expand(2048, 1, 1024)  # 2M elements from 1,024: stays a broadcast
+
+    x = torch.randn(64, 3, 49, 49)
+    before = _capture(WindowBias(), x)
+    after, _ = run_passes(before, ["constant_fold"])
+    assert "aten.where.self" in _ops(before) and "aten.where.self" not in _ops(after)
+    assert _ops(after).count("aten.add.Tensor") == 1, "only the input-dependent add is left"
+    assert "aten.expand.default" in _ops(after), "the huge expand is not materialized"
+    for got, want in zip(after.run(x), before.run(x)):
+        torch.testing.assert_close(got, want)
+
+
 def test_constant_fold_leaves_input_dependent_ops():
     x = torch.randn(2, 4)
     before = _capture(Tiny(), x)

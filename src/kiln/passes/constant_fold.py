@@ -10,7 +10,8 @@ from kiln.graph import CapturedGraph, add_weight, finish, is_weight, op_nodes, w
 from kiln.passes.registry import register_pass
 
 MAX_GROWTH = 2  # never fold an op whose result is much larger than its inputs (e.g. an expand)
-MIN_ALLOWED = 1 << 16
+# elements: a batch-independent mask or bias (Swin's [nW, H, N, N]) is folded, a batch-sized expand not
+MIN_ALLOWED = 1 << 20
 
 
 def _foldable(node: fx.Node) -> bool:
