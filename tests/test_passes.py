@@ -386,6 +386,39 @@ def test_horizontal_fuse_merges_sibling_linears(widths, act, wide_op):
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
 
 
+class GatedMLP(nn.Module):
+    def __init__(self, act=torch.nn.functional.silu, gated=True):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False), nn.Linear(16, 8)
+        self.act, self.gated = act, gated
+
+    def forward(self, x):
+        if self.gated:  # SwiGLU / GeGLU: act(x W1) * (x W2)
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.act(self.gate(x)).sum(-1), self.up(x)  # the activated output is not a gate
+
+
+@pytest.mark.parametrize("act", [torch.nn.functional.silu, torch.nn.functional.gelu, torch.relu])
+def test_horizontal_fuse_merges_a_gated_mlp_and_fuses_its_activation_into_the_product(act):
+    x = torch.randn(2, 5, 8)
+    before, _ = run_passes(_capture(GatedMLP(act), x), ["dead_code", "constant_fold", "fuse_linear"])
+    assert _ops(before).count("kiln.linear_act.default") == 3
+    after, _ = run_passes(before, ["horizontal_fuse"])
+    assert _ops(after).count("kiln.linear_act.default") == 1, "gate and up are one GEMM; down stays"
+    assert "aten.bmm.default" in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+    fused, _ = run_passes(after, ["fuse_pointwise"])
+    assert "kiln.pointwise.default" in _ops(fused) and "aten.mul.Tensor" not in _ops(fused)
+    torch.testing.assert_close(fused.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+def test_horizontal_fuse_keeps_an_activation_that_gates_nothing_in_its_gemm():
+    x = torch.randn(5, 8)
+    before, _ = run_passes(_capture(GatedMLP(gated=False), x), ["dead_code", "constant_fold", "fuse_linear"])
+    after, _ = run_passes(before, ["horizontal_fuse"])
+    assert _ops(after).count("kiln.linear_act.default") == 2, "different activations, no product: not merged"
+
+
 def test_horizontal_fuse_with_a_dynamic_batch_keeps_the_biases():
     """Symbolic sizes: bmm then the bias added (baddbmm's meta function fails on symbolic sizes),
     right at every batch size of the range."""

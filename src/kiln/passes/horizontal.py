@@ -1,6 +1,7 @@
 """Horizontal fusion (seed 000's "aggregation"): sibling linear layers that read the same
-tensor (attention's Q/K/V projections) become one GEMM launch whose result is split into
-views — one kernel and one read of the input instead of several. Sibling convolutions of
+tensor (attention's Q/K/V projections; the gate and up projections of a gated MLP, whose
+activation moves from the GEMM's epilogue into the pointwise product) become one GEMM launch
+whose result is split into views — one kernel and one read of the input instead of several. Sibling convolutions of
 one geometry and activation (Inception's 1×1 branches) become one convolution whose output
 channels are split the same way."""
 
@@ -21,14 +22,67 @@ CONV = torch.ops.kiln.conv_bias_act.default
 VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
+# Activations a gated sibling's may become after the merge: ATen ops fuse_pointwise fuses into the
+# product that gates (kiln.graph.activation names them back).
+GATE_ACTIVATIONS = {
+    "relu": (aten.relu.default, {}),
+    "silu": (aten.silu.default, {}),
+    "sigmoid": (aten.sigmoid.default, {}),
+    "tanh": (aten.tanh.default, {}),
+    "gelu": (aten.gelu.default, {}),
+    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+}
+
+
 def _groups(graph: CapturedGraph) -> list[list[fx.Node]]:
-    groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    """Siblings reading one input with one bias-ness and dtype: all of one activation, or mixed
+    where each activated one only gates another (act(x W1) * (x W2): SwiGLU / GeGLU MLPs)."""
+    by_input: dict[tuple, list[fx.Node]] = defaultdict(list)
     for node in op_nodes(graph, LINEAR):
         x, w_t, bias, act = node.args
         if not is_weight(w_t) or not (bias is None or is_weight(bias)):
             continue
-        groups[(x, act, bias is None, node.meta["val"].dtype)].append(node)
-    return [g for g in groups.values() if len(g) > 1]
+        by_input[(x, bias is None, node.meta["val"].dtype)].append(node)
+    groups = []
+    for nodes in by_input.values():
+        acts = {n.args[3] for n in nodes}
+        if len(acts) > 1 and all(n.args[3] == "none" or _gate(n, nodes) is not None for n in nodes):
+            groups.append(nodes)
+            continue
+        by_act: dict[str, list[fx.Node]] = defaultdict(list)
+        for n in nodes:
+            by_act[n.args[3]].append(n)
+        groups += [g for g in by_act.values() if len(g) > 1]
+    return groups
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """The last of the views `node` flows through, each its producer's only use."""
+    while len(node.users) == 1 and next(iter(node.users)).target in (*VIEWS, aten.reshape.default):
+        node = next(iter(node.users))
+    return node
+
+
+def _gate(node: fx.Node, siblings: list[fx.Node]) -> tuple[fx.Node, int] | None:
+    """(product, operand index) where `node`'s activated output, through views, is one factor of a
+    product whose other factor is, through views, another sibling's output; else None."""
+    if node.args[3] not in GATE_ACTIVATIONS:
+        return None
+    value = _through_views(node)
+    users = list(value.users)
+    if len(users) != 1 or users[0].target != aten.mul.Tensor or len(users[0].args) != 2:
+        return None
+    product = users[0]
+    if product.args[0] is product.args[1]:
+        return None
+    index = product.args.index(value)
+    other = product.args[1 - index]
+    if not isinstance(other, fx.Node):
+        return None
+    others = {_through_views(s): s for s in siblings if s is not node}
+    if other not in others:
+        return None
+    return product, index
 
 
 def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
@@ -38,6 +92,10 @@ def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
     order = {n: i for i, n in enumerate(g.nodes)}
     first = min(siblings, key=order.get)
     x, _, bias, act = first.args
+    gates = []  # mixed activations: one GEMM without, each gate's applied again before its product
+    if len({n.args[3] for n in siblings}) > 1:
+        act = "none"
+        gates = [(n.args[3], *_gate(n, siblings)) for n in siblings if n.args[3] != "none"]
     widths = [n.args[1].meta["val"].shape[1] for n in siblings]
     dtype = first.meta["val"].dtype
     weights = [weight(graph, n.args[1]) for n in siblings]
@@ -68,6 +126,13 @@ def _fuse(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
             new_nodes = [wide, split]
             parts = [g.call_function(operator.getitem, (split, i)) for i in range(len(siblings))]
     _hand_over(siblings, new_nodes, parts, first)
+    for name, product, index in gates:
+        op, kwargs = GATE_ACTIVATIONS[name]
+        with g.inserting_before(product):
+            activated = g.call_function(op, (product.args[index],), kwargs)
+        activated.meta["stack_trace"] = product.meta.get("stack_trace")
+        infer_meta(activated)
+        product.update_arg(index, activated)
 
 
 def _hand_over(siblings: list[fx.Node], new_nodes: list[fx.Node], parts: list[fx.Node], first: fx.Node) -> None:
@@ -115,7 +180,8 @@ def _fuse_convs(graph: CapturedGraph, siblings: list[fx.Node]) -> None:
 
 @register_pass("horizontal_fuse")
 def horizontal_fuse(graph: CapturedGraph) -> CapturedGraph:
-    """Merge linear layers that share their input, activation and precision."""
+    """Merge linear layers that share their input, activation and precision (or whose differing
+    activations only gate a sibling: then one GEMM, each activation fused into its product)."""
     groups = _groups(graph)
     for siblings in groups:
         _fuse(graph, siblings)
