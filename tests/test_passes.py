@@ -488,3 +488,42 @@ def test_trivial_attention_masks_are_dropped(keep_all):
     mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
     assert (mask is None) == keep_all, "only a mask that masks nothing may go"
     torch.testing.assert_close(after.run(q), before.run(q), atol=1e-5, rtol=1e-5)
+
+
+class Rotary(nn.Module):
+    def __init__(self, other_dim=False, two_tensors=False):
+        super().__init__()
+        self.register_buffer("cos", torch.randn(6, 8))
+        self.register_buffer("sin", torch.randn(6, 8))
+        self.other_dim, self.two_tensors = other_dim, two_tensors
+
+    def forward(self, x):
+        x1, x2 = x[..., :4], x[..., 4:]
+        if self.two_tensors:
+            x1 = (x * 2)[..., :4]
+        rotated = torch.cat((-x2, x1), dim=-2 if self.other_dim else -1)
+        if self.other_dim:
+            return rotated
+        return x * self.cos + rotated * self.sin
+
+
+def test_gather_cat_makes_rotate_half_one_gather_fused_into_the_rotary_product():
+    x = torch.randn(2, 3, 6, 8)
+    before = _capture(Rotary(), x)
+    after, _ = run_passes(before, ["gather_cat"])
+    assert {"aten.cat.default", "aten.neg.default"} <= set(_ops(before))
+    assert not {"aten.cat.default", "aten.neg.default"} & set(_ops(after))
+    assert _ops(after).count("aten.index_select.default") == 1
+    torch.testing.assert_close(after.run(x), before.run(x))
+    fused, _ = run_passes(after, ["fuse_pointwise"])
+    assert [op for op in _ops(fused) if op != "aten.slice.Tensor"] == ["aten.index_select.default",
+                                                                        "kiln.pointwise.default"]
+    torch.testing.assert_close(fused.run(x), before.run(x))
+
+
+@pytest.mark.parametrize("model", [Rotary(other_dim=True), Rotary(two_tensors=True)], ids=["other dim", "two tensors"])
+def test_gather_cat_leaves_other_concatenations(model):
+    x = torch.randn(2, 3, 6, 8)
+    before = _capture(model, x)
+    after, _ = run_passes(before, ["gather_cat"])
+    assert "aten.cat.default" in _ops(after) and "aten.index_select.default" not in _ops(after)

@@ -31,6 +31,7 @@ from kiln.passes import (  # noqa: F401  (each registers its pass)
     fuse_linear,
     fuse_pointwise,
     fuse_rowwise,
+    gather_cat,
     horizontal,
 )
 from kiln.passes.registry import PASSES, Pass, RegisteredPass, register_pass
@@ -65,6 +66,9 @@ PIPELINE: tuple[str, ...] = (
     "horizontal_fuse_conv",  # sibling convolutions (opt-in: default=False)
     "fuse_layer_norm",  # residual add + layer norm → kiln::add_layer_norm
     "channels_last",  # convolutional graphs → channels-last activations
+    # cat of (negated) slices of one tensor (rotary's rotate_half) → index_select × a sign, which
+    # fuse_pointwise then takes into the rotary product
+    "gather_cat",
     "fuse_rowwise",  # last-dim reductions (norms, softmax) + their elementwise neighbours → kiln::rowwise
     "fuse_pointwise",  # chains of elementwise ops → kiln::pointwise
 )

@@ -12,6 +12,7 @@ from kiln.passes.registry import register_pass
 MAX_GROWTH = 2  # never fold an op whose result is much larger than its inputs (e.g. an expand)
 # elements: a batch-independent mask or bias (Swin's [nW, H, N, N]) is folded, a batch-sized expand not
 MIN_ALLOWED = 1 << 20
+MIN_EXPAND = 1 << 16
 
 
 def _foldable(node: fx.Node) -> bool:
@@ -22,7 +23,18 @@ def _foldable(node: fx.Node) -> bool:
     if not isinstance(val, torch.Tensor) or not all(is_weight(n) for n in node.all_input_nodes):
         return False
     inputs = sum(n.meta["val"].numel() for n in node.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor))
-    return val.numel() <= max(MIN_ALLOWED, MAX_GROWTH * inputs)
+    # an expand is a free view at run time: folding it only stores copies (e.g. a mask per batch
+    # row), unless what reads it folds too (then the copy is gone after the fold)
+    floor = MIN_EXPAND if op == torch.ops.aten.expand.default and not _read_by_folds(node) else MIN_ALLOWED
+    return val.numel() <= max(floor, MAX_GROWTH * inputs)
+
+
+def _read_by_folds(node: fx.Node) -> bool:
+    """Every user of `node` computes from weights and `node` alone (so it folds next)."""
+    return bool(node.users) and all(
+        user.op == "call_function" and all(n is node or is_weight(n) for n in user.all_input_nodes)
+        for user in node.users
+    )
 
 
 @register_pass("constant_fold")
