@@ -556,3 +556,37 @@ def test_paddable_allows_rounding_at_the_engines_precision_but_not_more():
     nan = want.clone()
     nan[3, 4] = float("nan")
     assert _rel_error(nan, want) == float("inf") and _rel_error(want, nan) == float("inf")
+
+
+class ReturnsItsBatch(nn.Module):
+    def forward(self, x):
+        return x * 2, x.shape[0]
+
+
+class ConvAlongLength(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_dim_returned_as_a_number_is_not_paddable():
+    # padded, the call would answer the padded size
+    engine = kiln.build(ReturnsItsBatch().eval(), (torch.randn(4, 8),), dynamic_shapes=({0: BATCH},),
+                        config=kiln.BuildConfig(check_dims=False))
+    assert engine.paddable == []
+
+
+def test_a_dim_whose_last_rows_read_their_neighbours_is_not_paddable_even_at_a_loose_bound(monkeypatch):
+    # a convolution along the length: only the last real position sees the padding, which the
+    # whole output's relative error hides at bf16's bound; the worst row does not
+    import kiln.builder
+
+    monkeypatch.setattr(kiln.builder, "compute_precision", lambda precision, device: "bf16")
+    torch.manual_seed(0)
+    length = kiln.Dim("length", min=2, opt=64, max=1024)
+    engine = kiln.build(ConvAlongLength().eval(), (torch.randn(2, 16, 64),), dynamic_shapes=({2: length},),
+                        config=kiln.BuildConfig(check_dims=False))
+    assert engine.paddable == []

@@ -290,6 +290,45 @@ def test_shape_cache_keeps_pinned_entries_and_never_evicts_the_newest():
     assert cache.peek(2) == "b" and cache.keys() == [2, 4, 5]  # peek refreshes nothing
 
 
+def test_a_failed_background_warm_up_warns_once_and_keeps_no_scratch(fake_cuda, monkeypatch):
+    from kiln.runtime.engine import _Step
+
+    engine = _engine(ConvNet().eval(), (torch.randn(4, 3, 16, 16),), ({0: BATCH},))
+    last = engine.program((4,)).step_specs[-1].name
+    real_make = _Step.make
+
+    def make(self):
+        if self.name == last and threading.current_thread().name == "kiln-cuda-capture":
+            def out_of_memory(*args, **kwargs):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return out_of_memory
+        return real_make(self)
+
+    monkeypatch.setattr(_Step, "make", make)
+    with pytest.warns(kiln.KilnWarning, match=r"preparing binding \(3,\) in the background failed"):
+        engine(torch.randn(3, 3, 16, 16))
+        _finish_warmups(engine)
+    assert engine.warm_status((3,)) == "failed"
+    tb = engine._warming[(3,)].exception().__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "warm_binding" not in frames, "the warm-up's frame (and its scratch tensors) is not kept"
+
+
+def test_after_exit_a_capture_runs_in_the_caller_and_queued_warm_ups_count_as_failed(monkeypatch):
+    capturer = context_module._CaptureThread()
+    capturer.submit(lambda: None).result()  # the worker runs
+    capturer._stop()  # what atexit does
+    assert capturer.run(lambda: 42) == 42, "no worker is left: waiting for it would hang the exit"
+    queued = capturer.submit(lambda: 1)
+    assert queued.cancelled()
+    engine = _engine(ConvNet().eval(), (torch.randn(4, 3, 16, 16),), ({0: BATCH},))
+    engine._warming[(5,)] = queued
+    assert engine.warm_status((5,)) == "failed"
+
+
 # -- GPU ----------------------------------------------------------------------------------------
 
 

@@ -171,6 +171,20 @@ class _CaptureThread:
     def _put(self, queue: collections.deque[tuple[Callable[[], Any], Future]], fn: Callable[[], Any]) -> Future:
         future: Future = Future()
         with self._cond:
+            if self._stopping:  # at exit the worker is gone: nothing queued would ever run
+                if queue is self._background:
+                    future.cancel()
+                    return future
+                urgent = True
+            else:
+                urgent = False
+        if urgent:  # a capture a call waits for: run it here rather than wait forever
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+            return future
+        with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="kiln-cuda-capture", daemon=True)
                 self._thread.start()

@@ -414,13 +414,15 @@ class Engine:
             return None
         if not future.done():
             return "running"
+        if future.cancelled():  # dropped at exit before it ran
+            return "failed"
         return "failed" if future.exception() is not None else "ready"
 
     def warm_in_background(self, key: tuple[int, ...]) -> None:
         """Warm a binding up on the capture thread (kiln.runtime.context.warm_binding), once;
         calls meanwhile go on (padded to a larger graph). Its graph is captured, cheaply, by
         the next call at that binding in each context after the warm-up has finished."""
-        from kiln.runtime.context import _CAPTURER, warm_binding
+        from kiln.runtime.context import _CAPTURER
 
         with self._warm_lock:
             if key in self._warming:
@@ -428,7 +430,7 @@ class Engine:
             if len(self._warming) >= self.WARM_RECORDS:  # forget finished ones (they only make captures cheaper)
                 for k in [k for k, f in self._warming.items() if f.done()]:
                     del self._warming[k]
-            self._warming[key] = _CAPTURER.submit(lambda: warm_binding(self, key))
+            self._warming[key] = _CAPTURER.submit(lambda: _warm_quietly(self, key))
 
     WARM_RECORDS = 256  # background warm-ups remembered per engine
 
@@ -693,6 +695,20 @@ class Engine:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def _warm_quietly(engine: Engine, key: tuple[int, ...]) -> None:
+    """warm_binding, whose failure is recorded without its traceback (whose frames would keep the
+    warm-up's scratch tensors alive for the engine's lifetime) and said once, as a warning."""
+    from kiln.runtime.context import warm_binding
+
+    try:
+        warm_binding(engine, key)
+    except Exception as exc:  # the calls at this size then run as before: step by step, then captured
+        warnings.warn(f"kiln: preparing binding {key} in the background failed ({_first_line(exc)}); calls at "
+                      "that size run without padding, as with pad_while_capturing=False", KilnWarning, stacklevel=1)
+        exc.__context__ = exc.__cause__ = None
+        raise exc.with_traceback(None) from None
 
 
 def _check_device(build: dict[str, Any], device: str | torch.device | None) -> torch.device:
