@@ -257,6 +257,154 @@ def test_validation_allows_qlinear_and_checks_its_activation(tmp_path):
         kiln.load(rewrite(path, tmp_path / "op.kiln", unknown_op))
 
 
+@pytest.fixture(scope="module")
+def qkv_engine(tmp_path_factory):
+    """An int8 engine file holding one kiln::qlinear and one kiln::qlinear_grouped (both with a bias)."""
+    torch.manual_seed(0)
+    calib = [b[0] for b in _batches(3)]
+    path = tmp_path_factory.mktemp("qkv") / "qkv.kiln"
+    kiln.build(SeparateQKV().eval(), (calib[0],), precision="int8", device="cpu", calibration=calib).save(path)
+    return path
+
+
+def _edited(src, dst, op, edit):
+    """dst = src with the first `op` step's header entry and weights changed by edit(step, weights)
+    (engine_file.write recomputes the digest: only validation stands between the edit and the runtime);
+    returns dst and that step's name."""
+    header, weights = engine_file.read(src)
+    weights = dict(weights)
+    step = next(s for s in header["plan"]["steps"] if s["op"] == op)
+    edit(step, weights)
+    engine_file.write(dst, header, weights)
+    return dst, step["name"]
+
+
+def _weight_edit(arg, change):
+    def edit(step, weights):
+        name = step["args"][arg]["weight"]
+        weights[name] = change(weights[name])
+
+    return edit
+
+
+GROUPED = "kiln.qlinear_grouped.default"
+BROADCAST_OPERANDS = [  # (op, argument: 3 w_scale / 4 bias, the stored tensor → a broadcastable one, words)
+    (QLINEAR, 4, lambda t: t[:1].contiguous(), "bias must be"),
+    (QLINEAR, 4, lambda t: t.half(), "bias must be"),  # fp16 bias in an fp32 engine: addmm raised at the first call
+    (QLINEAR, 4, lambda t: t.long(), "bias must be"),
+    (GROUPED, 3, lambda t: t[:, :1].contiguous(), "w_scale must be"),  # [G, 1]
+    (GROUPED, 3, lambda t: t[:1].contiguous(), "w_scale must be"),  # [1, N]
+    (GROUPED, 3, lambda t: t[:1, :1].contiguous(), "w_scale must be"),  # [1, 1]
+    (GROUPED, 4, lambda t: t[:, :1].contiguous(), "bias must be"),
+    (GROUPED, 4, lambda t: t[:1].contiguous(), "bias must be"),
+    (GROUPED, 4, lambda t: t[:1, :1].contiguous(), "bias must be"),
+    (GROUPED, 2, lambda t: t[:0].contiguous(), "every dimension at least 1"),  # G = 0
+]
+
+
+@pytest.mark.parametrize(("op", "arg", "change", "words"), BROADCAST_OPERANDS)
+def test_load_refuses_scales_and_biases_that_only_broadcast(qkv_engine, tmp_path, op, arg, change, words):
+    """The 8-bit kernels read w_scale[n] and bias[n] for every output column: a [1] bias or a [G, 1]
+    scale, which the reference would broadcast, is refused at load (naming the step), as are a bias
+    of another dtype and an empty group dimension."""
+    kiln.load(qkv_engine)  # the file as built is accepted
+    path, name = _edited(qkv_engine, tmp_path / "bad.kiln", op, _weight_edit(arg, change))
+    with pytest.raises(kiln.EngineFileError, match=words) as info:
+        kiln.load(path)
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("op", [QLINEAR, GROUPED])
+@pytest.mark.parametrize("x_scale", [{"float": "nan"}, {"float": "inf"}, {"float": "-inf"}, 0.0, -1.0, 1e-45,
+                                     1e39, 0, -3, True])
+def test_load_refuses_an_activation_scale_that_is_not_a_normal_positive_number(qkv_engine, tmp_path, op, x_scale):
+    def edit(step, weights):
+        step["args"][1] = x_scale
+
+    path, name = _edited(qkv_engine, tmp_path / "bad.kiln", op, edit)
+    with pytest.raises(kiln.EngineFileError, match="x_scale must be a") as info:
+        kiln.load(path)
+    assert name in str(info.value)
+    for fine in (torch.finfo(torch.float32).tiny, 1e-3, 1, 1e38):  # normal positive fp32 values load
+
+        def edit_ok(step, weights, fine=fine):
+            step["args"][1] = fine
+
+        kiln.load(_edited(qkv_engine, tmp_path / "ok.kiln", op, edit_ok)[0])
+
+
+def test_activation_scales_kiln_writes_are_normal_numbers():
+    tiny = torch.finfo(torch.float32).tiny
+    for f in FORMATS.values():
+        assert f.scale(1e-40) == tiny and f.scale(0.0) == 1.0 and f.scale(f.qmax) == 1.0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_reference_refuses_operands_that_only_broadcast(grouped):
+    m = torch.device("meta")
+    op = kiln_ops.qlinear_grouped if grouped else kiln_ops.qlinear
+    lead = (3, 32) if grouped else (32,)
+    x = torch.empty(16, 64, dtype=torch.float16, device=m)
+    w = torch.empty(*lead, 64, dtype=torch.int8, device=m)
+    s = torch.empty(lead, device=m)
+    b = torch.empty(lead, dtype=torch.float16, device=m)
+    assert op(x, 0.1, w, s, b, "none").shape == ((3, 16, 32) if grouped else (16, 32))
+    small = (3, 1) if grouped else (1,)
+    bad = [
+        (x, w, torch.empty(small, device=m), b),
+        (x, w, s, torch.empty(small, dtype=torch.float16, device=m)),
+        (x, w, s, b.float()),
+        (x, w, s.half(), b),
+        (x, torch.empty(*lead, 0, dtype=torch.int8, device=m), s, b),  # K = 0
+        (x[:, :0], torch.empty(*lead, 0, dtype=torch.int8, device=m), s, b),
+        (x, torch.empty(*lead[:-1], 0, 64, dtype=torch.int8, device=m), s[..., :0], b[..., :0]),  # N = 0
+    ]
+    if grouped:
+        bad += [(x, w, torch.empty(1, 32, device=m), b), (x, w, s, torch.empty(1, 1, dtype=torch.float16, device=m)),
+                (x, w[:0], s[:0], b[:0])]  # G = 0
+    for operands in bad:
+        xi, wi, si, bi = operands
+        with pytest.raises(ValueError):
+            op(xi, 0.1, wi, si, bi, "none")
+
+
+def _grouped_call(fmt, g=3, m=64, k=64, n=32, scale=None, bias=None, dtype=torch.float16):
+    w = TensorSpec("w", (g, n, k), FORMATS[fmt].dtype)
+    inputs = (TensorSpec("x", (m, k), dtype), None, w, TensorSpec("s", scale or (g, n), torch.float32),
+              TensorSpec("b", bias or (g, n), dtype), None)
+    return OpCall(GROUPED, inputs, (TensorSpec("y", (g, m, n), dtype),), "cuda", (None, 0.1, None, None, None, "none"))
+
+
+def test_kernels_refuse_scales_and_biases_that_only_broadcast(monkeypatch):
+    """supports (as load's check_supports asks it) refuses what the kernels would read past: on a
+    faked CUDA machine with fp8 tensor cores, every 8-bit kernel takes the exact shapes and none the
+    broadcastable ones, an empty group or K dimension, or fp16 scales."""
+    import kiln.kernels.scaled_mm as smm
+
+    if smm.triton is None:
+        pytest.skip("the 8-bit kernels need Triton")
+    monkeypatch.setattr(smm, "fp8_capable", lambda: True)
+    int8 = {"int8.int_mm", "triton.qlinear_int8.narrow", "triton.qlinear_int8.wide"}
+    fp8 = {"fp8.scaled_mm_tensorwise", "triton.qlinear_fp8.narrow", "triton.qlinear_fp8.wide"}
+    assert set(_eight_bit(_grouped_call("int8"))) == int8
+    assert set(_eight_bit(_grouped_call("fp8"))) == fp8
+    assert "fp8.scaled_mm_rowwise" in _eight_bit(_call("fp8"))
+    for fmt in FORMATS:
+        for shapes in ({"scale": (3, 1)}, {"scale": (1, 32)}, {"scale": (1, 1)}, {"scale": (96,)},
+                       {"bias": (3, 1)}, {"bias": (1, 32)}, {"bias": (1, 1)}, {"bias": (96,)}, {"g": 0},
+                       {"k": 0}, {"n": 0}):
+            assert _eight_bit(_grouped_call(fmt, **shapes)) == [], (fmt, shapes)
+        bias_1 = _call(fmt)
+        bias_1 = OpCall(QLINEAR, (*bias_1.inputs[:4], TensorSpec("b", (1,), torch.float16), None), bias_1.outputs,
+                        "cuda", bias_1.constants)
+        assert _eight_bit(bias_1) == [], fmt
+        half_scale = _call(fmt)
+        half_scale = OpCall(QLINEAR, (*half_scale.inputs[:3], TensorSpec("s", (48,), torch.float16),
+                                      *half_scale.inputs[4:]), half_scale.outputs, "cuda", half_scale.constants)
+        assert _eight_bit(half_scale) == [], fmt
+        assert _eight_bit(_call(fmt, k=0)) == [] == _eight_bit(_call(fmt, n=0)), fmt
+
+
 # -- the 8-bit kernels: where they apply, and on a GPU what they compute ---------------------------------
 
 

@@ -129,7 +129,10 @@ def dequant_epilogue(acc: torch.Tensor, x_scale: float, w_scale: torch.Tensor, b
 
 def _shapes(call: OpCall, fmt: torch.dtype) -> tuple[int, int, int] | None:
     """(M, K, N) of the one GEMM a qlinear (N output columns) or qlinear_grouped (G·N) call
-    runs, on CUDA with a half-precision x and w_q in `fmt`; else None."""
+    runs, on CUDA with a half-precision x and w_q in `fmt`; else None. The epilogues read
+    w_scale[n] and bias[n] for every output column n, so both must be exactly w_q.shape[:-1]
+    (fp32 scales, the bias in x's dtype): a broadcastable [1] or [G, 1] would be read past its end.
+    G, N and K are at least 1 (dequant_epilogue and qgemm take groups=0 to mean ungrouped)."""
     x, _, w, s = call.inputs[:4]
     bias = call.inputs[4] if len(call.inputs) > 4 else None
     if call.device_type != "cuda" or triton is None or x is None or w is None or s is None:
@@ -137,7 +140,12 @@ def _shapes(call: OpCall, fmt: torch.dtype) -> tuple[int, int, int] | None:
     weight_dims = 3 if call.op == GROUPED_OP else 2
     if x.dtype not in HALF or w.dtype != fmt or len(x.shape) != 2 or len(w.shape) != weight_dims:
         return None
-    if bias is not None and (bias.dtype != x.dtype or len(bias.shape) != weight_dims - 1):
+    if any(d < 1 for d in w.shape):
+        return None
+    channels = tuple(w.shape[:-1])
+    if s.dtype != torch.float32 or tuple(s.shape) != channels:
+        return None
+    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != channels):
         return None
     (m, k), wk = x.shape, w.shape[-1]
     n = w.shape[0] * w.shape[1] if weight_dims == 3 else w.shape[0]

@@ -21,6 +21,10 @@ import torch
 from kiln.ops.library import define_op
 from kiln.ops.vocabulary import activation
 
+# The smallest scale kiln writes or accepts: fp32's smallest normal number (a denormal or zero
+# scale makes x / scale overflow or lose its precision).
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class QuantFormat:
@@ -32,11 +36,13 @@ class QuantFormat:
     qmin: float  # the most negative q
 
     def scale(self, amax: float) -> float:
-        """The scale that maps `amax` to the format's largest value (1.0 for an all-zero tensor)."""
+        """The scale that maps `amax` to the format's largest value (1.0 for an all-zero tensor),
+        never below fp32's smallest normal number (MIN_SCALE): an engine's activation scales are
+        checked to be normal fp32 numbers at load (kiln.runtime.validate)."""
         amax = float(amax)
         if not amax > 0.0 or amax != amax or amax == float("inf"):
             return 1.0
-        return amax / self.qmax
+        return max(amax / self.qmax, MIN_SCALE)
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         y = x.float() / scale
@@ -110,6 +116,30 @@ def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor, axis: int, dty
     return (q.float() * _channel_shape(q, scales, axis)).to(dtype)
 
 
+def _check_qlinear_operands(op: str, x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> None:
+    """The operands' shapes and dtypes exactly as kiln::qlinear (`op` "qlinear": w_q [N, K]) or
+    kiln::qlinear_grouped ("qlinear_grouped": w_q [G, N, K]) documents them, without broadcasting:
+    w_scale fp32 and the bias (or None) in x's dtype, both of shape w_q.shape[:-1], every weight
+    dimension at least 1, x [M, K]. The 8-bit kernels read one scale and one bias element per output
+    column, so anything else (a [1] bias, a [G, 1] scale) would read past the tensor; this runs at
+    build time and, on meta tensors, when an engine file is loaded (which then refuses it)."""
+    weight_dims = 3 if op == "qlinear_grouped" else 2
+    layout = "[G, N, K]" if weight_dims == 3 else "[N, K]"
+    if w_q.dim() != weight_dims or any(d < 1 for d in w_q.shape):
+        raise ValueError(f"kiln::{op} takes a {layout} weight with every dimension at least 1, got shape "
+                         f"{tuple(w_q.shape)}")
+    want = tuple(w_q.shape[:-1])
+    if tuple(w_scale.shape) != want or w_scale.dtype != torch.float32:
+        raise ValueError(f"kiln::{op}'s w_scale must be fp32 of shape {want} (one scale per output channel), got "
+                         f"{w_scale.dtype} of shape {tuple(w_scale.shape)}")
+    if bias is not None and (tuple(bias.shape) != want or bias.dtype != x.dtype):
+        raise ValueError(f"kiln::{op}'s bias must be None or {x.dtype} (x's dtype) of shape {want}, got "
+                         f"{bias.dtype} of shape {tuple(bias.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"kiln::{op} takes a 2-D input [M, K], got shape {tuple(x.shape)}")
+
+
 @define_op("qlinear")
 def qlinear(
     x: torch.Tensor, x_scale: float, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: str
@@ -120,11 +150,13 @@ def qlinear(
     x: [M, K] in the compute dtype, quantized per tensor at `x_scale` to w_q's format; w_q:
     [N, K] int8 or float8_e4m3fn (nn.Linear's layout, so w_q.t() is the column-major [K, N]
     operand cuBLASLt's 8-bit GEMMs take); w_scale: [N] fp32, one scale per output channel;
-    bias: [N] in x's dtype or None; act: a kiln.ops.vocabulary activation. The result has x's
-    dtype. This reference dequantizes both operands exactly as dequantize_per_tensor and
-    dequantize_per_channel do and multiplies as kiln::linear_act does, so it is bit for bit the
-    simulated path; the 8-bit kernels (kiln.kernels.scaled_mm) multiply the 8-bit values."""
+    bias: [N] in x's dtype or None (exactly: nothing broadcasts, _check_qlinear_operands); act: a
+    kiln.ops.vocabulary activation. The result has x's dtype. This reference dequantizes both
+    operands exactly as dequantize_per_tensor and dequantize_per_channel do and multiplies as
+    kiln::linear_act does, so it is bit for bit the simulated path; the 8-bit kernels
+    (kiln.kernels.scaled_mm) multiply the 8-bit values."""
     fmt = format_of(w_q.dtype)
+    _check_qlinear_operands("qlinear", x, w_q, w_scale, bias)
     xd = (fmt.quantize(x, x_scale).float() * x_scale).to(x.dtype)
     wd = (w_q.float() * _channel_shape(w_q, w_scale, 0)).to(x.dtype).t().contiguous()  # [K, N], as the DQ graph's
     y = xd @ wd if bias is None else torch.addmm(bias, xd, wd)
@@ -140,8 +172,9 @@ def qlinear_grouped(
     arithmetic per group, as the Q/DQ graph computed it (baddbmm of the expanded input).
 
     x: [M, K]; w_q: [G, N, K] 8-bit, so w_q.view(G·N, K).t() is one column-major GEMM operand
-    for all groups; w_scale: [G, N] fp32; bias: [G, N] in x's dtype or None."""
+    for all groups; w_scale: [G, N] fp32; bias: [G, N] in x's dtype or None (exactly, as qlinear's)."""
     fmt = format_of(w_q.dtype)
+    _check_qlinear_operands("qlinear_grouped", x, w_q, w_scale, bias)
     xd = (fmt.quantize(x, x_scale).float() * x_scale).to(x.dtype).expand(w_q.shape[0], -1, -1)
     wd = (w_q.float() * w_scale.float()[:, :, None]).to(x.dtype).transpose(1, 2).contiguous()  # [G, K, N]
     y = torch.bmm(xd, wd) if bias is None else torch.baddbmm(bias.unsqueeze(1), xd, wd)

@@ -61,7 +61,8 @@ def fuse_qlinear(graph: CapturedGraph) -> tuple[CapturedGraph, int]:
             or out.dtype != dtype
             or out.dim() != 2
             or w_q.shape[0] != out.shape[1]
-            or (bias is not None and (bias.meta["val"].dim() != 1 or bias.meta["val"].dtype != dtype))
+            or (bias is not None and (tuple(bias.meta["val"].shape) != (out.shape[1],)
+                                      or bias.meta["val"].dtype != dtype))  # a broadcast [1] bias stays unfused
             or x_arg.meta["val"].dtype != dtype
             or w_arg.meta["val"].dtype != dtype
         ):

@@ -232,6 +232,27 @@ def _check_activation(args: dict[str, Any], shapes: Shapes) -> str | None:
     return None
 
 
+# An 8-bit activation scale: a normal, finite, positive fp32 number (what kiln.ops.quant.QuantFormat.scale
+# writes). Zero, negative, NaN, infinite or denormal scales make x / scale meaningless or overflow.
+_MIN_X_SCALE = torch.finfo(torch.float32).tiny
+_MAX_X_SCALE = torch.finfo(torch.float32).max
+
+
+def _check_qlinear(args: dict[str, Any], shapes: Shapes) -> str | None:
+    """kiln::qlinear / qlinear_grouped: x_scale is a normal positive fp32 number, act is known."""
+    scale = args.get("x_scale")
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if ok:
+        try:
+            ok = _MIN_X_SCALE <= float(scale) <= _MAX_X_SCALE  # False for NaN
+        except OverflowError:  # an int beyond any float
+            ok = False
+    if not ok:
+        return (f"x_scale must be a finite number between {_MIN_X_SCALE} and {_MAX_X_SCALE} (a normal positive fp32 "
+                f"value), got {_brief(scale)}")
+    return _check_activation(args, shapes)
+
+
 def _check_conv(args: dict[str, Any], shapes: Shapes) -> str | None:
     """What convolution's kernels check and its meta function does not: list lengths and signs."""
     x = shapes.get("input", shapes.get("x"))
@@ -283,8 +304,8 @@ OP_RULES: dict[str, Callable[[dict[str, Any], Shapes], str | None]] = {
     "aten.convolution.default": _check_conv,
     "kiln.conv_bias_act.default": _check_conv,
     "kiln.linear_act.default": _check_activation,
-    "kiln.qlinear.default": _check_activation,
-    "kiln.qlinear_grouped.default": _check_activation,
+    "kiln.qlinear.default": _check_qlinear,
+    "kiln.qlinear_grouped.default": _check_qlinear,
     "kiln.pointwise.default": _check_program("pointwise"),
     "kiln.rowwise.default": _check_program("rowwise"),
     "kiln.tensorrt_region.default": _check_region,
