@@ -42,7 +42,7 @@ def fake_cuda(monkeypatch):
     captured: list[tuple[tuple[int, ...], int]] = []
     lock = threading.Lock()
 
-    def capture_shape(self, state, warmups=2):
+    def capture_shape(self, state, warmups=2, on_failure=None):
         key = next(k for k, s in self.shape_states.items() if s is state)
         with lock:
             captured.append((key, warmups))
@@ -406,3 +406,28 @@ def test_captures_a_call_waits_for_go_before_queued_background_warm_ups():
     broken = capturer.submit(lambda: 1 / 0)
     assert isinstance(broken.exception(timeout=30), ZeroDivisionError)
     capturer._stop()
+
+
+def test_a_pad_target_that_fails_to_capture_is_dropped_and_graphs_stay_on(fake_cuda, monkeypatch):
+    # e.g. out of memory capturing max on a smaller GPU: before, any failed capture turned CUDA
+    # graphs off for every size of the engine
+    real = ExecutionContext._capture_shape
+
+    def capture(self, state, warmups=2, on_failure=None):
+        key = next(k for k, s in self.shape_states.items() if s is state)
+        if key == (16,):
+            (on_failure or self.engine.capture_failed)(RuntimeError("CUDA out of memory (simulated)"))
+            return
+        real(self, state, warmups)
+
+    monkeypatch.setattr(ExecutionContext, "_capture_shape", capture)
+    built = kiln.build(ConvNet().eval(), (torch.randn(4, 3, 16, 16),), dynamic_shapes=({0: BATCH},), config=FAST)
+    engine = kiln.runtime.Engine(built.header, built.weights, "cpu")
+    engine.use_cuda_graph, engine.paddable = True, list(built.paddable)
+    engine.release_contexts()
+    with pytest.warns(kiln.KilnWarning, match=r"capturing binding \(16,\) to pad smaller calls to failed"):
+        assert engine.prepare_pad_targets() == 2
+    (context,) = engine.contexts
+    assert engine.use_cuda_graph, "the engine keeps its graphs"
+    assert context.shape_states.pinned == {(4,)}
+    assert context.shape_states.peek((4,)).graph is not None and context.shape_states.peek((16,)).graph is None

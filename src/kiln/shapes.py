@@ -673,6 +673,10 @@ class ShapeCache(Generic[K, V]):
         pad targets: the bindings calls at new sizes are padded up to)."""
         self._pinned.add(key)
 
+    def unpin(self, key: K) -> None:
+        """`key` is an ordinary entry again (no error if it was not pinned)."""
+        self._pinned.discard(key)
+
     @property
     def pinned(self) -> frozenset[K]:
         return frozenset(self._pinned)

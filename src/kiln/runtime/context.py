@@ -35,13 +35,14 @@ import atexit
 import collections
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, KilnWarning
 from kiln.shapes import ShapeCache
 from kiln.specs import decode_value, dtype_from_name
 
@@ -522,10 +523,12 @@ class ExecutionContext:
             views.append(buf[:numel].view(shape))
         return views
 
-    def _capture_shape(self, state: _ShapeState, warmups: int = 2) -> None:
-        self._on_capture_thread(lambda: self._capture_shape_here(state, warmups))
+    def _capture_shape(self, state: _ShapeState, warmups: int = 2,
+                       on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._on_capture_thread(lambda: self._capture_shape_here(state, warmups, on_failure))
 
-    def _capture_shape_here(self, state: _ShapeState, warmups: int = 2) -> None:
+    def _capture_shape_here(self, state: _ShapeState, warmups: int = 2,
+                            on_failure: Callable[[BaseException], None] | None = None) -> None:
         """Capture the CUDA graph of one binding. Every graph of this context reads the same
         max-size input buffers and shares one private memory pool: the context replays one at a
         time and copies each replay's outputs out before the next, so their intermediates may
@@ -552,7 +555,7 @@ class ExecutionContext:
             engine.call_done(self.stream, self._done)
         except RuntimeError as exc:
             self.stream.synchronize()
-            engine.capture_failed(exc)
+            (on_failure or engine.capture_failed)(exc)
             return
         state.static_inputs, state.static_outputs, state.graph = statics, outputs, graph
 
@@ -567,7 +570,17 @@ class ExecutionContext:
                     self.shape_states.pin(key)
                 if self.stream is not None and engine.use_cuda_graph and state.graph is None:
                     with engine.gpu_order:
-                        self._capture_shape(state)
+                        self._capture_shape(state, on_failure=self._pad_target_failed(key) if pin else None)
+
+    def _pad_target_failed(self, key: tuple[int, ...]) -> Callable[[BaseException], None]:
+        """What a failed capture of a pad target does (say, out of memory at max on a smaller GPU):
+        that binding is not a pad target, and the engine keeps its CUDA graphs for every other."""
+        def failed(exc: BaseException) -> None:
+            self.shape_states.unpin(key)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"kiln: capturing binding {key} to pad smaller calls to failed ({reason}); calls are "
+                          "not padded to it", KilnWarning, stacklevel=2)
+        return failed
 
     def _bind(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [(x.detach() if x.requires_grad else x).to(s.dtype).contiguous()
