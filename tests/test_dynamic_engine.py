@@ -421,14 +421,6 @@ def test_kernels_are_timed_at_the_traced_size():
 # -- CUDA: one graph per size, per context, in a bounded cache ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_conv():
-    model = ConvNet().eval().cuda()
-    engine = kiln.build(model, (torch.randn(4, 3, 16, 16, device="cuda"),), device="cuda",
-                        dynamic_shapes=({0: BATCH},), config=kiln.BuildConfig(device="cuda", tune=False))
-    return model, engine
-
-
 @pytest.mark.gpu
 def test_cuda_graph_per_size_captured_on_second_call(cuda_conv):
     model, engine = cuda_conv

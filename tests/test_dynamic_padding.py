@@ -332,14 +332,6 @@ def test_after_exit_a_capture_runs_in_the_caller_and_queued_warm_ups_count_as_fa
 # -- GPU ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cuda_conv():
-    model = ConvNet().eval().cuda()
-    engine = kiln.build(model, (torch.randn(4, 3, 16, 16, device="cuda"),), device="cuda",
-                        dynamic_shapes=({0: BATCH},), config=kiln.BuildConfig(device="cuda", tune=False))
-    return model, engine
-
-
 @pytest.mark.gpu
 def test_gpu_new_size_is_padded_then_captured(cuda_conv):
     model, engine = cuda_conv

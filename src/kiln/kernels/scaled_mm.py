@@ -176,10 +176,15 @@ def _fp8_fits(call: OpCall) -> bool:
 # -- the kernels ----------------------------------------------------------------------------------------
 
 
-def _flat(w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """A qlinear_grouped's [G, N, K] weight, [G, N] scales and bias as one GEMM's [G·N, K], [G·N]
-    (views: they are dense)."""
-    return w_q.flatten(0, 1), w_scale.flatten(), None if bias is None else bias.flatten()
+def _operands(args: tuple, grouped: bool) -> tuple:
+    """(x, x_scale, w_q, w_scale, bias, act, G) of a qlinear call; a qlinear_grouped's [G, N, K]
+    weight, [G, N] scales and bias as one GEMM's [G·N, K], [G·N] (views: they are dense), G = 0
+    for an ungrouped call."""
+    x, x_scale, w_q, w_scale, bias, act = args
+    if not grouped:
+        return x, x_scale, w_q, w_scale, bias, act, 0
+    flat_bias = None if bias is None else bias.flatten()
+    return x, x_scale, w_q.flatten(0, 1), w_scale.flatten(), flat_bias, act, w_q.shape[0]
 
 
 @register_kernel("int8.int_mm", provider="cublaslt", implements=(QLINEAR_OP, GROUPED_OP), supports=_int8_fits,
@@ -191,10 +196,7 @@ def make_int8(name: str, out: OutVariant | None) -> StepFn:
     groups = name == GROUPED_OP
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-        x, x_scale, w_q, w_scale, bias, act = args
-        g = w_q.shape[0] if groups else 0
-        if groups:
-            w_q, w_scale, bias = _flat(w_q, w_scale, bias)
+        x, x_scale, w_q, w_scale, bias, act, g = _operands(args, groups)
         acc = torch._int_mm(quantize(x, x_scale, torch.int8), w_q.t())
         return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype, g)
 
@@ -226,10 +228,7 @@ def make_fp8_tensorwise(name: str, out: OutVariant | None) -> StepFn:
     groups = name == GROUPED_OP
 
     def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-        x, x_scale, w_q, w_scale, bias, act = args
-        g = w_q.shape[0] if groups else 0
-        if groups:
-            w_q, w_scale, bias = _flat(w_q, w_scale, bias)
+        x, x_scale, w_q, w_scale, bias, act, g = _operands(args, groups)
         one = scalars.full((), 1.0, x.device)
         acc = torch._scaled_mm(quantize(x, x_scale, w_q.dtype), w_q.t(), one, one, out_dtype=torch.float32)
         return dequant_epilogue(acc, x_scale, w_scale, bias, act, x.dtype, g)
@@ -351,10 +350,7 @@ def _register_triton(fmt: str, fits: object) -> None:
             grouped = name == GROUPED_OP
 
             def run(args: tuple, kwargs: dict, outs: list) -> torch.Tensor:
-                x, x_scale, w_q, w_scale, bias, act = args
-                g = w_q.shape[0] if grouped else 0
-                if grouped:
-                    w_q, w_scale, bias = _flat(w_q, w_scale, bias)
+                x, x_scale, w_q, w_scale, bias, act, g = _operands(args, grouped)
                 return qgemm(x, x_scale, w_q, w_scale, bias, act, g, config)
 
             return run
