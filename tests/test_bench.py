@@ -245,6 +245,24 @@ def test_a_model_benchmarked_in_its_own_process_reports_back(tiny):
         bench.bench_model_in_child("nosuchmodel", cpu_settings())
 
 
+def test_a_benchmark_process_that_dies_is_that_models_error(tmp_path):
+    # a device-side assert or a segfault kills the process before it can report
+    path = tmp_path / "dies.py"
+    path.write_text(textwrap.dedent("""
+        import os
+        from torch import nn
+
+        class Dies(nn.Module):
+            def forward(self, x):
+                os._exit(3)
+
+        def make():
+            return Dies()
+    """))
+    with pytest.raises(KilnError, match=r"died \(exit code 3\) before reporting"):
+        bench.bench_model_in_child(f"{path}:make", cpu_settings(peers=("eager", "kiln")))
+
+
 # --- engine files --------------------------------------------------------------------------
 
 
