@@ -422,7 +422,7 @@ def test_flat_outputs_follow_the_engine_order():
     assert flat_outputs(a)[0] is a
 
 
-def run_batcher(max_batch, wait_s, waves, run_s=0.05, fail=None):
+def run_batcher(max_batch, wait_s, waves, run_s=0.2, fail=None):
     """Batch sizes a DynamicBatcher runs when `waves[k]` requests arrive while batch k runs, and each
     request's answer (its own item, doubled, or the error its batch raised)."""
     sizes: list[int] = []
