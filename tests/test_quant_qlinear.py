@@ -484,6 +484,33 @@ def test_interpreted_epilogue_scales_adds_bias_and_activates(act):
                        torch.empty(37, 0))
 
 
+@interpreted
+@pytest.mark.parametrize("grouped", [False, True])
+def test_interpreted_triton_kernel_takes_weights_in_any_layout(grouped):
+    """A column-major w_q and an expanded bias or scale (stride 0) give the reference's answer:
+    the kernel reads rows and dense vectors, so the step makes them so first."""
+    from kiln.kernels import scaled_mm as smm
+
+    f = FORMATS["int8"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 32, generator=gen).half()
+    shape = (2, 12) if grouped else (24,)
+    w_q = f.quantize(torch.randn(*shape, 32, generator=gen), 0.02)
+    w_scale = torch.full(shape, 0.02)
+    bias_every_other = torch.randn(*shape, 2, generator=gen).half()
+    bias = bias_every_other[..., 0].contiguous()
+    op = kiln_ops.qlinear_grouped if grouped else kiln_ops.qlinear
+    want = op(x, 0.01, w_q, w_scale, bias, "relu")
+    w_col_major = w_q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    w_scale_expanded = w_scale[..., :1].expand(shape)  # every scale is 0.02
+    strided_bias = bias_every_other[..., 0]  # stride 2
+    assert not w_col_major.is_contiguous() and w_scale_expanded.stride()[-1] == 0
+    args = smm._operands((x, 0.01, w_col_major, w_scale_expanded, strided_bias, "relu"), grouped)
+    got = smm.qgemm(*args[:6], args[6], "narrow")
+    err = float((got.double() - want.double()).norm() / want.double().norm())
+    assert got.shape == want.shape and err < 2e-3, err  # the GPU tolerance (module docstring)
+
+
 def _operands(fmt, m, k, n, bias, seed=0):
     f = FORMATS[fmt]
     gen = torch.Generator().manual_seed(seed)

@@ -178,13 +178,15 @@ def _fp8_fits(call: OpCall) -> bool:
 
 def _operands(args: tuple, grouped: bool) -> tuple:
     """(x, x_scale, w_q, w_scale, bias, act, G) of a qlinear call; a qlinear_grouped's [G, N, K]
-    weight, [G, N] scales and bias as one GEMM's [G·N, K], [G·N] (views: they are dense), G = 0
-    for an ungrouped call."""
+    weight, [G, N] scales and bias as one GEMM's [G·N, K], [G·N], G = 0 for an ungrouped call.
+    The kernels read w_q row by row and w_scale and bias as dense vectors, so those come back
+    contiguous (as the weights kiln writes already are: no copy then)."""
     x, x_scale, w_q, w_scale, bias, act = args
-    if not grouped:
-        return x, x_scale, w_q, w_scale, bias, act, 0
-    flat_bias = None if bias is None else bias.flatten()
-    return x, x_scale, w_q.flatten(0, 1), w_scale.flatten(), flat_bias, act, w_q.shape[0]
+    g = w_q.shape[0] if grouped else 0
+    if grouped:
+        w_q, w_scale, bias = w_q.flatten(0, 1), w_scale.flatten(), None if bias is None else bias.flatten()
+    bias = None if bias is None else bias.contiguous()
+    return x, x_scale, w_q.contiguous(), w_scale.contiguous(), bias, act, g
 
 
 @register_kernel("int8.int_mm", provider="cublaslt", implements=(QLINEAR_OP, GROUPED_OP), supports=_int8_fits,
