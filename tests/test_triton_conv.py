@@ -49,6 +49,15 @@ def test_interpreted_matches_reference(act, residual, channels_last, cudnn_bias)
 
 
 @interpreted
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interpreted_epilogue_reads_a_strided_bias_by_its_strides(channels_last):
+    x, w, b, *rest, act, r = _args("cpu", torch.float32, "relu", False, channels_last)
+    strided_bias = torch.stack([b, b + 1], 1)[:, 0]  # stride 2
+    got = tc.conv_bias_act(x, w, strided_bias, *rest, act, r)
+    torch.testing.assert_close(got, torch.ops.kiln.conv_bias_act(x, w, b, *rest, act, r), atol=1e-5, rtol=1e-5)
+
+
+@interpreted
 def test_interpreted_residual_in_another_layout_is_added_first():
     x, w, b, *rest, act, r = _args("cpu", torch.float32, "silu", True, channels_last=True)
     r = r.contiguous()  # NCHW residual, channels-last output

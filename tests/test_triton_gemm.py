@@ -59,6 +59,14 @@ def test_interpreted_gemm_spans_tiles_with_ragged_edges(config, m, k, n):
 
 
 @interpreted
+def test_interpreted_gemm_reads_a_strided_bias_by_its_strides():
+    a, w, bias_every_other = torch.randn(20, 24), torch.randn(24, 40), torch.randn(40, 2)
+    bias = bias_every_other[:, 0]  # stride 2
+    got = tg.gemm_act(a, w, bias, None, "none", tg.CONFIGS["narrow"])
+    torch.testing.assert_close(got, a @ w + bias, atol=1e-4, rtol=1e-4)
+
+
+@interpreted
 def test_interpreted_linear_without_bias():
     x, w_t = torch.randn(9, 33), torch.randn(33, 17)
     got = tg.linear_act(x, w_t, None, "silu")

@@ -59,9 +59,10 @@ def test_interpreted_matches_reference(shape, dtype, residual, weight, bias):
 
 @interpreted
 def test_interpreted_strided_rows_and_keyword_arguments():
+    """Rows apart in memory, a transposed residual, and a weight and bias with stride 2."""
     x = torch.randn(5, 128)[:, :100]  # rows 128 apart: read in place
     r = torch.randn(100, 5).t()  # columns not unit-stride: copied
-    w, b = torch.randn(100), torch.randn(100)
+    w, b = torch.randn(100, 2)[:, 1], torch.randn(2, 100).t()[:, 0]  # weight and bias with stride 2
     run = KERNELS["triton.add_layer_norm"].make(OP, None)
     got = run((x, r), {"weight": w, "bias": b, "eps": 1e-6}, [])
     for g, want in zip(got, torch.ops.kiln.add_layer_norm(x, r, w, b, 1e-6)):

@@ -73,6 +73,7 @@ def bias_act_(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     channels_last = _layout(y)
     if channels_last is None:
         raise ValueError(f"bias_act_ needs a dense NCHW or channels-last tensor, got strides {y.stride()}")
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it as a dense vector
     if residual is not None and residual.stride() != y.stride():
         y.add_(residual)
         residual = None

@@ -88,9 +88,10 @@ def gemm_act(a: torch.Tensor, w_kn: torch.Tensor, bias: torch.Tensor | None, res
              act: str, tiles: Tiles = CONFIGS["wide"], out: torch.Tensor | None = None) -> torch.Tensor:
     """act(a @ w_kn + bias (+ residual)) for a 2-D `a` with unit column stride, into `out`
     (an [M, N] view with unit column stride) or a fresh dense [M, N] tensor. `residual`, if
-    given, is [M, N] with unit column stride."""
+    given, is [M, N] with unit column stride; the kernel reads `bias` as a dense vector."""
     m, k = a.shape
     n = w_kn.shape[1]
+    bias = None if bias is None else bias.contiguous()
     if out is None:
         out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if out.numel() == 0:

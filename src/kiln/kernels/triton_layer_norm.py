@@ -104,6 +104,7 @@ def add_layer_norm(
     needs_triton("triton.add_layer_norm")
     x2 = _rows(x, width)
     r2 = x2 if residual is None else _rows(residual, width)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))  # read as dense vectors
     block_n, rows, num_warps = launch_config(width)
     add_layer_norm_kernel[(triton.cdiv(n_rows, rows),)](
         x2,
