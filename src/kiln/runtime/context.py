@@ -348,6 +348,10 @@ class ExecutionContext:
             raise self._in_use()
         try:
             self.calls += 1
+            device_type = self.engine.device.type
+            if torch.is_autocast_enabled(device_type):  # the engine runs at its build precision
+                with torch.autocast(device_type, enabled=False):
+                    return self.engine.structure(self._run(inputs))
             return self.engine.structure(self._run(inputs))
         finally:
             self._busy.release()

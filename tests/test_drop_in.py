@@ -1,0 +1,143 @@
+"""An engine as a drop-in for the model: any user's shapes, threads and files.
+
+Users replace `model` with `kiln.build(model, inputs)` (or `kiln.compile`) and expect the
+model's answers for whatever they pass (views of any layout, under autocast, repeated
+keyword constants), or a kiln error naming the problem; never a raw traceback and never a
+silently different answer (a move, cast, pickle or weight load the engine cannot honour).
+"""
+
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import kiln
+
+BATCH = kiln.Dim("batch", min=1, opt=4, max=8)
+SHAPE = (3, 6, 6)  # one sample
+
+
+class ConvHead(nn.Module):
+    """Convolution, batch norm, pooling, a linear head, and the batch as a Python number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.mean(dim=(2, 3))).softmax(-1), x.shape[0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ConvHead().eval()
+
+
+@pytest.fixture(scope="module")
+def static(model):
+    return kiln.build(model, (torch.randn(4, *SHAPE),), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dynamic(model):
+    return kiln.build(model, (torch.randn(4, *SHAPE),), device="cpu", dynamic_shapes=({0: BATCH},))
+
+
+def _eager(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def _assert_same(out, ref, exact=False):
+    assert out[1] == ref[1]
+    if exact:
+        assert torch.equal(out[0], ref[0])
+    else:
+        torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+
+
+# -- inputs of any layout ------------------------------------------------------------------
+
+
+@st.composite
+def strided_inputs(draw, batches):
+    """A tensor of shape (n, 3, 6, 6) whose memory is laid out anyhow: axes permuted in memory,
+    a step along one axis, a storage offset, or the batch broadcast from one row (stride 0)."""
+    n = draw(batches)
+    shape = (n, *SHAPE)
+    order = draw(st.permutations(range(4)))
+    step_axis, step = draw(st.integers(0, 3)), draw(st.integers(1, 3))
+    offset = draw(st.integers(0, 5))
+    broadcast = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    stored = [shape[a] for a in order]  # the memory order of the axes
+    where = order.index(step_axis)
+    stored[where] *= step
+    if broadcast:
+        stored[order.index(0)] = 1
+    flat = torch.randn(offset + torch.Size(stored).numel(), generator=g)
+    base = flat[offset:].view(stored)
+    base = base[(slice(None),) * where + (slice(None, None, step),)]
+    x = base.permute([order.index(a) for a in range(4)])
+    if broadcast:
+        x = x.expand(shape)
+    assert x.shape == shape
+    return x
+
+
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(x=strided_inputs(st.just(4)))
+def test_static_engine_takes_inputs_of_any_layout(model, static, x):
+    out = static(x)
+    _assert_same(out, static(x.contiguous()), exact=True)
+    _assert_same(out, _eager(model, x))
+
+
+@FUZZ
+@given(x=strided_inputs(st.integers(1, 8)), channels_last=st.booleans())
+def test_dynamic_engine_takes_inputs_of_any_layout_and_size(model, dynamic, x, channels_last):
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = dynamic(x)
+    _assert_same(out, dynamic(x.contiguous()), exact=True)
+    _assert_same(out, _eager(model, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                                   torch.bool, torch.complex64])
+def test_another_dtype_is_an_input_error_naming_both(dynamic, dtype):
+    x = torch.ones(2, *SHAPE).to(dtype)
+    with pytest.raises(kiln.InputError, match=rf"input 0 \('x'\) has dtype {dtype}; the engine expects torch.float32"):
+        dynamic(x)
+
+
+def test_autocast_does_not_change_the_engines_answers(static, dynamic):
+    x = torch.randn(4, *SHAPE)
+    for engine in (static, dynamic):
+        plain = engine(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = engine(x)
+        assert cast[0].dtype == torch.float32
+        assert torch.equal(cast[0], plain[0]), "autocast reached the engine's kernels"
+
+
+def test_one_tensor_given_for_two_inputs():
+    class Pair(nn.Module):
+        def forward(self, a, b):
+            return (a * 2).relu() + b, a - b
+
+    a = torch.randn(3, 4)
+    engine = kiln.build(Pair().eval(), (a, torch.randn(3, 4)), device="cpu")
+    out = engine(a, b=a)
+    torch.testing.assert_close(out, Pair().eval()(a, a))
+    assert torch.equal(out[1], torch.zeros(3, 4))
