@@ -121,6 +121,14 @@ def test_another_dtype_is_an_input_error_naming_both(dynamic, dtype):
         dynamic(x)
 
 
+def test_an_empty_batch_is_named_without_advising_an_impossible_dim(dynamic):
+    with pytest.raises(kiln.InputError, match="batch = 0") as info:
+        dynamic(torch.randn(0, *SHAPE))
+    assert "min=0" not in str(info.value) and "empty" in str(info.value)
+    with pytest.raises(ValueError):  # what the old advice asked for
+        kiln.Dim("batch", min=0, max=8)
+
+
 def test_autocast_does_not_change_the_engines_answers(static, dynamic):
     x = torch.randn(4, *SHAPE)
     for engine in (static, dynamic):
