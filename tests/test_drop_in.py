@@ -149,3 +149,30 @@ def test_one_tensor_given_for_two_inputs():
     out = engine(a, b=a)
     torch.testing.assert_close(out, Pair().eval()(a, a))
     assert torch.equal(out[1], torch.zeros(3, 4))
+
+
+# -- outputs and weights -------------------------------------------------------------------
+
+
+def test_the_engine_keeps_its_weights_when_the_model_changes_after_the_build():
+    """The capture lifts the model's parameters as they are: an engine sharing their memory
+    changed its answers (only where no pass had folded them) when the model trained on."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("gain", torch.ones(4))
+
+        def forward(self, x):
+            return self.fc(x) * self.gain
+
+    model = Mixed().eval()
+    x = torch.randn(2, 4)
+    engine = kiln.build(model, (x,), device="cpu")
+    before = engine(x)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+        model.gain.mul_(3.0)
+    assert torch.equal(engine(x), before)
+    model.load_state_dict(Mixed().state_dict())  # copies into the same tensors
+    assert torch.equal(engine(x), before)

@@ -210,7 +210,7 @@ def build(
             cache.save()
     if quant_info is not None:
         _describe_execution(quant_info, selections)
-    weights = dict(graph.module.named_buffers())
+    weights = _owned(dict(graph.module.named_buffers()), model)
     with stage("plan"):
         plan = make_plan(graph, selections)
         streams_info = {"mode": config.streams, "side_branches": 0, "used": False}
@@ -530,6 +530,14 @@ def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> f
 
     with torch.inference_mode():
         return measure(lambda: engine(*inputs), inputs[0].device, warmup=5, iters=iters).median
+
+
+def _owned(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The engine's weights in memory of their own: the capture lifts the model's parameters and
+    buffers as they are, and an engine sharing their storage would change its answers when the
+    model's weights change after the build (training on, load_state_dict)."""
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    return {k: w.detach().clone() if w.untyped_storage().data_ptr() in shared else w for k, w in weights.items()}
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, **options: Any) -> EngineModule:  # noqa: A001
