@@ -151,6 +151,40 @@ def test_one_tensor_given_for_two_inputs():
     assert torch.equal(out[1], torch.zeros(3, 4))
 
 
+# -- keyword constants ---------------------------------------------------------------------
+
+
+class Options(nn.Module):
+    def forward(self, x, mask=None, scale=2.0, flag=True):
+        y = x * scale if flag else x
+        return y if mask is None else y * mask
+
+
+def test_a_call_may_repeat_the_constants_it_was_built_with(tmp_path):
+    x = torch.randn(3)
+    engine = kiln.build(Options().eval(), (x,), kwargs={"scale": 3.0}, device="cpu")
+    assert engine.build_info["default_inputs"] == {"mask": None, "flag": True}
+    engine.save(tmp_path / "options.kiln")
+    for e in (engine, kiln.load(tmp_path / "options.kiln")):
+        want = x * 3.0
+        torch.testing.assert_close(e(x, scale=3.0), want)
+        torch.testing.assert_close(e(x, mask=None, flag=True), want)
+        torch.testing.assert_close(e(x=x, scale=3.0, mask=None), want)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scale": 5.0}, r"'scale' is scale=5.0, but this engine was traced with scale=3.0 \(given at build\)"),
+    ({"scale": 3}, r"'scale' is scale=3, but this engine was traced with scale=3.0"),
+    ({"flag": False}, r"'flag' is flag=False, but this engine was traced with flag=True \(its default\)"),
+    ({"mask": torch.ones(3)}, r"'mask' is a tensor \(3,\), but this engine was traced with mask=None \(its default\)"),
+    ({"other": 1}, r"unexpected keyword input\(s\) 'other'"),
+])
+def test_a_constant_the_engine_cannot_change_is_named(kwargs, message):
+    engine = kiln.build(Options().eval(), (torch.randn(3),), kwargs={"scale": 3.0}, device="cpu")
+    with pytest.raises(kiln.InputError, match=message):
+        engine(torch.randn(3), **kwargs)
+
+
 # -- outputs and weights -------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.capture.export import _resized, bind_example_inputs, capture, check_model
+from kiln.capture.export import _forward_parameters, _resized, bind_example_inputs, capture, check_model
 from kiln.capture.failures import explain
 from kiln.capture.rewrites import check_names
 from kiln.dims import DynamicSpec, normalize
@@ -241,6 +241,8 @@ def build(
     info["input_ranges"] = _int_ranges(inputs.tensors)
     # non-tensor keyword inputs the engine was traced with (a call may repeat them, not change them)
     info["constant_inputs"] = inputs.constants
+    # forward's parameters left out at build, traced with their (constant) defaults: a call may pass them as such
+    info["default_inputs"] = _traced_defaults(model, inputs)
     engine = Engine({"plan": plan, "build": info}, weights, target)
     if spec.dynamic:
         info["dims"] = {"dims": spec.to_json(), "checked": None}
@@ -538,6 +540,23 @@ def _owned(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str
     model's weights change after the build (training on, load_state_dict)."""
     shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     return {k: w.detach().clone() if w.untyped_storage().data_ptr() in shared else w for k, w in weights.items()}
+
+
+def _traced_defaults(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
+    """forward's keyword parameters the example inputs left out whose defaults are constants
+    (None, bool, int, str, finite float): the engine was traced with those values."""
+    import math
+
+    params = _forward_parameters(model) or []
+    given = set(inputs.names) | set(inputs.constants)
+    out: dict[str, Any] = {}
+    for p in params:
+        value = p.default
+        if p.name in given or value is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
+            out[p.name] = value
+    return out
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, **options: Any) -> EngineModule:  # noqa: A001

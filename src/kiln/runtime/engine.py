@@ -595,6 +595,7 @@ class Engine:
             raise InputError(f"the engine takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} "
                              f"positional and {len(kwargs)} keyword")
         bound = dict(zip(names, args))
+        kwargs = self._drop_traced_constants(kwargs)
         unexpected = [k for k in kwargs if k not in names]
         if unexpected:
             raise InputError(f"unexpected keyword input(s) {', '.join(map(repr, unexpected))}; {expected}")
@@ -606,6 +607,30 @@ class Engine:
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; {expected}")
         return tuple(bound[n] for n in names)
+
+    def _drop_traced_constants(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments less those that repeat a value the engine was traced with: a
+        non-tensor given at build (build_info["constant_inputs"]) or a parameter left out at
+        build, at its default (build_info["default_inputs"]). Another value is an InputError
+        (the engine cannot change it)."""
+        traced = _traced_inputs(self.build_info)
+        if not any(k in traced for k in kwargs):
+            return kwargs
+        rest = {}
+        for key, value in kwargs.items():
+            if key not in traced or key in self.input_names:
+                rest[key] = value
+                continue
+            was, how = traced[key]
+            if type(value) is type(was) and value == was:
+                continue
+            given = f"a tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"{key}={value!r}"
+            raise InputError(
+                f"keyword input {key!r} is {given}, but this engine was traced with {key}={was!r} ({how}): "
+                "non-tensor arguments, and arguments left out at build, are fixed in an engine. Pass "
+                f"{key}={was!r} or leave it out, or rebuild with kwargs={{{key!r}: ...}} (the value you need)."
+            )
+        return rest
 
     def check_inputs(self, inputs: tuple[Any, ...]) -> None:
         if len(inputs) != len(self.inputs):
@@ -709,6 +734,19 @@ def _warm_quietly(engine: Engine, key: tuple[int, ...]) -> None:
                       "that size run without padding, as with pad_while_capturing=False", KilnWarning, stacklevel=1)
         exc.__context__ = exc.__cause__ = None
         raise exc.with_traceback(None) from None
+
+
+def _traced_inputs(build: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """The non-tensor values an engine was traced with, by forward parameter name, and how it
+    got each (descriptive build info: only well-formed entries count)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for key, how in (("default_inputs", "its default"), ("constant_inputs", "given at build")):
+        table = build.get(key)
+        if isinstance(table, dict):
+            for name, value in table.items():
+                if isinstance(name, str) and (value is None or isinstance(value, (bool, int, float, str))):
+                    out[name] = (value, how)
+    return out
 
 
 def _check_device(build: dict[str, Any], device: str | torch.device | None) -> torch.device:
