@@ -6,6 +6,9 @@ keyword constants), or a kiln error naming the problem; never a raw traceback an
 silently different answer (a move, cast, pickle or weight load the engine cannot honour).
 """
 
+import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -210,3 +213,39 @@ def test_the_engine_keeps_its_weights_when_the_model_changes_after_the_build():
     assert torch.equal(engine(x), before)
     model.load_state_dict(Mixed().state_dict())  # copies into the same tensors
     assert torch.equal(engine(x), before)
+
+
+# -- copies and pickles --------------------------------------------------------------------
+
+
+def test_deepcopy_and_copy_give_working_engines(static):
+    x = torch.randn(4, *SHAPE)
+    want = static(x)
+    deep = copy.deepcopy(static)
+    _assert_same(deep(x), want, exact=True)
+    assert all(deep.weights[k].data_ptr() != v.data_ptr() for k, v in static.weights.items() if v.numel())
+    shallow = copy.copy(static)
+    _assert_same(shallow(x), want, exact=True)
+    assert shallow.contexts and not set(map(id, shallow.contexts)) & set(map(id, static.contexts))
+    module = copy.deepcopy(kiln.compile(ConvHead().eval(), (x,), device="cpu"))
+    assert module(x)[0].shape == (4, 5)
+
+
+def test_dynamic_deepcopy_keeps_the_buckets():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).eval()
+    engine = kiln.build(model, (torch.randn(4, 6),), device="cpu", dynamic_shapes=({0: BATCH},))
+    engine.set_buckets(batch=[4, 8])
+    other = copy.deepcopy(engine)
+    assert {k: list(v.sizes) for k, v in other.buckets.items()} == {"batch": [4, 8]}
+    x = torch.randn(3, 6)
+    assert torch.equal(other(x), engine(x))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "torch.save module"])
+def test_pickling_an_engine_is_a_kiln_error_pointing_at_save(static, how):
+    target = kiln.runtime.engine.EngineModule(static) if how.endswith("module") else static
+    with pytest.raises(kiln.KilnError, match=r"not pickled.*engine.save\(path\).*kiln.load\(path\)"):
+        if how == "pickle":
+            pickle.dumps(target)
+        else:
+            torch.save(target, io.BytesIO())

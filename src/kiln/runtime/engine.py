@@ -694,6 +694,39 @@ class Engine:
         )
         engine_file.write(path, self.header, self.weights, sign_key=sign_key)
 
+    # -- copies -----------------------------------------------------------------------------
+
+    def _copy(self, header: dict[str, Any], weights: dict[str, torch.Tensor]) -> Engine:
+        """A new engine of this plan on these weights, with this engine's settings and no
+        execution state (contexts, graphs, locks are its own)."""
+        other = Engine(header, weights, self.device, max_contexts=self.max_contexts,
+                       pad_while_capturing=self.pad_while_capturing)
+        other.signer, other.signer_trusted = self.signer, self.signer_trusted
+        if self.dims:
+            other.buckets = dict(self.buckets)
+            other.shape_cache_size, other.capture_after = self.shape_cache_size, self.capture_after
+        return other
+
+    def __copy__(self) -> Engine:
+        """copy.copy: another engine sharing this one's (read-only) plan and weights, with
+        execution contexts of its own."""
+        return self._copy(self.header, self.weights)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
+        """copy.deepcopy (also of a module holding an EngineModule): the plan and weights copied."""
+        import copy
+
+        other = self._copy(copy.deepcopy(self.header, memo), {k: v.clone() for k, v in self.weights.items()})
+        memo[id(self)] = other
+        return other
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise KilnError(
+            "a kiln engine is not pickled (torch.save(engine), pickle.dumps): engine files are data, never "
+            "code. Save it with engine.save(path) (EngineModule.save) and load it with kiln.load(path); "
+            "copy.deepcopy(engine) copies it in memory."
+        )
+
     def summary(self) -> str:
         b, m = self.build_info, self.plan["memory"]
         ins = ", ".join(f"{s.name}: {s.describe()}" for s in self.inputs)
