@@ -9,6 +9,9 @@ silently different answer (a move, cast, pickle or weight load the engine cannot
 import copy
 import io
 import pickle
+import random
+import threading
+import warnings
 
 import pytest
 import torch
@@ -249,3 +252,100 @@ def test_pickling_an_engine_is_a_kiln_error_pointing_at_save(static, how):
             pickle.dumps(target)
         else:
             torch.save(target, io.BytesIO())
+
+
+# -- the module drop-in ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def module(model):
+    return kiln.compile(model, (torch.randn(4, *SHAPE),), device="cpu")
+
+
+@pytest.mark.parametrize("move", [
+    lambda m: m.half(), lambda m: m.double(), lambda m: m.bfloat16(), lambda m: m.to(torch.float64),
+    lambda m: m.to("meta"), lambda m: nn.Sequential(m).half(), lambda m: m.to_empty(device="meta"),
+])
+def test_a_move_or_cast_the_engine_cannot_do_is_a_kiln_error(module, move):
+    with pytest.raises(kiln.KilnError, match=r"cannot be moved or cast.*runs on cpu at fp32.*kiln.compile"):
+        move(module)
+    assert module(torch.randn(4, *SHAPE))[0].dtype == torch.float32
+
+
+def test_a_move_or_cast_that_changes_nothing_is_allowed(module):
+    x = torch.randn(4, *SHAPE)
+    assert module.cpu() is module and module.float() is module and module.to("cpu", torch.float32) is module
+    assert module(x)[0].shape == (4, 5)
+
+
+def test_train_changes_nothing_and_says_so(module):
+    assert not module.training, "an inference module starts in eval mode"
+    x = torch.randn(4, *SHAPE)
+    want = module(x)
+    with pytest.warns(kiln.KilnWarning, match="inference only"):
+        module.train()
+    try:
+        _assert_same(module(x), want, exact=True)
+    finally:
+        module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.eval()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_loading_weights_into_the_engine_is_a_kiln_error(module, model, strict):
+    with pytest.raises(kiln.KilnError, match=r"cannot load weights \('conv.weight' ...\).*build again"):
+        module.load_state_dict(model.state_dict(), strict=strict)
+    parent = nn.Sequential(module)
+    with pytest.raises(kiln.KilnError, match="cannot load weights"):
+        parent.load_state_dict({"0." + k: v for k, v in model.state_dict().items()}, strict=strict)
+    assert module.state_dict() == {} and parent.load_state_dict({}) is not None
+
+
+def test_module_hooks_run(module):
+    x = torch.randn(4, *SHAPE)
+    seen = []
+    handles = [module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape)),
+               module.register_forward_hook(lambda m, args, out: (out[0] * 0, out[1]))]
+    try:
+        out = module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [x.shape] and torch.equal(out[0], torch.zeros(4, 5))
+
+
+# -- threads ---------------------------------------------------------------------------------
+
+
+def test_threads_at_random_sizes_with_releases_saves_and_copies(model, dynamic, tmp_path):
+    """Six threads call one dynamic engine at random batch sizes while contexts are released,
+    the engine is saved, loaded and deep-copied: every answer is the single-thread answer."""
+    inputs = {n: torch.randn(n, *SHAPE) for n in range(1, 9)}
+    want = {n: dynamic(x) for n, x in inputs.items()}
+    errors: list[str] = []
+
+    def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(25):
+            n = rng.randint(1, 8)
+            out = dynamic(inputs[n])
+            if not (torch.equal(out[0], want[n][0]) and out[1] == n):
+                errors.append(f"thread {seed}: batch {n} differs")
+            out[0].add_(1.0)  # the caller owns its outputs: no other call may see this
+            if rng.random() < 0.15:
+                dynamic.release_contexts()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for i in range(3):
+        path = tmp_path / f"e{i}.kiln"
+        dynamic.save(path)
+        for other in (kiln.load(path), copy.deepcopy(dynamic)):
+            _assert_same(other(inputs[5]), want[5], exact=True)
+    for t in threads:
+        t.join()
+    assert errors == []
+    _assert_same(dynamic(inputs[3]), _eager(model, inputs[3]))

@@ -850,9 +850,56 @@ class EngineModule(torch.nn.Module):
     def __init__(self, engine: Engine):
         super().__init__()
         self.engine = engine
+        self.training = False  # an engine runs inference only (see train())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EngineModule:
+        """.to(), .cuda(), .cpu(), .half(), .double(), .bfloat16() ...: an engine's device and
+        precision are fixed when it is built, so a move or cast that would change them is a
+        KilnError (not a silent no-op); one that changes nothing (.cpu() of a CPU engine,
+        .float()) is allowed."""
+        engine = self.engine
+        floats = {s.dtype for s in engine.inputs if s.dtype.is_floating_point} or {torch.float32}
+        for dtype in sorted(floats, key=str):
+            probe = torch.empty(0, dtype=dtype, device=engine.device)
+            try:
+                moved = fn(probe)
+                asked = f"{moved.dtype} on {moved.device}"
+                unchanged = moved.device == probe.device and moved.dtype == dtype
+            except Exception as exc:  # say, .cuda() on a machine without CUDA
+                asked, unchanged = _first_line(exc), False
+            if not unchanged:
+                raise KilnError(
+                    f"a kiln engine cannot be moved or cast (asked: {asked}): it runs on {engine.device} at "
+                    f"{engine.build_info.get('precision', '?')} precision, with {dtype} inputs, as it was built. "
+                    "Build another engine for the device and precision you want: kiln.compile(model, inputs, "
+                    "precision=..., device=...)."
+                )
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> EngineModule:
+        """Engines run inference only: train() is recorded (self.training) but changes nothing
+        (dropout stays off, batch norm uses its running statistics, no gradient flows back),
+        and says so with a KilnWarning."""
+        if mode:
+            warnings.warn(
+                "kiln: an engine runs inference only; train() changes nothing: dropout stays off, batch norm "
+                "uses its running statistics and no gradient flows back. Train the original model.",
+                KilnWarning, stacklevel=2,
+            )
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        given = [k for k in state_dict if k.startswith(prefix)]
+        if given:
+            raise KilnError(
+                f"cannot load weights ({given[0]!r}{' ...' if len(given) > 1 else ''}) into a kiln engine: its "
+                "weights were folded and fused when it was built. Load them into the original model and "
+                "build again (kiln.compile(model, inputs))."
+            )
 
     def save(self, path: str | os.PathLike, sign_key: Any = None) -> None:
         """Write the engine file; `sign_key` signs it (see Engine.save)."""
