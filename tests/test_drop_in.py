@@ -157,6 +157,27 @@ def test_one_tensor_given_for_two_inputs():
     assert torch.equal(out[1], torch.zeros(3, 4))
 
 
+def test_a_step_failing_on_the_inputs_values_is_a_run_error_naming_the_step():
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.table(ids) * 2
+
+    model, ids = Lookup().eval(), torch.randint(0, 10, (2, 5))
+    engine = kiln.build(model, (ids,), device="cpu")
+    bad = ids.clone()
+    bad[1, 3] = 10
+    message = (r"step 'embedding' \(aten.embedding.default, module 'table', kernel aten\) failed on these inputs: "
+               r"IndexError: index out of range in self\. Check the inputs' values.*"
+               r"Model source: .*test_drop_in.py:\d+ in forward: return self.table\(ids\)")
+    with pytest.raises(kiln.RunError, match=message):
+        engine(bad)
+    torch.testing.assert_close(engine(ids), _eager(model, ids))  # the failed call left nothing behind
+
+
 # -- keyword constants ---------------------------------------------------------------------
 
 

@@ -286,7 +286,12 @@ class BoundStep:
 
     def __call__(self, vals: Vals) -> None:
         step = self.step
-        result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
+        try:
+            result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
+        except (KilnError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # a RunError is a RuntimeError still, as a failed capture expects
+            raise step.failed(exc) from exc
         if step.multi:
             for slot, r in zip(step.outputs, result):
                 vals[slot] = r

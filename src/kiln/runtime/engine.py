@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnError, KilnWarning
+from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnError, KilnWarning, RunError
 from kiln.kernels import OutVariant, StepFn, get_kernel
 from kiln.runtime import engine_file, validate
 from kiln.runtime.context import ContextPool, ExecutionContext, cudnn_benchmark
@@ -38,6 +38,7 @@ class _Step:
 
     def __init__(self, step: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device):
         self.name = step["name"]
+        self.module, self.source = step.get("module"), step.get("source")  # descriptive, for errors
         out = step.get("out_variant")
         self.kernel = get_kernel(step["kernel"])
         self.op: str = step["op"]
@@ -52,6 +53,16 @@ class _Step:
         self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.plan.streams)
         self.fork = bool(step.get("fork"))  # the side stream first waits for the main stream
         self.join = bool(step.get("join"))  # the main stream first waits for the side stream
+
+    def failed(self, exc: Exception) -> RunError:
+        """The error of this step's kernel raising `exc` while running."""
+        module = f", module {self.module!r}" if self.module else ""
+        source = f" Model source: {self.source}" if self.source else ""
+        return RunError(
+            f"step {self.name!r} ({self.op}{module}, kernel {self.kernel.name}) failed on these inputs: "
+            f"{type(exc).__name__}: {_first_line(exc)}. Check the inputs' values (say, an index past an "
+            f"embedding table's size).{source}"
+        )
 
     def make(self) -> StepFn:
         """This step's kernel function for one execution context (a kernel may keep per-call
