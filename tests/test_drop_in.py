@@ -212,6 +212,46 @@ def test_a_constant_the_engine_cannot_change_is_named(kwargs, message):
         engine(torch.randn(3), **kwargs)
 
 
+class Three(nn.Module):
+    def forward(self, a, b, c, scale=2.0, mask=None):
+        y = (a - b) * c * scale
+        return y if mask is None else y * mask
+
+
+@pytest.fixture(scope="module")
+def three():
+    t = torch.randn(3)
+    return Three().eval(), kiln.build(Three().eval(), (t, t, t), device="cpu")
+
+
+ARGUMENT = {"a": torch.randn(3), "b": torch.randn(3), "c": torch.randn(3), "extra": torch.randn(3)}
+
+
+@settings(FUZZ, max_examples=150)
+@given(positional=st.integers(0, 5), keywords=st.lists(st.sampled_from(["a", "b", "c", "scale", "mask", "extra"]),
+                                                       unique=True),
+       scale=st.sampled_from([2.0, 3.0, 2]), mask=st.sampled_from([None, "tensor"]))
+def test_any_call_binds_as_forward_or_is_an_input_error(three, positional, keywords, scale, mask):
+    """As the model's forward binds it: the model's answer where forward takes the call and the
+    engine can (the traced constants repeated), else an InputError, never another exception."""
+    model, engine = three
+    values = {**ARGUMENT, "scale": scale, "mask": ARGUMENT["a"] if mask == "tensor" else None}
+    order = ["a", "b", "c", "scale", "mask"]
+    args = [values[n] for n in order[:positional]]
+    kwargs = {n: values[n] for n in keywords}
+    try:
+        want = model(*args, **kwargs)
+    except TypeError:
+        want = None  # forward cannot take this call
+    fixed = args[3:] == [] and all(kwargs.get(k, d) is d or (type(kwargs[k]) is float and kwargs[k] == d)
+                                    for k, d in (("scale", 2.0), ("mask", None)))
+    if want is None or not fixed:
+        with pytest.raises(kiln.InputError):
+            engine(*args, **kwargs)
+    else:
+        torch.testing.assert_close(engine(*args, **kwargs), want)
+
+
 # -- outputs and weights -------------------------------------------------------------------
 
 
