@@ -208,6 +208,7 @@ class Engine:
         self.weights = {k: v.detach().to(self.device) for k, v in weights.items()}  # read-only, never grad
         self.inputs = [TensorSpec.from_json(s) for s in self.plan["inputs"]]
         self.input_names = [s.name for s in self.inputs]
+        self._traced = _traced_inputs(build)  # non-tensor arguments traced as constants, by name
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
@@ -624,7 +625,7 @@ class Engine:
         non-tensor given at build (build_info["constant_inputs"]) or a parameter left out at
         build, at its default (build_info["default_inputs"]). Another value is an InputError
         (the engine cannot change it)."""
-        traced = _traced_inputs(self.build_info)
+        traced = self._traced
         if not any(k in traced for k in kwargs):
             return kwargs
         rest = {}
