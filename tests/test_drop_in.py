@@ -377,6 +377,47 @@ def test_module_hooks_run(module):
     assert seen == [x.shape] and torch.equal(out[0], torch.zeros(4, 5))
 
 
+# -- the dynamic-shape API -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paddable():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).eval()
+    return model, kiln.build(model, (torch.randn(4, 6),), device="cpu", dynamic_shapes=({0: BATCH},))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda e: e.set_buckets(batch=[3, 100]), kiln.KilnError, r"set_buckets: bucket size\(s\) \[100\] .* 1\.\.8"),
+    (lambda e: e.set_buckets(batch=[]), kiln.KilnError, "set_buckets: buckets for batch must be a non-empty list"),
+    (lambda e: e.set_buckets(seq=[4]), kiln.KilnError, r"no dim\(s\) 'seq' \(its dims: batch\)"),
+    (lambda e: e.warmup(batch=[2, 0]), kiln.InputError, r"warmup: batch = 0 is outside this engine's range 1\.\.8"),
+    (lambda e: e.input_shapes_at(batch=9), kiln.InputError, "input_shapes_at: batch = 9 is outside"),
+    (lambda e: e.input_shapes_at(batch=[1, 2]), kiln.KilnError, "one size per dim"),
+])
+def test_dynamic_api_misuse_is_a_kiln_error(paddable, call, error, message):
+    _, engine = paddable
+    with pytest.raises(error, match=message):
+        call(engine)
+
+
+def test_dynamic_api_takes_a_single_size_and_keeps_a_failed_set_buckets_out(paddable):
+    model, engine = paddable
+    assert engine.warmup(batch=5) == 1 and engine.input_shapes_at(batch=3) == [(3, 6)]
+    engine.set_buckets(batch=[4, 8])
+    try:
+        with pytest.raises(kiln.KilnError):
+            engine.set_buckets(batch=None, seq=[2])  # refused whole: the batch buckets stay
+        assert engine.bucket_key((3,)) == (4,)
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(engine(x), _eager(model, x))
+    finally:
+        engine.set_buckets(batch=None)
+    static = kiln.build(model, (torch.randn(4, 6),), device="cpu")
+    assert static.input_shapes_at() == [(4, 6)]
+    with pytest.raises(kiln.KilnError, match="its dims: none: it has fixed shapes"):
+        static.input_shapes_at(batch=2)
+
+
 # -- threads ---------------------------------------------------------------------------------
 
 

@@ -341,11 +341,11 @@ class Engine:
         """Pad each named dim up to the next of these sizes (\"pow2\": min, powers of two, opt, max;
         None: no bucketing), so that only those sizes run; outputs are sliced back. Only a dim
         the build proved paddable can be bucketed."""
+        self._check_dim_names(sizes)
+        buckets = dict(self.buckets)  # replaced whole: calls running meanwhile see the old or the new policy
         for name, value in sizes.items():
-            if name not in self.dims:
-                raise KilnError(f"this engine has no dim {name!r} (its dims: {', '.join(self.dims) or 'none'})")
             if value is None:
-                self.buckets.pop(name, None)
+                buckets.pop(name, None)
                 continue
             if name not in self.paddable:
                 raise KilnError(
@@ -353,10 +353,36 @@ class Engine:
                     "rows' outputs unchanged (every output must have it as one whole axis, and rows must not mix)"
                 )
             dim = self.dims[name]
-            self.buckets[name] = Buckets.powers_of_two(dim) if value == "pow2" else Buckets(dim, value)
+            try:
+                buckets[name] = Buckets.powers_of_two(dim) if value == "pow2" else Buckets(dim, value)
+            except ValueError as exc:
+                raise KilnError(f"set_buckets: {exc}") from None
+        self.buckets = buckets
+
+    def _check_dim_names(self, sizes: dict[str, Any]) -> None:
+        unknown = [n for n in sizes if n not in self.dims]
+        if unknown:
+            raise KilnError(f"this engine has no dim(s) {', '.join(map(repr, unknown))} (its dims: "
+                            f"{', '.join(self.dims) or 'none: it has fixed shapes'})")
+
+    def _binding(self, sizes: dict[str, int | list[int]], what: str) -> list[tuple[int, ...]]:
+        """Every binding of these sizes per dim (an int or a list; the other dims at opt), each
+        checked against its dim's range."""
+        import itertools
+
+        self._check_dim_names(sizes)
+        choices = [[v] if isinstance(v, int) else list(v) for v in (sizes.get(d, self.dims[d].opt)
+                                                                   for d in self.dim_order)]
+        for d, values in zip(self.dim_order, choices):
+            for v in values:
+                if not isinstance(v, int) or isinstance(v, bool) or not self.dims[d].contains(v):
+                    raise InputError(f"{what}: {d} = {v!r} is outside this engine's range {self.dims[d].min}.."
+                                     f"{self.dims[d].max}")
+        return [tuple(key) for key in itertools.product(*choices)]
 
     def bucket_key(self, key: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(self.buckets[d].bucket(v) if d in self.buckets else v for d, v in zip(self.dim_order, key))
+        buckets = self.buckets
+        return tuple(buckets[d].bucket(v) if d in buckets else v for d, v in zip(self.dim_order, key))
 
     def pad_inputs(self, inputs: tuple[torch.Tensor, ...], key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Inputs padded (repeating the last row) up to binding `key` (a bucket, or a larger
@@ -452,25 +478,13 @@ class Engine:
             self._warm_stream = torch.cuda.Stream(self.device)
         return self._warm_stream
 
-    def warmup(self, **sizes: list[int]) -> int:
+    def warmup(self, **sizes: int | list[int]) -> int:
         """Prepare these sizes now in every idle pooled context (on CUDA: capture their graphs),
         e.g. engine.warmup(batch=[1, 8, 64]) at server start; other dims at opt. Returns how
         many bindings were prepared per context."""
-        import itertools
-
         if not self.dims:
             raise KilnError("this engine has fixed shapes; warmup(...) is for dynamic-shape engines")
-        unknown = [n for n in sizes if n not in self.dims]
-        if unknown:
-            raise KilnError(f"this engine has no dim(s) {', '.join(unknown)} (its dims: {', '.join(self.dims)})")
-        choices = [list(sizes.get(d, [self.dims[d].opt])) for d in self.dim_order]
-        keys = []
-        for key in itertools.product(*choices):
-            for d, v in zip(self.dim_order, key):
-                if not self.dims[d].contains(v):
-                    raise InputError(f"warmup: {d} = {v} is outside this engine's range {self.dims[d].min}.."
-                                     f"{self.dims[d].max}")
-            keys.append(self.bucket_key(key) if self.buckets else tuple(key))
+        keys = [self.bucket_key(key) if self.buckets else key for key in self._binding(sizes, "warmup")]
         with self._pool.lend() as context:
             context.warmup(keys)
         return len(keys)
@@ -546,7 +560,13 @@ class Engine:
         engine's shapes as they are."""
         from kiln.shapes import evaluate
 
-        binding = {n: sizes.get(n, d.opt) for n, d in self.dims.items()}
+        if not self.dims:
+            self._check_dim_names(sizes)
+            return [tuple(s.shape) for s in self.inputs]
+        keys = self._binding(sizes, "input_shapes_at")
+        if len(keys) != 1:
+            raise KilnError(f"input_shapes_at takes one size per dim, got {sizes}")
+        binding = dict(zip(self.dim_order, keys[0]))
         return [tuple(evaluate(d, binding) for d in s.shape) for s in self.inputs]
 
     def _max_shape(self, spec: TensorSpec) -> tuple[int, ...]:
