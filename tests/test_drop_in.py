@@ -279,6 +279,24 @@ def test_the_engine_keeps_its_weights_when_the_model_changes_after_the_build():
     assert torch.equal(engine(x), before)
 
 
+def test_non_tensor_outputs_come_back_as_the_model_gives_them(tmp_path):
+    class Shapes(nn.Module):
+        def forward(self, x):
+            return {"y": x * 2, "shape": x.shape, "rows": x.size(0), "name": "shapes", "none": None, "half": 0.5}
+
+    model, x = Shapes().eval(), torch.randn(3, 4)
+    for dynamic_shapes in (None, ({0: BATCH},)):
+        engine = kiln.build(model, (x,), device="cpu", dynamic_shapes=dynamic_shapes)
+        engine.save(tmp_path / "shapes.kiln")
+        for e in (engine, kiln.load(tmp_path / "shapes.kiln")):
+            for n in ((3,) if dynamic_shapes is None else (1, 3, 8)):
+                xn = torch.randn(n, 4)
+                out, want = e(xn), model(xn)
+                assert type(out["shape"]) is torch.Size and out["shape"] == want["shape"] == (n, 4)
+                assert {k: v for k, v in out.items() if k != "y"} == {k: v for k, v in want.items() if k != "y"}
+                torch.testing.assert_close(out["y"], want["y"])
+
+
 # -- copies and pickles --------------------------------------------------------------------
 
 
