@@ -346,7 +346,7 @@ def module(model):
     lambda m: m.to("meta"), lambda m: nn.Sequential(m).half(), lambda m: m.to_empty(device="meta"),
 ])
 def test_a_move_or_cast_the_engine_cannot_do_is_a_kiln_error(module, move):
-    with pytest.raises(kiln.KilnError, match=r"cannot be moved or cast.*runs on cpu at fp32.*kiln.compile"):
+    with pytest.raises(kiln.KilnError, match=r"cannot be moved or cast.*runs on cpu at fp32.*kiln.build"):
         move(module)
     assert module(torch.randn(4, *SHAPE))[0].dtype == torch.float32
 
@@ -355,6 +355,22 @@ def test_a_move_or_cast_that_changes_nothing_is_allowed(module):
     x = torch.randn(4, *SHAPE)
     assert module.cpu() is module and module.float() is module and module.to("cpu", torch.float32) is module
     assert module(x)[0].shape == (4, 5)
+
+
+@pytest.mark.parametrize("move", [
+    lambda e: e.half(), lambda e: e.double(), lambda e: e.bfloat16(), lambda e: e.to(torch.float16),
+    lambda e: e.to("meta"), lambda e: e.to("cpu", torch.float64), lambda e: e.cuda(),
+])
+def test_the_engine_itself_answers_a_models_moves(static, move):
+    """Code written for the model calls model.eval(), .to(device), .float() on what replaced it."""
+    x = torch.randn(4, *SHAPE)
+    assert static.eval() is static and static.cpu() is static and static.float() is static
+    assert static.to("cpu") is static and static.to(torch.float32) is static and static.to(x) is static
+    with pytest.raises(kiln.KilnError, match=r"cannot be moved or cast.*runs on cpu at fp32"):
+        move(static)
+    with pytest.warns(kiln.KilnWarning, match="inference only"):
+        assert static.train() is static
+    _assert_same(static(x), static(x.clone()), exact=True)
 
 
 def test_train_changes_nothing_and_says_so(module):

@@ -726,6 +726,69 @@ class Engine:
         )
         engine_file.write(path, self.header, self.weights, sign_key=sign_key)
 
+    # -- what a module would be asked ---------------------------------------------------------
+
+    def moved(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Check a move or cast (nn.Module._apply's `fn`): an engine's device and precision are
+        fixed when it is built, so one that would change them is a KilnError (not a silent
+        no-op); one that changes nothing (.cpu() of a CPU engine, .float()) passes."""
+        floats = {s.dtype for s in self.inputs if s.dtype.is_floating_point} or {torch.float32}
+        for dtype in sorted(floats, key=str):
+            probe = torch.empty(0, dtype=dtype, device=self.device)
+            try:
+                moved = fn(probe)
+                asked = f"{moved.dtype} on {moved.device}"
+                unchanged = moved.device == probe.device and moved.dtype == dtype
+            except Exception as exc:  # say, .cuda() on a machine without CUDA
+                asked, unchanged = _first_line(exc), False
+            if not unchanged:
+                raise KilnError(
+                    f"a kiln engine cannot be moved or cast (asked: {asked}): it runs on {self.device} at "
+                    f"{self.build_info.get('precision', '?')} precision, with {dtype} inputs, as it was built. "
+                    "Build another engine for the device and precision you want: kiln.build(model, inputs, "
+                    "precision=..., device=...)."
+                )
+
+    # The model's own moves and modes, for code that calls them on what replaced the model:
+    # each returns the engine where it changes nothing, else raises (see moved).
+    def to(self, *args: Any, **kwargs: Any) -> Engine:
+        self.moved(lambda t: t.to(*args, **kwargs))
+        return self
+
+    def cpu(self) -> Engine:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> Engine:
+        self.moved(lambda t: t.cuda(device))
+        return self
+
+    def float(self) -> Engine:
+        return self.to(torch.float32)
+
+    def half(self) -> Engine:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> Engine:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> Engine:
+        return self.to(torch.float64)
+
+    def eval(self) -> Engine:
+        """An engine always runs with eval semantics."""
+        return self
+
+    def train(self, mode: bool = True) -> Engine:
+        """Engines run inference only: train() changes nothing (dropout stays off, batch norm
+        uses its running statistics, no gradient flows back), and says so with a KilnWarning."""
+        if mode:
+            warnings.warn(
+                "kiln: an engine runs inference only; train() changes nothing: dropout stays off, batch norm "
+                "uses its running statistics and no gradient flows back. Train the original model.",
+                KilnWarning, stacklevel=2,
+            )
+        return self
+
     # -- copies -----------------------------------------------------------------------------
 
     def _copy(self, header: dict[str, Any], weights: dict[str, torch.Tensor]) -> Engine:
@@ -888,39 +951,14 @@ class EngineModule(torch.nn.Module):
         return self.engine(*args, **kwargs)
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EngineModule:
-        """.to(), .cuda(), .cpu(), .half(), .double(), .bfloat16() ...: an engine's device and
-        precision are fixed when it is built, so a move or cast that would change them is a
-        KilnError (not a silent no-op); one that changes nothing (.cpu() of a CPU engine,
-        .float()) is allowed."""
-        engine = self.engine
-        floats = {s.dtype for s in engine.inputs if s.dtype.is_floating_point} or {torch.float32}
-        for dtype in sorted(floats, key=str):
-            probe = torch.empty(0, dtype=dtype, device=engine.device)
-            try:
-                moved = fn(probe)
-                asked = f"{moved.dtype} on {moved.device}"
-                unchanged = moved.device == probe.device and moved.dtype == dtype
-            except Exception as exc:  # say, .cuda() on a machine without CUDA
-                asked, unchanged = _first_line(exc), False
-            if not unchanged:
-                raise KilnError(
-                    f"a kiln engine cannot be moved or cast (asked: {asked}): it runs on {engine.device} at "
-                    f"{engine.build_info.get('precision', '?')} precision, with {dtype} inputs, as it was built. "
-                    "Build another engine for the device and precision you want: kiln.compile(model, inputs, "
-                    "precision=..., device=...)."
-                )
+        """.to(), .cuda(), .cpu(), .half(), .double(), .bfloat16() ...: allowed only where they
+        change nothing (Engine.moved)."""
+        self.engine.moved(fn)
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> EngineModule:
-        """Engines run inference only: train() is recorded (self.training) but changes nothing
-        (dropout stays off, batch norm uses its running statistics, no gradient flows back),
-        and says so with a KilnWarning."""
-        if mode:
-            warnings.warn(
-                "kiln: an engine runs inference only; train() changes nothing: dropout stays off, batch norm "
-                "uses its running statistics and no gradient flows back. Train the original model.",
-                KilnWarning, stacklevel=2,
-            )
+        """Recorded (self.training) but changes nothing (Engine.train)."""
+        self.engine.train(mode)
         return super().train(mode)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
