@@ -297,6 +297,20 @@ def test_non_tensor_outputs_come_back_as_the_model_gives_them(tmp_path):
                 torch.testing.assert_close(out["y"], want["y"])
 
 
+def test_outputs_that_are_one_tensor_in_the_model_come_back_separate():
+    class Aliased(nn.Module):
+        def forward(self, x):
+            y = x + 1
+            return y, y, y.view(-1), x
+
+    model, x = Aliased().eval(), torch.randn(3, 4)
+    engine = kiln.build(model, (x,), device="cpu")
+    out = engine(x)
+    torch.testing.assert_close(out, model(x))
+    out[0].zero_()
+    assert not out[1].eq(0).all() and not out[2].eq(0).all() and torch.equal(out[3], x)
+
+
 # -- copies and pickles --------------------------------------------------------------------
 
 
