@@ -127,6 +127,27 @@ def test_another_dtype_is_an_input_error_naming_both(dynamic, dtype):
         dynamic(x)
 
 
+class Scaled(nn.Module):
+    def forward(self, x, t):
+        return x * t
+
+
+@pytest.mark.parametrize("args, message", [
+    ((lambda: (torch.randn(3).numpy(), torch.tensor(1.0))),
+     r"input 0 \('x'\) must be a tensor, got ndarray: pass torch.as_tensor\(x\) \(a \(3,\) float32 tensor\)"),
+    ((lambda: (torch.randn(3), 2.0)), r"input 1 \('t'\) must be a tensor, got float: pass torch.tensor\(2.0, "
+                                      r"dtype=torch.float32\)"),
+    ((lambda: (None, torch.tensor(1.0))), r"got NoneType: the engine was built with a \(3,\) float32 tensor here"),
+    ((lambda: ([1.0, 2.0, 3.0], torch.tensor(1.0))), r"got list: pass a \(3,\) float32 tensor"),
+    ((lambda: (torch.randn(3).double(), torch.tensor(1.0))),
+     r"has dtype torch.float64; the engine expects torch.float32 \(pass x.to\(torch.float32\)"),
+])
+def test_a_wrong_input_says_what_to_pass_instead(args, message):
+    engine = kiln.build(Scaled().eval(), (torch.randn(3), torch.tensor(2.0)), device="cpu")
+    with pytest.raises(kiln.InputError, match=message):
+        engine(*args())
+
+
 def test_an_empty_batch_is_named_without_advising_an_impossible_dim(dynamic):
     with pytest.raises(kiln.InputError, match="batch = 0") as info:
         dynamic(torch.randn(0, *SHAPE))

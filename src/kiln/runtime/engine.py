@@ -175,6 +175,18 @@ def _unusable_tensor(x: torch.Tensor, spec: TensorSpec) -> str | None:
     return None
 
 
+def _tensor_advice(x: Any, spec: TensorSpec) -> str:
+    """What to pass instead of the non-tensor `x` where the engine takes `spec`."""
+    want = f"a {spec.describe()} tensor"
+    if hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
+        return f"pass torch.as_tensor(x) ({want})"
+    if isinstance(x, (bool, int, float)) and not spec.shape:
+        return f"pass torch.tensor({x!r}, dtype={spec.dtype})"
+    if x is None:
+        return f"the engine was built with {want} here; pass one (a None input means another engine)"
+    return f"pass {want}"
+
+
 class Engine:
     """A built model: call it like the original module.
 
@@ -673,7 +685,7 @@ class Engine:
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             where = f"input {i} ({spec.name!r})"
             if not isinstance(x, torch.Tensor):
-                raise InputError(f"{where} must be a tensor, got {type(x).__name__}")
+                raise InputError(f"{where} must be a tensor, got {type(x).__name__}: {_tensor_advice(x, spec)}")
             if x.layout != torch.strided or x.is_nested:  # (quantized and meta: diagnosed below)
                 raise InputError(f"{where} is {_unusable_tensor(x, spec)}")
             if x.dim() != len(spec.shape):
@@ -690,7 +702,8 @@ class Engine:
                 problem = _unusable_tensor(x, spec)
                 if problem is not None:
                     raise InputError(f"{where} is {problem}")
-                raise InputError(f"{where} has dtype {x.dtype}; the engine expects {spec.dtype}")
+                raise InputError(f"{where} has dtype {x.dtype}; the engine expects {spec.dtype} (pass "
+                                 f"x.to({spec.dtype}), or build the engine with {x.dtype} example inputs)")
             device = x.device
             if device != self.device and (device.type != self.device.type or (
                 device.index is not None and self.device.index is not None and device.index != self.device.index
