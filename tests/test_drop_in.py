@@ -487,6 +487,18 @@ def test_dynamic_api_takes_a_single_size_and_keeps_a_failed_set_buckets_out(padd
         static.input_shapes_at(batch=2)
 
 
+def test_a_bucketed_output_holds_only_its_own_rows(paddable):
+    model, engine = paddable
+    engine.set_buckets(batch=[8])
+    try:
+        x = torch.randn(3, 6)
+        y = engine(x)
+    finally:
+        engine.set_buckets(batch=None)
+    torch.testing.assert_close(y, _eager(model, x))
+    assert y.is_contiguous() and y.untyped_storage().nbytes() == y.numel() * y.element_size()
+
+
 # -- threads ---------------------------------------------------------------------------------
 
 

@@ -414,15 +414,19 @@ class Engine:
 
     def unpad_outputs(self, outputs: list[Any], real: tuple[int, ...], key: tuple[int, ...]) -> list[Any]:
         """Outputs of a run padded to binding `key`, sliced back to the real sizes along every
-        axis whose dim was padded."""
+        axis whose dim was padded, each in memory of its own (a view would keep the padded
+        rows alive, and torch.save would write them)."""
         sizes = dict(zip(self.dim_order, real))
         padded = dict(zip(self.dim_order, key))
         out = []
         for y, spec in zip(outputs, self.outputs):
             if isinstance(y, torch.Tensor) and spec is not None:
+                sliced = y
                 for axis, d in enumerate(spec.shape):
                     if isinstance(d, str) and sizes[d] != padded[d]:
-                        y = y.narrow(axis, 0, sizes[d]).contiguous()
+                        sliced = sliced.narrow(axis, 0, sizes[d])
+                if sliced is not y:
+                    y = sliced.clone(memory_format=torch.contiguous_format)
             out.append(y)
         return out
 
