@@ -332,6 +332,23 @@ def test_outputs_that_are_one_tensor_in_the_model_come_back_separate():
     assert not out[1].eq(0).all() and not out[2].eq(0).all() and torch.equal(out[3], x)
 
 
+@pytest.mark.parametrize("device, message", [
+    ("bogus", r"device='bogus' is not a device .*kiln engines run on 'cpu' or 'cuda'"),
+    ("meta", r"built for cpu .* cannot run on meta\. kiln engines run on cpu or cuda: load it with device='cpu'"),
+])
+def test_loading_on_a_device_kiln_cannot_use_names_the_argument_not_the_file(static, tmp_path, device, message):
+    static.save(tmp_path / "e.kiln")
+    with pytest.raises(kiln.DeviceMismatchError, match=message):
+        kiln.load(tmp_path / "e.kiln", device=device)
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "device='bogus' is not a device"),
+                                             ("meta", "kiln builds engines for cpu or cuda, not meta")])
+def test_building_for_a_device_kiln_cannot_use_is_named(device, message):
+    with pytest.raises(kiln.DeviceMismatchError, match=message):
+        kiln.build(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), device=device)
+
+
 # -- copies and pickles --------------------------------------------------------------------
 
 

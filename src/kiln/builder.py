@@ -23,7 +23,7 @@ from kiln.errors import KilnError, KilnWarning
 from kiln.passes import run_passes
 from kiln.plan.planner import make_plan
 from kiln.quant.build import QUANT_PRECISIONS, calibration_batches, check_settings, guard_target, quantize_for_build
-from kiln.runtime.engine import Engine, EngineModule, default_device
+from kiln.runtime.engine import Engine, EngineModule, default_device, device_argument
 from kiln.select.selection import select_kernels
 from kiln.select.tune import TimingCache, default_cache_path
 from kiln.shapes import probe_bindings
@@ -79,11 +79,13 @@ class BuildConfig:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return default_device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    from kiln.errors import DeviceMismatchError
+
+    device = device_argument(device)
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceMismatchError(f"kiln builds engines for cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from kiln.errors import DeviceMismatchError
-
             raise DeviceMismatchError("--device cuda was asked for, but this machine has no usable CUDA GPU")
         if device.index is None:
             device = default_device("cuda")

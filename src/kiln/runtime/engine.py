@@ -894,13 +894,25 @@ def _traced_inputs(build: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     return out
 
 
+def device_argument(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a DeviceMismatchError naming the argument if it is none."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceMismatchError(f"device={device!r} is not a device ({_first_line(exc)}); kiln engines run on "
+                                  "'cpu' or 'cuda' (or 'cuda:N')") from None
+
+
 def _check_device(build: dict[str, Any], device: str | torch.device | None) -> torch.device:
     built_for = build["device_type"]
-    target = torch.device(device) if device is not None else torch.device(built_for)
+    target = device_argument(device) if device is not None else torch.device(built_for)
     if target.type != built_for:
+        rebuild = (f"Rebuild it for {target.type}: kiln build MODEL --device {target.type}"
+                   if target.type in ("cpu", "cuda") else
+                   f"kiln engines run on cpu or cuda: load it with device={built_for!r} (or leave device out)")
         raise DeviceMismatchError(
             f"this engine was built for {built_for} ({build['device_name']}); it cannot run on "
-            f"{target.type}. Rebuild it for {target.type}: kiln build MODEL --device {target.type}"
+            f"{target.type}. {rebuild}"
         )
     if target.type == "cuda":
         if not torch.cuda.is_available():
@@ -935,6 +947,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, trus
     kiln's closed vocabulary (kiln.runtime.validate) before any kernel is made or any step
     runs. Anything wrong with the file is an EngineFileError; `engine.signer` names the key
     that signed it (None if unsigned), `engine.signer_trusted` whether it was verified."""
+    if device is not None:
+        device_argument(device)  # a bad argument is named as such, not as a bad file
     contents = engine_file.read_engine(path, trusted_keys)
     try:
         engine = Engine(contents.header, contents.weights, device, pad_while_capturing=pad_while_capturing)
