@@ -290,7 +290,9 @@ class BoundStep:
             result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
         except (KilnError, MemoryError, torch.OutOfMemoryError):
             raise
-        except Exception as exc:  # a RunError is a RuntimeError still, as a failed capture expects
+        except Exception as exc:  # a call's failure, named; a failing capture sees the kernel's own error
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
             raise step.failed(exc) from exc
         if step.multi:
             for slot, r in zip(step.outputs, result):
