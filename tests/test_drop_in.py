@@ -220,6 +220,17 @@ def test_a_call_may_repeat_the_constants_it_was_built_with(tmp_path):
         torch.testing.assert_close(e(x=x, scale=3.0, mask=None), want)
 
 
+def test_a_default_the_file_cannot_hold_is_left_out_and_the_engine_saves(tmp_path):
+    class Joined(nn.Module):
+        def forward(self, x, sep="\x1b[0m", tag="a b"):
+            return x * 2
+
+    engine = kiln.build(Joined().eval(), (torch.randn(2),), device="cpu")
+    assert engine.build_info["default_inputs"] == {"tag": "a b"}
+    engine.save(tmp_path / "joined.kiln")
+    assert kiln.load(tmp_path / "joined.kiln")(torch.ones(2), tag="a b").tolist() == [2.0, 2.0]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"scale": 5.0}, r"'scale' is scale=5.0, but this engine was traced with scale=3.0 \(given at build\)"),
     ({"scale": 3}, r"'scale' is scale=3, but this engine was traced with scale=3.0"),

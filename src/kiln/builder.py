@@ -546,7 +546,7 @@ def _owned(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str
 
 def _traced_defaults(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
     """forward's keyword parameters the example inputs left out whose defaults are constants
-    (None, bool, int, str, finite float): the engine was traced with those values."""
+    (None, bool, int, printable str, finite float): the engine was traced with those values."""
     import math
 
     params = _forward_parameters(model) or []
@@ -556,7 +556,8 @@ def _traced_defaults(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
         value = p.default
         if p.name in given or value is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
+        if (value is None or type(value) in (bool, int) or (type(value) is str and value.isprintable())
+                or (type(value) is float and math.isfinite(value))):  # (build info holds no control characters)
             out[p.name] = value
     return out
 
