@@ -14,6 +14,7 @@ from kiln.errors import (  # noqa: E402
     InputError,
     KilnError,
     KilnWarning,
+    RunError,
     UnsupportedOpError,
 )
 from kiln.runtime import Engine, EngineModule, load  # noqa: E402
@@ -31,5 +32,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "BuildConfig", "CaptureError", "DeviceMismatchError", "Engine", "EngineFileError", "EngineModule",
-    "InputError", "KilnError", "KilnWarning", "UnsupportedOpError", "build", "compile", "load",
+    "InputError", "KilnError", "KilnWarning", "RunError", "UnsupportedOpError", "build", "compile", "load",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from kiln import __version__
-from kiln.capture.export import _resized, bind_example_inputs, capture, check_model
+from kiln.capture.export import _forward_parameters, _resized, bind_example_inputs, capture, check_model
 from kiln.capture.failures import explain
 from kiln.capture.rewrites import check_names
 from kiln.dims import DynamicSpec, normalize
@@ -23,7 +23,7 @@ from kiln.errors import KilnError, KilnWarning
 from kiln.passes import run_passes
 from kiln.plan.planner import make_plan
 from kiln.quant.build import QUANT_PRECISIONS, calibration_batches, check_settings, guard_target, quantize_for_build
-from kiln.runtime.engine import Engine, EngineModule, default_device
+from kiln.runtime.engine import Engine, EngineModule, default_device, device_argument
 from kiln.select.selection import select_kernels
 from kiln.select.tune import TimingCache, default_cache_path
 from kiln.shapes import probe_bindings
@@ -79,11 +79,13 @@ class BuildConfig:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return default_device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    from kiln.errors import DeviceMismatchError
+
+    device = device_argument(device)
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceMismatchError(f"kiln builds engines for cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from kiln.errors import DeviceMismatchError
-
             raise DeviceMismatchError("--device cuda was asked for, but this machine has no usable CUDA GPU")
         if device.index is None:
             device = default_device("cuda")
@@ -210,7 +212,7 @@ def build(
             cache.save()
     if quant_info is not None:
         _describe_execution(quant_info, selections)
-    weights = dict(graph.module.named_buffers())
+    weights = _owned(dict(graph.module.named_buffers()), model)
     with stage("plan"):
         plan = make_plan(graph, selections)
         streams_info = {"mode": config.streams, "side_branches": 0, "used": False}
@@ -241,6 +243,8 @@ def build(
     info["input_ranges"] = _int_ranges(inputs.tensors)
     # non-tensor keyword inputs the engine was traced with (a call may repeat them, not change them)
     info["constant_inputs"] = inputs.constants
+    # forward's parameters left out at build, traced with their (constant) defaults: a call may pass them as such
+    info["default_inputs"] = _traced_defaults(model, inputs)
     engine = Engine({"plan": plan, "build": info}, weights, target)
     if spec.dynamic:
         info["dims"] = {"dims": spec.to_json(), "checked": None}
@@ -530,6 +534,32 @@ def _replay_ms(engine: Engine, inputs: list[torch.Tensor], iters: int = 50) -> f
 
     with torch.inference_mode():
         return measure(lambda: engine(*inputs), inputs[0].device, warmup=5, iters=iters).median
+
+
+def _owned(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The engine's weights in memory of their own: the capture lifts the model's parameters and
+    buffers as they are, and an engine sharing their storage would change its answers when the
+    model's weights change after the build (training on, load_state_dict)."""
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    return {k: w.detach().clone() if w.untyped_storage().data_ptr() in shared else w for k, w in weights.items()}
+
+
+def _traced_defaults(model: torch.nn.Module, inputs: Any) -> dict[str, Any]:
+    """forward's keyword parameters the example inputs left out whose defaults are constants
+    (None, bool, int, printable str, finite float): the engine was traced with those values."""
+    import math
+
+    params = _forward_parameters(model) or []
+    given = set(inputs.names) | set(inputs.constants)
+    out: dict[str, Any] = {}
+    for p in params:
+        value = p.default
+        if p.name in given or value is p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if (value is None or type(value) in (bool, int) or (type(value) is str and value.isprintable())
+                or (type(value) is float and math.isfinite(value))):  # (build info holds no control characters)
+            out[p.name] = value
+    return out
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, **options: Any) -> EngineModule:  # noqa: A001

@@ -30,6 +30,11 @@ class InputError(KilnError, ValueError):
     """The inputs given to an engine do not match what it was built for."""
 
 
+class RunError(KilnError, RuntimeError):
+    """A step of an engine failed while running (say, an index past an embedding table): names
+    the step, its op, the model's module and source line, and the kernel's own error."""
+
+
 class EngineFileError(KilnError):
     """An engine file is damaged, truncated, tampered with, or of an unknown format."""
 

@@ -436,7 +436,9 @@ def bind(shapes: Sequence[Sequence[int]], inputs: Sequence[InputShape], dims: Ma
                     f"{dim.min} to {dim.max} ({dim!r}). "
                     + ("Split the input into parts of at most "
                        f"{dim.max}, or rebuild with a larger max." if size > dim.max else
-                       f"Rebuild with min={size} or lower to run this size.")
+                       f"Rebuild with min={size} or lower to run this size." if size >= 1 else
+                       "An engine runs no empty input (a Dim's min is at least 1): skip the call, or make "
+                       "the empty outputs yourself.")
                 )
             if d in binding and binding[d] != size:
                 raise InputError(

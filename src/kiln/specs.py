@@ -88,7 +88,7 @@ def _size(d: Any) -> Any:
 #
 # The nesting of a model's outputs, as data. Node kinds (a closed vocabulary; one key each):
 #   {"leaf": i}                                   flat output i
-#   {"list": [node, ...]}   {"tuple": [node, ...]}
+#   {"list": [node, ...]}   {"tuple": [node, ...]}   {"size": [node, ...]} (a torch.Size: x.shape)
 #   {"dict": {"keys": [str | int, ...], "values": [node, ...]}}
 #   {"namedtuple": {"name": str, "fields": [str, ...], "values": [node, ...], "module": str?}}
 #   {"model_output": {"class": "transformers.x.Y", "keys": [str, ...], "values": [node, ...]}}
@@ -98,7 +98,7 @@ def _size(d: Any) -> Any:
 # otherwise it comes back as a dict, with a KilnWarning. Nothing named by a file is imported
 # outside the allowlist, evaluated or unpickled.
 
-STRUCTURE_KINDS = ("leaf", "list", "tuple", "dict", "namedtuple", "model_output")
+STRUCTURE_KINDS = ("leaf", "list", "tuple", "size", "dict", "namedtuple", "model_output")
 MAX_STRUCTURE_DEPTH = 64
 MODEL_OUTPUT_PACKAGES = ("transformers",)  # packages whose ModelOutput classes a file may name
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -132,6 +132,8 @@ def encode_structure(spec: Any) -> dict[str, Any]:
         context = s.context
         if s.type is list:
             return {"list": children}
+        if s.type is torch.Size:
+            return {"size": children}
         if isinstance(context, type) and issubclass(context, tuple) and hasattr(context, "_fields"):
             fields = [str(f) for f in context._fields]  # a namedtuple (pytree keeps its class as context)
             if len(fields) == len(children):
@@ -171,7 +173,7 @@ def validate_structure(structure: Any, n_outputs: int) -> None:
                 raise ValueError(f"{where}: leaf index must be an integer in [0, {n_outputs}), got {_brief(body)}")
             seen.append(body)
             continue
-        if kind in ("list", "tuple"):
+        if kind in ("list", "tuple", "size"):
             children = body
             if not isinstance(children, list):
                 raise ValueError(f"{where}: expected a list of nodes, got {_brief(children)}")
@@ -230,8 +232,9 @@ def build_structure(structure: dict[str, Any], flat: list[Any]) -> Any:
         return flat[body]
     if kind == "list":
         return [build_structure(s, flat) for s in body]
-    if kind == "tuple":
-        return tuple(build_structure(s, flat) for s in body)
+    if kind in ("tuple", "size"):
+        items = tuple(build_structure(s, flat) for s in body)
+        return torch.Size(items) if kind == "size" and all(type(i) is int for i in items) else items
     values = [build_structure(v, flat) for v in body["values"]]
     if kind == "namedtuple":
         return namedtuple_class(body)(*values)

@@ -286,7 +286,14 @@ class BoundStep:
 
     def __call__(self, vals: Vals) -> None:
         step = self.step
-        result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
+        try:
+            result = self.fn(tuple(step.args(vals)), {k: b(vals) for k, b in step.kwargs.items()}, self.out_views)
+        except (KilnError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # a call's failure, named; a failing capture sees the kernel's own error
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            raise step.failed(exc) from exc
         if step.multi:
             for slot, r in zip(step.outputs, result):
                 vals[slot] = r
@@ -348,6 +355,10 @@ class ExecutionContext:
             raise self._in_use()
         try:
             self.calls += 1
+            device_type = self.engine.device.type
+            if torch.is_autocast_enabled(device_type):  # the engine runs at its build precision
+                with torch.autocast(device_type, enabled=False):
+                    return self.engine.structure(self._run(inputs))
             return self.engine.structure(self._run(inputs))
         finally:
             self._busy.release()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnError, KilnWarning
+from kiln.errors import DeviceMismatchError, EngineFileError, InputError, KilnError, KilnWarning, RunError
 from kiln.kernels import OutVariant, StepFn, get_kernel
 from kiln.runtime import engine_file, validate
 from kiln.runtime.context import ContextPool, ExecutionContext, cudnn_benchmark
@@ -38,6 +38,7 @@ class _Step:
 
     def __init__(self, step: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device):
         self.name = step["name"]
+        self.module, self.source = step.get("module"), step.get("source")  # descriptive, for errors
         out = step.get("out_variant")
         self.kernel = get_kernel(step["kernel"])
         self.op: str = step["op"]
@@ -52,6 +53,16 @@ class _Step:
         self.side = step.get("stream", 0) == 1  # runs on the side stream (kiln.plan.streams)
         self.fork = bool(step.get("fork"))  # the side stream first waits for the main stream
         self.join = bool(step.get("join"))  # the main stream first waits for the side stream
+
+    def failed(self, exc: Exception) -> RunError:
+        """The error of this step's kernel raising `exc` while running."""
+        module = f", module {self.module!r}" if self.module else ""
+        source = f" Model source: {self.source}" if self.source else ""
+        return RunError(
+            f"step {self.name!r} ({self.op}{module}, kernel {self.kernel.name}) failed on these inputs: "
+            f"{type(exc).__name__}: {_first_line(exc)}. Check the inputs' values (say, an index past an "
+            f"embedding table's size).{source}"
+        )
 
     def make(self) -> StepFn:
         """This step's kernel function for one execution context (a kernel may keep per-call
@@ -164,6 +175,18 @@ def _unusable_tensor(x: torch.Tensor, spec: TensorSpec) -> str | None:
     return None
 
 
+def _tensor_advice(x: Any, spec: TensorSpec) -> str:
+    """What to pass instead of the non-tensor `x` where the engine takes `spec`."""
+    want = f"a {spec.describe()} tensor"
+    if hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
+        return f"pass torch.as_tensor(x) ({want})"
+    if isinstance(x, (bool, int, float)) and not spec.shape:
+        return f"pass torch.tensor({x!r}, dtype={spec.dtype})"
+    if x is None:
+        return f"the engine was built with {want} here; pass one (a None input means another engine)"
+    return f"pass {want}"
+
+
 class Engine:
     """A built model: call it like the original module.
 
@@ -197,6 +220,7 @@ class Engine:
         self.weights = {k: v.detach().to(self.device) for k, v in weights.items()}  # read-only, never grad
         self.inputs = [TensorSpec.from_json(s) for s in self.plan["inputs"]]
         self.input_names = [s.name for s in self.inputs]
+        self._traced = _traced_inputs(build)  # non-tensor arguments traced as constants, by name
         self.graph_inputs = [TensorSpec.from_json(s) for s in self.plan["graph_inputs"]]
         self.outputs = [None if s is None else TensorSpec.from_json(s) for s in self.plan["outputs"]]
         self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("KILN_CUDA_GRAPH", "1") != "0"
@@ -329,11 +353,11 @@ class Engine:
         """Pad each named dim up to the next of these sizes (\"pow2\": min, powers of two, opt, max;
         None: no bucketing), so that only those sizes run; outputs are sliced back. Only a dim
         the build proved paddable can be bucketed."""
+        self._check_dim_names(sizes)
+        buckets = dict(self.buckets)  # replaced whole: calls running meanwhile see the old or the new policy
         for name, value in sizes.items():
-            if name not in self.dims:
-                raise KilnError(f"this engine has no dim {name!r} (its dims: {', '.join(self.dims) or 'none'})")
             if value is None:
-                self.buckets.pop(name, None)
+                buckets.pop(name, None)
                 continue
             if name not in self.paddable:
                 raise KilnError(
@@ -341,10 +365,36 @@ class Engine:
                     "rows' outputs unchanged (every output must have it as one whole axis, and rows must not mix)"
                 )
             dim = self.dims[name]
-            self.buckets[name] = Buckets.powers_of_two(dim) if value == "pow2" else Buckets(dim, value)
+            try:
+                buckets[name] = Buckets.powers_of_two(dim) if value == "pow2" else Buckets(dim, value)
+            except ValueError as exc:
+                raise KilnError(f"set_buckets: {exc}") from None
+        self.buckets = buckets
+
+    def _check_dim_names(self, sizes: dict[str, Any]) -> None:
+        unknown = [n for n in sizes if n not in self.dims]
+        if unknown:
+            raise KilnError(f"this engine has no dim(s) {', '.join(map(repr, unknown))} (its dims: "
+                            f"{', '.join(self.dims) or 'none: it has fixed shapes'})")
+
+    def _binding(self, sizes: dict[str, int | list[int]], what: str) -> list[tuple[int, ...]]:
+        """Every binding of these sizes per dim (an int or a list; the other dims at opt), each
+        checked against its dim's range."""
+        import itertools
+
+        self._check_dim_names(sizes)
+        choices = [[v] if isinstance(v, int) else list(v) for v in (sizes.get(d, self.dims[d].opt)
+                                                                   for d in self.dim_order)]
+        for d, values in zip(self.dim_order, choices):
+            for v in values:
+                if not isinstance(v, int) or isinstance(v, bool) or not self.dims[d].contains(v):
+                    raise InputError(f"{what}: {d} = {v!r} is outside this engine's range {self.dims[d].min}.."
+                                     f"{self.dims[d].max}")
+        return [tuple(key) for key in itertools.product(*choices)]
 
     def bucket_key(self, key: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(self.buckets[d].bucket(v) if d in self.buckets else v for d, v in zip(self.dim_order, key))
+        buckets = self.buckets
+        return tuple(buckets[d].bucket(v) if d in buckets else v for d, v in zip(self.dim_order, key))
 
     def pad_inputs(self, inputs: tuple[torch.Tensor, ...], key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Inputs padded (repeating the last row) up to binding `key` (a bucket, or a larger
@@ -364,15 +414,19 @@ class Engine:
 
     def unpad_outputs(self, outputs: list[Any], real: tuple[int, ...], key: tuple[int, ...]) -> list[Any]:
         """Outputs of a run padded to binding `key`, sliced back to the real sizes along every
-        axis whose dim was padded."""
+        axis whose dim was padded, each in memory of its own (a view would keep the padded
+        rows alive, and torch.save would write them)."""
         sizes = dict(zip(self.dim_order, real))
         padded = dict(zip(self.dim_order, key))
         out = []
         for y, spec in zip(outputs, self.outputs):
             if isinstance(y, torch.Tensor) and spec is not None:
+                sliced = y
                 for axis, d in enumerate(spec.shape):
                     if isinstance(d, str) and sizes[d] != padded[d]:
-                        y = y.narrow(axis, 0, sizes[d]).contiguous()
+                        sliced = sliced.narrow(axis, 0, sizes[d])
+                if sliced is not y:
+                    y = sliced.clone(memory_format=torch.contiguous_format)
             out.append(y)
         return out
 
@@ -440,25 +494,13 @@ class Engine:
             self._warm_stream = torch.cuda.Stream(self.device)
         return self._warm_stream
 
-    def warmup(self, **sizes: list[int]) -> int:
+    def warmup(self, **sizes: int | list[int]) -> int:
         """Prepare these sizes now in every idle pooled context (on CUDA: capture their graphs),
         e.g. engine.warmup(batch=[1, 8, 64]) at server start; other dims at opt. Returns how
         many bindings were prepared per context."""
-        import itertools
-
         if not self.dims:
             raise KilnError("this engine has fixed shapes; warmup(...) is for dynamic-shape engines")
-        unknown = [n for n in sizes if n not in self.dims]
-        if unknown:
-            raise KilnError(f"this engine has no dim(s) {', '.join(unknown)} (its dims: {', '.join(self.dims)})")
-        choices = [list(sizes.get(d, [self.dims[d].opt])) for d in self.dim_order]
-        keys = []
-        for key in itertools.product(*choices):
-            for d, v in zip(self.dim_order, key):
-                if not self.dims[d].contains(v):
-                    raise InputError(f"warmup: {d} = {v} is outside this engine's range {self.dims[d].min}.."
-                                     f"{self.dims[d].max}")
-            keys.append(self.bucket_key(key) if self.buckets else tuple(key))
+        keys = [self.bucket_key(key) if self.buckets else key for key in self._binding(sizes, "warmup")]
         with self._pool.lend() as context:
             context.warmup(keys)
         return len(keys)
@@ -534,7 +576,13 @@ class Engine:
         engine's shapes as they are."""
         from kiln.shapes import evaluate
 
-        binding = {n: sizes.get(n, d.opt) for n, d in self.dims.items()}
+        if not self.dims:
+            self._check_dim_names(sizes)
+            return [tuple(s.shape) for s in self.inputs]
+        keys = self._binding(sizes, "input_shapes_at")
+        if len(keys) != 1:
+            raise KilnError(f"input_shapes_at takes one size per dim, got {sizes}")
+        binding = dict(zip(self.dim_order, keys[0]))
         return [tuple(evaluate(d, binding) for d in s.shape) for s in self.inputs]
 
     def _max_shape(self, spec: TensorSpec) -> tuple[int, ...]:
@@ -595,6 +643,7 @@ class Engine:
             raise InputError(f"the engine takes {len(names)} input(s) ({', '.join(names)}), got {len(args)} "
                              f"positional and {len(kwargs)} keyword")
         bound = dict(zip(names, args))
+        kwargs = self._drop_traced_constants(kwargs)
         unexpected = [k for k in kwargs if k not in names]
         if unexpected:
             raise InputError(f"unexpected keyword input(s) {', '.join(map(repr, unexpected))}; {expected}")
@@ -607,6 +656,30 @@ class Engine:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; {expected}")
         return tuple(bound[n] for n in names)
 
+    def _drop_traced_constants(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments less those that repeat a value the engine was traced with: a
+        non-tensor given at build (build_info["constant_inputs"]) or a parameter left out at
+        build, at its default (build_info["default_inputs"]). Another value is an InputError
+        (the engine cannot change it)."""
+        traced = self._traced
+        if not any(k in traced for k in kwargs):
+            return kwargs
+        rest = {}
+        for key, value in kwargs.items():
+            if key not in traced or key in self.input_names:
+                rest[key] = value
+                continue
+            was, how = traced[key]
+            if type(value) is type(was) and value == was:
+                continue
+            given = f"a tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"{key}={value!r}"
+            raise InputError(
+                f"keyword input {key!r} is {given}, but this engine was traced with {key}={was!r} ({how}): "
+                "non-tensor arguments, and arguments left out at build, are fixed in an engine. Pass "
+                f"{key}={was!r} or leave it out, or rebuild with kwargs={{{key!r}: ...}} (the value you need)."
+            )
+        return rest
+
     def check_inputs(self, inputs: tuple[Any, ...]) -> None:
         if len(inputs) != len(self.inputs):
             names = ", ".join(s.name for s in self.inputs)
@@ -616,7 +689,7 @@ class Engine:
         for i, (x, spec) in enumerate(zip(inputs, self.inputs)):
             where = f"input {i} ({spec.name!r})"
             if not isinstance(x, torch.Tensor):
-                raise InputError(f"{where} must be a tensor, got {type(x).__name__}")
+                raise InputError(f"{where} must be a tensor, got {type(x).__name__}: {_tensor_advice(x, spec)}")
             if x.layout != torch.strided or x.is_nested:  # (quantized and meta: diagnosed below)
                 raise InputError(f"{where} is {_unusable_tensor(x, spec)}")
             if x.dim() != len(spec.shape):
@@ -633,7 +706,8 @@ class Engine:
                 problem = _unusable_tensor(x, spec)
                 if problem is not None:
                     raise InputError(f"{where} is {problem}")
-                raise InputError(f"{where} has dtype {x.dtype}; the engine expects {spec.dtype}")
+                raise InputError(f"{where} has dtype {x.dtype}; the engine expects {spec.dtype} (pass "
+                                 f"x.to({spec.dtype}), or build the engine with {x.dtype} example inputs)")
             device = x.device
             if device != self.device and (device.type != self.device.type or (
                 device.index is not None and self.device.index is not None and device.index != self.device.index
@@ -668,6 +742,102 @@ class Engine:
             self.header, {k: (v.dtype, tuple(v.shape)) for k, v in self.weights.items()}, where=str(path), saving=True
         )
         engine_file.write(path, self.header, self.weights, sign_key=sign_key)
+
+    # -- what a module would be asked ---------------------------------------------------------
+
+    def moved(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Check a move or cast (nn.Module._apply's `fn`): an engine's device and precision are
+        fixed when it is built, so one that would change them is a KilnError (not a silent
+        no-op); one that changes nothing (.cpu() of a CPU engine, .float()) passes."""
+        floats = {s.dtype for s in self.inputs if s.dtype.is_floating_point} or {torch.float32}
+        for dtype in sorted(floats, key=str):
+            probe = torch.empty(0, dtype=dtype, device=self.device)
+            try:
+                moved = fn(probe)
+                asked = f"{moved.dtype} on {moved.device}"
+                unchanged = moved.device == probe.device and moved.dtype == dtype
+            except Exception as exc:  # say, .cuda() on a machine without CUDA
+                asked, unchanged = _first_line(exc), False
+            if not unchanged:
+                raise KilnError(
+                    f"a kiln engine cannot be moved or cast (asked: {asked}): it runs on {self.device} at "
+                    f"{self.build_info.get('precision', '?')} precision, with {dtype} inputs, as it was built. "
+                    "Build another engine for the device and precision you want: kiln.build(model, inputs, "
+                    "precision=..., device=...)."
+                )
+
+    # The model's own moves and modes, for code that calls them on what replaced the model:
+    # each returns the engine where it changes nothing, else raises (see moved).
+    def to(self, *args: Any, **kwargs: Any) -> Engine:
+        self.moved(lambda t: t.to(*args, **kwargs))
+        return self
+
+    def cpu(self) -> Engine:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> Engine:
+        self.moved(lambda t: t.cuda(device))
+        return self
+
+    def float(self) -> Engine:
+        return self.to(torch.float32)
+
+    def half(self) -> Engine:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> Engine:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> Engine:
+        return self.to(torch.float64)
+
+    def eval(self) -> Engine:
+        """An engine always runs with eval semantics."""
+        return self
+
+    def train(self, mode: bool = True) -> Engine:
+        """Engines run inference only: train() changes nothing (dropout stays off, batch norm
+        uses its running statistics, no gradient flows back), and says so with a KilnWarning."""
+        if mode:
+            warnings.warn(
+                "kiln: an engine runs inference only; train() changes nothing: dropout stays off, batch norm "
+                "uses its running statistics and no gradient flows back. Train the original model.",
+                KilnWarning, stacklevel=2,
+            )
+        return self
+
+    # -- copies -----------------------------------------------------------------------------
+
+    def _copy(self, header: dict[str, Any], weights: dict[str, torch.Tensor]) -> Engine:
+        """A new engine of this plan on these weights, with this engine's settings and no
+        execution state (contexts, graphs, locks are its own)."""
+        other = Engine(header, weights, self.device, max_contexts=self.max_contexts,
+                       pad_while_capturing=self.pad_while_capturing)
+        other.signer, other.signer_trusted = self.signer, self.signer_trusted
+        if self.dims:
+            other.buckets = dict(self.buckets)
+            other.shape_cache_size, other.capture_after = self.shape_cache_size, self.capture_after
+        return other
+
+    def __copy__(self) -> Engine:
+        """copy.copy: another engine sharing this one's (read-only) plan and weights, with
+        execution contexts of its own."""
+        return self._copy(self.header, self.weights)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
+        """copy.deepcopy (also of a module holding an EngineModule): the plan and weights copied."""
+        import copy
+
+        other = self._copy(copy.deepcopy(self.header, memo), {k: v.clone() for k, v in self.weights.items()})
+        memo[id(self)] = other
+        return other
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise KilnError(
+            "a kiln engine is not pickled (torch.save(engine), pickle.dumps): engine files are data, never "
+            "code. Save it with engine.save(path) (EngineModule.save) and load it with kiln.load(path); "
+            "copy.deepcopy(engine) copies it in memory."
+        )
 
     def summary(self) -> str:
         b, m = self.build_info, self.plan["memory"]
@@ -711,13 +881,38 @@ def _warm_quietly(engine: Engine, key: tuple[int, ...]) -> None:
         raise exc.with_traceback(None) from None
 
 
+def _traced_inputs(build: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """The non-tensor values an engine was traced with, by forward parameter name, and how it
+    got each (descriptive build info: only well-formed entries count)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for key, how in (("default_inputs", "its default"), ("constant_inputs", "given at build")):
+        table = build.get(key)
+        if isinstance(table, dict):
+            for name, value in table.items():
+                if isinstance(name, str) and (value is None or isinstance(value, (bool, int, float, str))):
+                    out[name] = (value, how)
+    return out
+
+
+def device_argument(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a DeviceMismatchError naming the argument if it is none."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceMismatchError(f"device={device!r} is not a device ({_first_line(exc)}); kiln engines run on "
+                                  "'cpu' or 'cuda' (or 'cuda:N')") from None
+
+
 def _check_device(build: dict[str, Any], device: str | torch.device | None) -> torch.device:
     built_for = build["device_type"]
-    target = torch.device(device) if device is not None else torch.device(built_for)
+    target = device_argument(device) if device is not None else torch.device(built_for)
     if target.type != built_for:
+        rebuild = (f"Rebuild it for {target.type}: kiln build MODEL --device {target.type}"
+                   if target.type in ("cpu", "cuda") else
+                   f"kiln engines run on cpu or cuda: load it with device={built_for!r} (or leave device out)")
         raise DeviceMismatchError(
             f"this engine was built for {built_for} ({build['device_name']}); it cannot run on "
-            f"{target.type}. Rebuild it for {target.type}: kiln build MODEL --device {target.type}"
+            f"{target.type}. {rebuild}"
         )
     if target.type == "cuda":
         if not torch.cuda.is_available():
@@ -752,6 +947,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, trus
     kiln's closed vocabulary (kiln.runtime.validate) before any kernel is made or any step
     runs. Anything wrong with the file is an EngineFileError; `engine.signer` names the key
     that signed it (None if unsigned), `engine.signer_trusted` whether it was verified."""
+    if device is not None:
+        device_argument(device)  # a bad argument is named as such, not as a bad file
     contents = engine_file.read_engine(path, trusted_keys)
     try:
         engine = Engine(contents.header, contents.weights, device, pad_while_capturing=pad_while_capturing)
@@ -779,9 +976,31 @@ class EngineModule(torch.nn.Module):
     def __init__(self, engine: Engine):
         super().__init__()
         self.engine = engine
+        self.training = False  # an engine runs inference only (see train())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EngineModule:
+        """.to(), .cuda(), .cpu(), .half(), .double(), .bfloat16() ...: allowed only where they
+        change nothing (Engine.moved)."""
+        self.engine.moved(fn)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> EngineModule:
+        """Recorded (self.training) but changes nothing (Engine.train)."""
+        self.engine.train(mode)
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        given = [k for k in state_dict if k.startswith(prefix)]
+        if given:
+            raise KilnError(
+                f"cannot load weights ({given[0]!r}{' ...' if len(given) > 1 else ''}) into a kiln engine: its "
+                "weights were folded and fused when it was built. Load them into the original model and "
+                "build again (kiln.compile(model, inputs))."
+            )
 
     def save(self, path: str | os.PathLike, sign_key: Any = None) -> None:
         """Write the engine file; `sign_key` signs it (see Engine.save)."""

@@ -1098,7 +1098,7 @@ class _Validator:
             self.fail(f"{what} is not a constant kiln encodes: {_brief(value)}")
 
     def structure(self, structure: Any, n_outputs: int) -> None:
-        """Fallback check of the output structure (tuple/list/dict/leaf) where kiln.specs has none."""
+        """Fallback check of the output structure (tuple/list/size/dict/leaf) where kiln.specs has none."""
         seen: list[int] = []
         stack = [structure]
         while stack:
@@ -1108,7 +1108,7 @@ class _Validator:
             (kind, body), = node.items()
             if kind == "leaf":
                 seen.append(self.integer(body, "output structure leaf", 0, max(n_outputs - 1, 0)))
-            elif kind in ("list", "tuple"):
+            elif kind in ("list", "tuple", "size"):
                 stack.extend(self.lst(body, f"output structure {kind}", 1 << 16))
             elif kind == "dict":
                 body = self.obj(body, "output structure dict")
