@@ -122,6 +122,9 @@ CASES: dict[str, Case] = {
     "gemma": _case("GemmaModel", "GemmaConfig", "text", "decoder", head_dim=16, **LLAMAISH),
     "mixtral": _case("MixtralModel", "MixtralConfig", "text", "decoder", num_local_experts=4,
                      num_experts_per_tok=2, **LLAMAISH),
+    # the same MoE through transformers' batched experts (plain torch ops, no custom op)
+    "mixtral-batched": _case("MixtralModel", "MixtralConfig", "text", "decoder", num_local_experts=4,
+                             num_experts_per_tok=2, experts_implementation="batched_mm", **LLAMAISH),
     "mamba": _case("MambaModel", "MambaConfig", "ids", "decoder", hidden_size=64, num_hidden_layers=2,
                    vocab_size=VOCAB, state_size=8),
     # encoder-decoders: the full forward with decoder_input_ids, and the encoder alone
@@ -154,7 +157,8 @@ CASES: dict[str, Case] = {
     "whisper": _case("WhisperModel", "WhisperConfig", "whisper", "audio", d_model=64, encoder_layers=2,
                      decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
                      decoder_ffn_dim=128, vocab_size=VOCAB, num_mel_bins=16, max_source_positions=50,
-                     max_target_positions=64),
+                     max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     decoder_start_token_id=1, suppress_tokens=[], begin_suppress_tokens=[]),
     "speech2text": _case("Speech2TextModel", "Speech2TextConfig", "speech2text", "audio", d_model=64,
                          encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                          encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB, input_feat_per_channel=16,
