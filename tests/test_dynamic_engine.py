@@ -565,6 +565,25 @@ def test_a_pass_keeps_a_padded_dynamic_axis_right_at_every_size():
         torch.testing.assert_close(engine(y, mask), model(y, mask), atol=1e-6, rtol=1e-6)
 
 
+class LoopsOverTheSequence(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, 0]
+        for i in range(1, x.shape[1]):  # a Python loop over a dynamic size
+            out = out * 0.5 + x[:, i]
+        return out
+
+
+def test_a_size_the_model_fixes_is_named_with_its_source_line():
+    """Non-strict torch.export says only that a dim was specialized; the CaptureError names the
+    model's line that did it (found by repeating the export with torch's specialization log)."""
+    dims = ({0: kiln.Dim("batch", min=1, opt=2, max=4), 1: kiln.Dim("seq", min=4, opt=8, max=16)},)
+    with pytest.raises(kiln.CaptureError) as info:
+        kiln.build(LoopsOverTheSequence(), (torch.randn(2, 8, 3),), dynamic_shapes=dims)
+    message = str(info.value)
+    assert "the model fixes a size at" in message and "test_dynamic_engine.py" in message
+    assert "# a Python loop over a dynamic size" in message, message
+
+
 class CentersTheBatch(nn.Module):
     def forward(self, x):
         return x - x.mean(0, keepdim=True)  # every row depends on every other: padding changes them
