@@ -214,7 +214,9 @@ def seq2seq_inputs(model: torch.nn.Module, g: torch.Generator, s: dict[str, int]
 
 
 def image_inputs(model: torch.nn.Module, g: torch.Generator, s: dict[str, int]) -> dict[str, torch.Tensor]:
-    size = model.config.image_size
+    size = getattr(model.config, "image_size", 32)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
     return {"pixel_values": torch.randn(s["batch"], 3, size, size, generator=g)}
 
 
