@@ -584,6 +584,31 @@ def test_a_size_the_model_fixes_is_named_with_its_source_line():
     assert "# a Python loop over a dynamic size" in message, message
 
 
+class SpanOfTheSequence(nn.Module):
+    """DeBERTa's relative-position span: a tensor made from a size, then slicing bounds read
+    back from it with .item() (a data-dependent value to torch.export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(64, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        span = torch.tensor(min(x.shape[1], 32))
+        rows = self.table[32 - span : 32 + span]  # 2 * seq rows
+        return x @ rows.T
+
+
+def test_an_item_of_a_size_is_that_size_in_a_dynamic_engine():
+    """.item() of a tensor computed from sizes only becomes the size expression, so the engine
+    takes every length of the range (fp32, the same ATen ops: 1e-5)."""
+    model = SpanOfTheSequence().eval()
+    engine = kiln.build(model, (torch.randn(2, 8, 8),), dynamic_shapes=(SEQ_DIMS,))
+    for batch, length in [(1, 4), (4, 32), (3, 9)]:
+        y = torch.randn(batch, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(engine(y), model(y), atol=1e-5, rtol=1e-5)
+
+
 class CentersTheBatch(nn.Module):
     def forward(self, x):
         return x - x.mean(0, keepdim=True)  # every row depends on every other: padding changes them
