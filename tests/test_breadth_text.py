@@ -4,6 +4,8 @@ CPU against eager with numerics.REL_TOL["fp32"] (1e-4 relative).
 
 - ConvBERT, dynamic batch and length: its span convolution (F.unfold) pads the sequence, whose
   fake value a pass's refresh once fixed at the traced sizes (kiln.graph.refresh_meta).
+- DeBERTa (v1), dynamic length: it slices its relative embeddings with .item()s of a tensor made
+  from the length, which capture once refused as data-dependent (kiln.capture.data_dependent).
 - Funnel, saved and loaded: its relative shift leaves slice_scatter a heap slot with gaps, which
   the loader's check once refused (kiln.runtime.validate).
 """
@@ -30,8 +32,9 @@ def _model_and_inputs(name: str, **sizes: int):
     return model, kind, kind.make(model, torch.Generator().manual_seed(0), sizes)
 
 
-def test_convbert_dynamic_batch_and_length():
-    model, kind, example = _model_and_inputs("convbert", batch=2, seq=8)
+@pytest.mark.parametrize("name", ["convbert", "deberta"])
+def test_dynamic_batch_and_length(name):
+    model, kind, example = _model_and_inputs(name, batch=2, seq=8)
     batch, seq = kiln.Dim("batch", min=1, max=3), kiln.Dim("seq", min=4, max=12)
     shapes = {k: {0: batch, 1: seq} for k in example}
     with warnings.catch_warnings():
