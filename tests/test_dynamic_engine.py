@@ -522,6 +522,93 @@ def test_refresh_meta_takes_attention_from_the_shapes_in_a_dynamic_graph(monkeyp
     assert isinstance(out.meta["val"].shape[0], torch.SymInt)
 
 
+SEQ_DIMS = {0: kiln.Dim("batch", min=1, opt=2, max=4), 1: kiln.Dim("seq", min=4, opt=16, max=32)}
+
+
+class PadsTheSequence(nn.Module):
+    """A padding of a dynamic axis (ConvBERT's span convolution: F.unfold pads the sequence)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x * mask.unsqueeze(-1)
+        padded = torch.nn.functional.pad(x.transpose(1, 2).contiguous().unsqueeze(-1), (0, 0, 4, 4))
+        return padded[:, :, :-8] + padded[:, :, 8:]
+
+
+def test_refresh_meta_keeps_a_padded_dynamic_axis_symbolic():
+    """constant_pad_nd's C++ meta kernel reads sizes as integers: outside the Python dispatcher
+    (how torch.export traces) a refresh gave ConvBERT's padding the traced batch and length, and
+    the plan then wrote other sizes into buffers of that shape. The fake-tensor cache (export's
+    results) hides it until an op's inputs change, so the refresh here runs without it."""
+    from torch._subclasses.fake_tensor import disable_fake_tensor_cache
+
+    from kiln import graph as graph_module
+    from kiln.capture.export import capture
+    from kiln.dims import normalize
+
+    inputs = (torch.randn(2, 16, 8), torch.ones(2, 16))
+    spec = normalize((SEQ_DIMS, SEQ_DIMS), inputs)
+    captured = capture(PadsTheSequence().eval(), spec.export_inputs(inputs), device=torch.device("cpu"), dynamic=spec)
+    with disable_fake_tensor_cache(captured.module.graph.find_nodes(op="placeholder")[0].meta["val"].fake_mode):
+        graph_module.refresh_meta(captured)
+    (pad,) = [n for n in captured.module.graph.nodes if n.target is torch.ops.aten.constant_pad_nd.default]
+    assert all(isinstance(d, torch.SymInt) for d in pad.meta["val"].shape[::2]), pad.meta["val"].shape
+
+
+def test_a_pass_keeps_a_padded_dynamic_axis_right_at_every_size():
+    """The engine after a pass (its refresh) is right at every batch and length (fp32, the same
+    ATen ops as eager: 1e-6)."""
+    model = PadsTheSequence().eval()
+    engine = kiln.build(model, (torch.randn(2, 16, 8), torch.ones(2, 16)), dynamic_shapes=(SEQ_DIMS, SEQ_DIMS),
+                        config=kiln.BuildConfig(passes=["dead_code"]))
+    for batch, length in [(1, 4), (4, 32), (3, 9), (2, 16)]:
+        y, mask = torch.randn(batch, length, 8), (torch.rand(batch, length) > 0.3).float()
+        torch.testing.assert_close(engine(y, mask), model(y, mask), atol=1e-6, rtol=1e-6)
+
+
+class LoopsOverTheSequence(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, 0]
+        for i in range(1, x.shape[1]):  # a Python loop over a dynamic size
+            out = out * 0.5 + x[:, i]
+        return out
+
+
+def test_a_size_the_model_fixes_is_named_with_its_source_line():
+    """Non-strict torch.export says only that a dim was specialized; the CaptureError names the
+    model's line that did it (found by repeating the export with torch's specialization log)."""
+    dims = ({0: kiln.Dim("batch", min=1, opt=2, max=4), 1: kiln.Dim("seq", min=4, opt=8, max=16)},)
+    with pytest.raises(kiln.CaptureError) as info:
+        kiln.build(LoopsOverTheSequence(), (torch.randn(2, 8, 3),), dynamic_shapes=dims)
+    message = str(info.value)
+    assert "the model fixes a size at" in message and "test_dynamic_engine.py" in message
+    assert "# a Python loop over a dynamic size" in message, message
+
+
+class SpanOfTheSequence(nn.Module):
+    """DeBERTa's relative-position span: a tensor made from a size, then slicing bounds read
+    back from it with .item() (a data-dependent value to torch.export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(64, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        span = torch.tensor(min(x.shape[1], 32))
+        rows = self.table[32 - span : 32 + span]  # 2 * seq rows
+        return x @ rows.T
+
+
+def test_an_item_of_a_size_is_that_size_in_a_dynamic_engine():
+    """.item() of a tensor computed from sizes only becomes the size expression, so the engine
+    takes every length of the range (fp32, the same ATen ops: 1e-5)."""
+    model = SpanOfTheSequence().eval()
+    engine = kiln.build(model, (torch.randn(2, 8, 8),), dynamic_shapes=(SEQ_DIMS,))
+    for batch, length in [(1, 4), (4, 32), (3, 9)]:
+        y = torch.randn(batch, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(engine(y), model(y), atol=1e-5, rtol=1e-5)
+
+
 class CentersTheBatch(nn.Module):
     def forward(self, x):
         return x - x.mean(0, keepdim=True)  # every row depends on every other: padding changes them

@@ -6,6 +6,7 @@ stands between the edit and the runtime."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -309,6 +310,42 @@ def test_reading_a_slot_before_it_is_written_is_refused(tiny, tmp_path):
 def test_malformed_plan_fields_are_refused(tiny, tmp_path, edit, pattern):
     path, _, _ = tiny
     _refused(rewrite(path, tmp_path / "p.kiln", lambda h: edit(h["plan"])), pattern)
+
+
+class ScattersIntoAStridedSlice(nn.Module):
+    """slice_scatter into a slice of a wider tensor (Funnel's relative-position shift): the CPU
+    kernel allocates its result with its input's strides, gaps included."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x * 2.0
+        return torch.slice_scatter(wide[..., :7], x[..., :3] + 1.0, 3, 0, 3) * 3.0
+
+
+def test_a_heap_slot_with_gaps_saves_loads_and_runs(tmp_path):
+    """A kernel's own result may leave gaps (a heap slot), but never overlap itself; the engine
+    saves, loads and matches eager exactly (fp32, the same ATen ops)."""
+    model, x = ScattersIntoAStridedSlice().eval(), torch.randn(2, 3, 4, 8)
+    engine = kiln.build(model, (x,), device="cpu")
+    gapped = [i for i, s in enumerate(engine.plan["slots"])
+              if s["kind"] == "heap" and validate._span(s["shape"], s["stride"]) > math.prod(s["shape"])]
+    assert gapped, "the test needs a heap slot with gaps"
+    path = tmp_path / "gaps.kiln"
+    engine.save(path)
+    torch.testing.assert_close(kiln.load(path)(x), model(x), rtol=0, atol=0)
+    # gaps the op does not leave are refused (a file could otherwise declare any span)
+    wider = lambda h: h["plan"]["slots"][gapped[0]]["stride"].__setitem__(0, 10**6)  # noqa: E731
+    _refused(rewrite(path, tmp_path / "wider.kiln", wider), f"heap slot {gapped[0]} declares stride")
+
+
+@pytest.mark.parametrize("shape, stride, overlaps", [
+    ((2, 2, 16, 31), (512, 1024, 31, 1), False),  # gaps
+    ((4, 3), (3, 1), False),
+    ((4, 3), (2, 1), True),
+    ((4, 3), (0, 1), True),  # expanded
+    ((1, 3), (0, 1), False),
+])
+def test_overlap_check(shape, stride, overlaps):
+    assert validate._overlaps(shape, stride) is overlaps
 
 
 def test_planned_slot_outside_the_arena_is_refused(tiny, tmp_path):

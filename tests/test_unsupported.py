@@ -34,6 +34,27 @@ def test_every_unsupported_op_is_listed_with_its_source_line():
     assert "test_unsupported.py" in message
     assert "# first unsupported call" in message and "# second unsupported call" in message
     assert "register a kernel" in message
+    assert "kilntest namespace(s) are custom ops" in message, "what to do about a custom op"
+
+
+class Block(nn.Module):
+    def forward(self, x):
+        return torch.ops.kilntest.wobble(x) * 2
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Identity(), Block()])
+
+    def forward(self, x):
+        return self.layers[1](self.layers[0](x))
+
+
+def test_an_unsupported_op_names_its_module_path():
+    with pytest.raises(kiln.UnsupportedOpError) as info:
+        kiln.build(Nested(), (torch.randn(4),))
+    assert "(node wobble) in module layers.1 at" in str(info.value)
 
 
 def test_a_registered_kernel_makes_the_op_buildable():

@@ -14,11 +14,20 @@ class CaptureError(KilnError):
 class UnsupportedOpError(KilnError):
     """The graph holds ops that no kernel in the catalog implements."""
 
-    def __init__(self, problems: list[tuple[str, str, str]]):
+    def __init__(self, problems: list[tuple[str, str, str]], modules: list[str] | None = None):
         self.problems = problems  # (op name, node name, source line)
         lines = [f"kiln has no kernel for {len(problems)} op(s) in this model:"]
-        for op, node, where in problems:
-            lines.append(f"  - {op} (node {node}) at {where}")
+        for (op, node, where), module in zip(problems, modules or [""] * len(problems)):
+            inside = f" in module {module}" if module else ""
+            lines.append(f"  - {op} (node {node}){inside} at {where}")
+        custom = sorted({op.split(".")[0] for op, _, _ in problems} - {"aten", "prims", "kiln"})
+        if custom:
+            lines.append(
+                f"Ops of the {', '.join(custom)} namespace(s) are custom ops (torch.library) that kiln cannot "
+                "see into: choose the model's plain-PyTorch code path instead of the custom op where it has "
+                "one (a library setting or another implementation of that module), or register a kiln "
+                "kernel for the op."
+            )
         lines.append(
             "Rewrite these calls with supported operations, or register a kernel for the op "
             "(see kiln.kernels.register_kernel)."

@@ -3,6 +3,7 @@ clean-up, fresh shape metadata, and where a node came from in the model's source
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -230,14 +232,18 @@ class _SymbolicProp(FakeTensorProp):
 
 def refresh_meta(graph: CapturedGraph) -> None:
     """Recompute every node's meta["val"] (shape, dtype, strides) after a rewrite. A graph with
-    dynamic dims propagates from its placeholders' own symbolic values, so shapes stay symbolic."""
+    dynamic dims propagates from its placeholders' own symbolic values, so shapes stay symbolic,
+    under the Python dispatcher as torch.export traced it: without it some C++ meta kernels
+    (constant_pad_nd, which F.unfold's padding becomes) read sizes as integers and return the
+    traced sizes, which the fake-tensor cache had hidden until an op's inputs changed."""
     if graph.dims:
         from torch._guards import detect_fake_mode
 
         vals = [n.meta["val"] for n in graph.module.graph.nodes if n.op == "placeholder"]
         mode = detect_fake_mode(vals)
         mode.allow_non_fake_inputs = True
-        _SymbolicProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
+        with enable_python_dispatcher():
+            _SymbolicProp(graph.module, mode).propagate_dont_convert_inputs(*vals)
         return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     inputs = [
@@ -338,6 +344,7 @@ def infer_meta(node: fx.Node) -> None:
         return val
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
-    rule = SHAPE_ONLY_META.get(node.target) if mode.shape_env is not None else None
-    with mode:
+    symbolic = mode.shape_env is not None
+    rule = SHAPE_ONLY_META.get(node.target) if symbolic else None
+    with enable_python_dispatcher() if symbolic else contextlib.nullcontext(), mode:
         node.meta["val"] = (rule or node.target)(*args, **kwargs)

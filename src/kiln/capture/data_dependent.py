@@ -8,6 +8,9 @@ nonzero, masked_select) or that reads a value into Python (.item()) with an unba
   is worked out now: a constant boolean mask becomes constant integer indices (aten.index
   with index tensors, static shape); a nonzero / .item() of constants becomes a weight / a
   number; the size checks torch.export added for the symbol then fold away;
+- in a graph with dynamic dims, a .item() of a tensor computed from the inputs' sizes only
+  (DeBERTa's torch.tensor(min(seq, k)) read back as slice bounds) becomes that size expression,
+  and the checks torch.export added for the value fold away where they hold across the ranges;
 - anything else is a CaptureError naming the op and the model's source line, with advice.
 """
 
@@ -19,10 +22,13 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from kiln.dims import size_arg
 from kiln.errors import CaptureError
 from kiln.graph import source_line
 
@@ -71,10 +77,12 @@ def make_static(module: fx.GraphModule, masters: dict[str, torch.Tensor], model_
     """Fold every data-dependent op of `module` whose data is constant; raise CaptureError
     naming the others. Returns the number of ops folded."""
     graph = module.graph
+    constants = _Constants(module, masters)
+    if _fold_size_items(module, constants):
+        _refresh_symbolic(module)
     origins = _origins(graph)
     if not origins:
         return 0
-    constants = _Constants(module, masters)
     refused = [node for node in origins if not _fold(node, module, constants)]
     if refused:
         raise data_dependent_error(model_name, refused)
@@ -173,6 +181,109 @@ def _fold(node: fx.Node, module: fx.GraphModule, constants: _Constants) -> bool:
     if node.target is aten.masked_select.default:
         return _fold_masked_select(node, module, constants)
     return False
+
+
+# 0-d integer tensor ops whose value, on sizes, is the same arithmetic on the sizes.
+_SIZE_ARITHMETIC: dict[Any, Any] = {
+    aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
+    aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+    aten.neg.default: operator.neg, aten.minimum.default: torch.sym_min, aten.maximum.default: torch.sym_max,
+}
+_SIZE_COPIES = {aten.scalar_tensor.default, aten._to_copy.default, aten.clone.default, aten.lift_fresh_copy.default,
+                aten.alias.default}
+
+
+def _size_value(arg: Any, constants: _Constants) -> Any:
+    """The int or SymInt that a 0-d integer tensor holds when it is computed from sizes only
+    (DeBERTa's torch.tensor(min(seq, k)), then arithmetic); None otherwise."""
+    if isinstance(arg, (int, torch.SymInt)) and not isinstance(arg, bool):
+        return arg
+    if not isinstance(arg, fx.Node):
+        return None
+    val = arg.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return None if symbols(val) else val
+    if not isinstance(val, torch.Tensor) or val.dim() != 0 or val.dtype.is_floating_point or val.dtype == torch.bool:
+        return None
+    constant = constants.get(arg)
+    if isinstance(constant, torch.Tensor):
+        return int(constant)
+    if arg.target in _SIZE_COPIES:
+        return _size_value(arg.args[0], constants)
+    if arg.target in _SIZE_ARITHMETIC and arg.kwargs.get("alpha", 1) == 1:
+        values = [_size_value(a, constants) for a in arg.args]
+        return None if any(v is None for v in values) else _SIZE_ARITHMETIC[arg.target](*values)
+    return None
+
+
+def _fold_size_items(module: fx.GraphModule, constants: _Constants) -> bool:
+    """.item() of a tensor computed from the inputs' sizes only, in a graph with dynamic dims,
+    becomes that size expression (nodes on aten.sym_size), so it is no data-dependent value;
+    the range checks torch.export added for the value it read go with it."""
+    graph = module.graph
+    if not _symbolic_sizes(graph):
+        return False
+    folded = False
+    for node in list(graph.nodes):
+        if node.target not in (aten._local_scalar_dense.default, aten.item.default):
+            continue
+        value = _size_value(node.args[0], constants)
+        if value is None:
+            continue
+        for check in [u for u in _scalar_users(node) if u.target in CHECK_OPS]:
+            graph.erase_node(check)
+        if isinstance(value, torch.SymInt):
+            node.replace_all_uses_with(size_arg(graph, value, node))
+        else:
+            _substitute(node, int(value))
+        graph.erase_node(node)
+        folded = True
+    if folded:
+        graph.eliminate_dead_code()
+    return folded
+
+
+def _scalar_users(node: fx.Node) -> list[fx.Node]:
+    """Nodes that compute on `node`'s scalar value (SymInt / SymBool arithmetic and checks)."""
+    found: list[fx.Node] = []
+    todo = list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in found or isinstance(user.meta.get("val"), torch.Tensor):
+            continue
+        found.append(user)
+        todo.extend(user.users)
+    return found
+
+
+def _symbolic_sizes(graph: fx.Graph) -> bool:
+    return any(isinstance(d, torch.SymInt) for n in graph.nodes if n.op == "placeholder"
+               for d in getattr(n.meta.get("val"), "shape", ()))
+
+
+def _refresh_symbolic(module: fx.GraphModule) -> None:
+    """Recompute meta["val"] from the placeholders' own symbolic values (dynamic dims)."""
+    vals = [n.meta["val"] for n in module.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    mode.allow_non_fake_inputs = True
+    module.recompile()
+    with enable_python_dispatcher():
+        FakeTensorProp(module, mode).propagate_dont_convert_inputs(*vals)
+    # torch.export's checks on values it could not see (a slice's length once its bounds were
+    # .item()s) are facts about the sizes now: those that hold across the ranges go.
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.target in CHECK_OPS and node.args and _holds(node.args[0]):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    module.recompile()
+
+
+def _holds(condition: Any) -> bool:
+    value = condition.meta.get("val") if isinstance(condition, fx.Node) else condition
+    if isinstance(value, torch.SymBool):
+        return statically_known_true(value)
+    return value is True
 
 
 def _fold_index(node: fx.Node, module: fx.GraphModule, constants: _Constants) -> bool:

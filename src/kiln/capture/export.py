@@ -26,7 +26,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from kiln.capture.data_dependent import make_static
-from kiln.capture.failures import UNKNOWN_OUTPUT, explain
+from kiln.capture.failures import UNKNOWN_OUTPUT, explain, specialization_sites
 from kiln.capture.rewrites import check_names, rewritten
 from kiln.dims import DynamicSpec, constraint_lines
 from kiln.errors import CaptureError, KilnError, KilnWarning
@@ -114,11 +114,15 @@ def capture(
                 program, applied = _export(traced, inputs, device, compute_dtype, rewrites, dynamic)
         except Exception as exc:  # torch.export raises many kinds; explain() names the known ones
             if dynamic is not None and constraint_lines(exc):
+                sites = specialization_sites(
+                    lambda: _export(traced, inputs, device, compute_dtype, rewrites, dynamic), model)
                 raise CaptureError(
                     f"torch.export cannot trace {type(model).__name__} over the ranges given "
                     f"({', '.join(d.describe() for d in dynamic.dims.values())}):\n  "
-                    + "\n  ".join(constraint_lines(exc))
-                    + "\nWhat to do: narrow the range (or fix that axis), as suggested above."
+                    + "\n  ".join(constraint_lines(exc) + [f"- the model fixes a size at {s}" for s in sites])
+                    + "\nWhat to do: narrow the range (or fix that axis), as suggested above"
+                    + (", or change the code there so that it does not need the size as a fixed Python number "
+                       "(a loop or branch over it)." if sites else ".")
                 ) from exc
             raise explain(exc, model, "capture") from exc
         _check_no_mutation(program)

@@ -10,8 +10,10 @@ KilnError that names the build stage. The original exception stays chained (`__c
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,6 +149,39 @@ def user_frame(exc: BaseException, model: Any) -> str | None:
             f = frames[-1]
             return _format(f.filename, str(f.lineno), f.name, f.line or "")
     return None
+
+
+def specialization_sites(run: Callable[[], Any], model: Any) -> list[str]:
+    """Where the model's code fixed a dynamic dim to its traced size ('file:line in function:
+    code', each once): `run` repeats the failing torch.export call with torch's specialization
+    log on (a stack per specialization, which non-strict export leaves out of its message)."""
+    from torch.fx.experimental import _config as shapes_config
+
+    stacks: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "SPECIALIZATION" and record.stack_info:
+                stacks.append(record.stack_info)
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    saved = log.handlers, log.level, log.propagate
+    log.handlers, log.propagate = [_Collect(logging.DEBUG)], False  # collected, not printed
+    log.setLevel(logging.DEBUG)
+    try:
+        with shapes_config.patch(print_specializations=True):
+            run()
+    except Exception:  # noqa: BLE001 - the failure is expected; only its log is wanted
+        pass
+    finally:
+        log.handlers, level, log.propagate = saved
+        log.setLevel(level)
+    files, sites = _model_files(model), []
+    for stack in stacks:
+        calls = [c for c in _CALL.findall(stack) if c[0] in files]
+        if calls and _format(*calls[-1]) not in sites:
+            sites.append(_format(*calls[-1]))
+    return sites
 
 
 def _format(file: str, line: str, func: str, code: str) -> str:

@@ -645,6 +645,7 @@ class _Validator:
         self.where = "plan"
         slots = self.lst(self.plan["slots"], "slots", MAX_SLOTS)
         self.slots: list[dict[str, Any]] = []
+        self.gapped: set[int] = set()  # heap slots whose layout leaves gaps
         n_inputs = len(self.graph_inputs)
         if len(slots) < n_inputs:
             self.fail(f"{len(slots)} slots cannot hold the {n_inputs} graph inputs")
@@ -669,9 +670,17 @@ class _Validator:
             if kind == "input" and (shape, dtype) != self.graph_inputs[i]:
                 self.fail(f"slot {i} ({list(shape)}, {dtype}) is not graph input {i} {self.graph_inputs[i]}")
             span = _span(shape, stride) * dtype.itemsize
-            if kind in ("input", "heap", "buffer") and span != nbytes:
+            if kind in ("input", "buffer") and span != nbytes:
                 self.fail(f"a {kind} slot is dense, but shape {list(shape)} with stride {list(stride)} overlaps "
                           "itself or leaves gaps")
+            # A kernel that allocates its own result picks its layout, gaps included (slice_scatter
+            # keeps its input's strides, which a slice of a wider tensor leaves with gaps): such a
+            # layout must be the op's own, checked on the meta device (check_shapes_on_meta).
+            if kind == "heap" and span != nbytes:
+                if _overlaps(shape, stride) or span > MAX_TENSOR_BYTES:
+                    self.fail(f"a heap slot's shape {list(shape)} with stride {list(stride)} overlaps itself "
+                              "or spans more than the limit")
+                self.gapped.add(i)
             info = {"kind": kind, "shape": shape, "stride": stride, "dtype": dtype, "span": span, "bytes": nbytes}
             if kind in ("buffer", "slice"):
                 info["offset"] = self.integer(slot.get("offset"), "offset", 0, MAX_ARENA_BYTES)
@@ -1167,6 +1176,8 @@ class _Validator:
                     else:
                         result = op(*args, **kwargs)
             except NotImplementedError:
+                if self.gapped & set(step["outputs"]):
+                    self.fail(f"{op_name} has no meta kernel to confirm the gaps its heap slot declares")
                 continue  # no meta kernel for this op: its shapes are checked when it runs
             except Exception as exc:  # any error here means the arguments do not fit the op
                 self.fail(f"{op_name} rejects its arguments with the declared shapes: {_first_line(exc)}")
@@ -1174,9 +1185,12 @@ class _Validator:
             if len(results) != len(step["outputs"]):
                 self.fail(f"{op_name} gives {len(results)} results, the step declares {len(step['outputs'])}")
             for slot, r in zip(step["outputs"], results):
+                s = self.slots[slot]
+                if slot in self.gapped and (not isinstance(r, torch.Tensor) or tuple(r.stride()) != s["stride"]):
+                    self.fail(f"heap slot {slot} declares stride {list(s['stride'])} with gaps, but {op_name} "
+                              f"gives {list(r.stride()) if isinstance(r, torch.Tensor) else r}")
                 if slot not in used or not isinstance(r, torch.Tensor):
                     continue
-                s = self.slots[slot]
                 if tuple(r.shape) != s["shape"] or r.dtype != s["dtype"]:
                     self.fail(f"{op_name} gives {list(r.shape)} {r.dtype} for slot {slot}, the plan declares "
                               f"{list(s['shape'])} {s['dtype']}")
@@ -1233,6 +1247,17 @@ def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     if any(d == 0 for d in shape):
         return 0
     return 1 + sum((d - 1) * s for d, s in zip(shape, stride))
+
+
+def _overlaps(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether two elements of a strided tensor share storage: taken from the smallest stride up,
+    each dim must step past everything the smaller ones reach."""
+    reach = 1
+    for size, step in sorted(((d, s) for d, s in zip(shape, stride) if d > 1), key=lambda ds: ds[1]):
+        if step < reach:
+            return True
+        reach = step * (size - 1) + reach
+    return False
 
 
 def _brief(value: Any) -> str:

@@ -17,7 +17,7 @@ from torch import fx
 
 from kiln.capture.data_dependent import CHECK_OPS
 from kiln.errors import UnsupportedOpError
-from kiln.graph import CapturedGraph, source_line
+from kiln.graph import CapturedGraph, module_path, source_line
 from kiln.kernels import OpCall, candidates, get_kernel, op_name
 from kiln.kernels.aten import out_variant
 from kiln.select.tune import TimingCache, copy_signature, hinted_all, signature, time_copy, tune_node
@@ -97,6 +97,7 @@ def select_kernels(
     kernels that compute an approximation of their op are not candidates."""
     chosen: dict[fx.Node, Selection] = {}
     problems: list[tuple[str, str, str]] = []
+    modules: list[str] = []
     dims = list(graph.dims.values())
     opt = {d.name: d.opt for d in dims} if dims else None
     for node in graph.module.graph.nodes:
@@ -106,6 +107,7 @@ def select_kernels(
         found = candidates(call, exact) if isinstance(node.target, torch._ops.OpOverload) else []
         if not found:
             problems.append((call.op, node.name, source_line(node)))
+            modules.append(module_path(node))
             continue
         names = [k.name for k in found]
         chosen[node] = Selection(kernel=names[0], candidates=names)
@@ -114,7 +116,7 @@ def select_kernels(
         if dims:
             _fallback(chosen[node], node, graph, dims)
     if problems:
-        raise UnsupportedOpError(problems)
+        raise UnsupportedOpError(problems, modules)
     return chosen
 
 
@@ -129,7 +131,7 @@ def _fallback(selection: Selection, node: fx.Node, graph: CapturedGraph, dims: l
         return
     ok = [n for n in selection.candidates if all(get_kernel(n).supports(c) for c in calls)]
     if not ok:
-        raise UnsupportedOpError([(node_op_name(node), node.name, source_line(node))])
+        raise UnsupportedOpError([(node_op_name(node), node.name, source_line(node))], [module_path(node)])
     timed = [n for n in ok if n in selection.timings_ms]
     selection.fallback = min(timed, key=selection.timings_ms.get) if timed else ok[0]
 
