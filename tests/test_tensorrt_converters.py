@@ -163,6 +163,17 @@ def _cases() -> list[Case]:
             [aten.avg_pool2d.default],
         ),
         Case("adaptive_avg_pool", nn.AdaptiveAvgPool2d((2, 3)), (r(1, 3, 8, 9),), [aten._adaptive_avg_pool2d.default]),
+        Case(
+            "adaptive_avg_pool_uneven",
+            Fn(lambda x: F.adaptive_avg_pool2d(x, (3, 6)) + F.adaptive_avg_pool2d(x[:, :, :1, :1], (3, 6))),
+            (r(1, 3, 7, 5),),
+        ),
+        Case(
+            "adaptive_avg_pool3d",
+            nn.AdaptiveAvgPool3d((1, 2, 3)),
+            (r(1, 2, 4, 5, 6),),
+            [aten._adaptive_avg_pool3d.default],
+        ),
         Case("linear", nn.Linear(6, 3), (r(4, 6),), [aten.addmm.default]),
         Case("linear_3d", nn.Linear(6, 3, bias=False), (r(2, 4, 6),)),
         Case("bmm", Fn(lambda a, b: torch.bmm(a, b) + a @ b), (r(2, 3, 4), r(2, 4, 5)), [aten.bmm.default]),

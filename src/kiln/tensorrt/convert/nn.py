@@ -15,6 +15,7 @@ import torch
 from kiln.tensorrt.convert.args import _E, _arg, _mask, _ntuple
 from kiln.tensorrt.convert.errors import Decline
 from kiln.tensorrt.convert.registry import converter
+from kiln.tensorrt.convert.shape import slice_layer
 
 if TYPE_CHECKING:
     from kiln.tensorrt.convert.context import ConversionContext
@@ -81,18 +82,47 @@ def _avg_pool(ctx: ConversionContext) -> Any:
     return layer.get_output(0)
 
 
-@converter(aten._adaptive_avg_pool2d.default)
-def _adaptive_avg_pool2d(ctx: ConversionContext) -> Any:
+_ADAPTIVE_AVG = {aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3}
+
+
+@converter(*_ADAPTIVE_AVG)
+def _adaptive_avg_pool(ctx: ConversionContext) -> Any:
+    """An integer ratio is one pooling layer; any other, as Torch-TensorRT lowers it, averages
+    each output cell's input window [floor(i*n/o), ceil((i+1)*n/o)): windows are rectangular, so
+    one spatial axis at a time (slices, AVG reduce, concatenation along that axis)."""
+    nd = _ADAPTIVE_AVG[ctx.node.target]
     x = ctx.tensor(ctx.args[0])
-    if len(x.shape) != 4:
-        raise Decline(f"adaptive pooling of a rank-{len(x.shape)} tensor (needs N, C, H, W)")
-    out = _ntuple(ctx.args[1], 2)
-    size = tuple(x.shape[-2:])
-    if any(s < 0 for s in size) or any(s % o for s, o in zip(size, out, strict=True)):
-        raise Decline(f"adaptive pooling from {size} to {out} (not an integer ratio)")
-    window = tuple(s // o for s, o in zip(size, out, strict=True))
-    layer = ctx.network.add_pooling_nd(x, ctx.trt.PoolingType.AVERAGE, window)
-    layer.stride_nd = window
+    rank = len(x.shape)
+    out = _ntuple(ctx.args[1], nd)
+    size = tuple(int(s) for s in x.shape[-nd:])
+    if rank < nd + 1 or any(s < 0 for s in size):
+        raise Decline(f"adaptive pooling of shape {tuple(x.shape)} (needs {nd} static spatial dims)")
+    if rank == nd + 2 and all(s % o == 0 for s, o in zip(size, out, strict=True)):
+        window = tuple(s // o for s, o in zip(size, out, strict=True))
+        layer = ctx.network.add_pooling_nd(x, ctx.trt.PoolingType.AVERAGE, window)
+        layer.stride_nd = window
+        return layer.get_output(0)
+    for i, (n, o) in enumerate(zip(size, out, strict=True)):
+        if n != o:
+            x = _adaptive_axis(ctx, x, rank - nd + i, n, o)
+    return x
+
+
+def _adaptive_axis(ctx: ConversionContext, x: Any, axis: int, n: int, o: int) -> Any:
+    """Adaptive average pooling of static axis ``axis`` from ``n`` to ``o`` cells."""
+    cells = []
+    for i in range(o):
+        begin, end = (i * n) // o, -((-(i + 1) * n) // o)
+        starts, shape = [0] * len(x.shape), ctx.shape_of(x)
+        starts[axis], shape[axis] = begin, end - begin
+        cell = slice_layer(ctx, x, starts, shape, [1] * len(shape)).get_output(0)
+        if end - begin > 1:
+            cell = ctx.network.add_reduce(cell, ctx.trt.ReduceOperation.AVG, 1 << axis, True).get_output(0)
+        cells.append(cell)
+    if len(cells) == 1:
+        return cells[0]
+    layer = ctx.network.add_concatenation(cells)
+    layer.axis = axis
     return layer.get_output(0)
 
 

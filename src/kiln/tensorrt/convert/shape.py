@@ -3,7 +3,7 @@
 Views and reshapes (view, permute, expand, squeeze/unsqueeze), select/slice, cat/split,
 constant padding, tensor creation (``*_like``, ``arange``) and indexing (embedding,
 index_select, gather, index). ``expand`` (broadcast an ITensor to given sizes) is public
-for other converters.
+for other converters, as is ``slice_layer`` (an ISliceLayer with static or dynamic sizes).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _permute(ctx: ConversionContext) -> Any:
     return layer.get_output(0)
 
 
-def _slice_layer(ctx: ConversionContext, x: Any, start: list[int], shape: list[Any], stride: list[int]) -> Any:
+def slice_layer(ctx: ConversionContext, x: Any, start: list[int], shape: list[Any], stride: list[int]) -> Any:
     static = not any(ctx.is_tensor(s) for s in shape)
     size = tuple(int(s) for s in shape) if static else (0,) * len(shape)
     layer = ctx.network.add_slice(x, tuple(start), size, tuple(stride))
@@ -64,7 +64,7 @@ def expand(ctx: ConversionContext, x: Any, sizes: Sequence[Any]) -> Any:
         stride.append(0 if broadcast else 1)
     if not any(ctx.is_tensor(s) for s in shape) and tuple(shape) == tuple(x.shape):
         return x
-    return _slice_layer(ctx, x, [0] * rank, shape, stride).get_output(0)
+    return slice_layer(ctx, x, [0] * rank, shape, stride).get_output(0)
 
 
 @converter(aten.expand.default)
@@ -128,7 +128,7 @@ def _slice(ctx: ConversionContext) -> Any:
         raise Decline("slice of a dynamic dimension with a negative start or a finite end")
     starts, strides = [0] * rank, [1] * rank
     starts[dim], strides[dim] = begin, step
-    return _slice_layer(ctx, x, starts, shape, strides).get_output(0)
+    return slice_layer(ctx, x, starts, shape, strides).get_output(0)
 
 
 @converter(aten.cat.default)
@@ -156,7 +156,7 @@ def _split(ctx: ConversionContext) -> Any:
     for size in sizes:
         shape, starts = ctx.shape_of(x), [0] * rank
         shape[dim], starts[dim] = size, begin
-        outs.append(_slice_layer(ctx, x, starts, shape, [1] * rank).get_output(0))
+        outs.append(slice_layer(ctx, x, starts, shape, [1] * rank).get_output(0))
         begin += size
     return tuple(outs)
 
@@ -172,7 +172,7 @@ def _pad(ctx: ConversionContext) -> Any:
             raise Decline("padding a dynamic dimension")
         starts[d] = -pad[2 * i]
         shape[d] = x.shape[d] + pad[2 * i] + pad[2 * i + 1]
-    layer = _slice_layer(ctx, x, starts, shape, [1] * rank)
+    layer = slice_layer(ctx, x, starts, shape, [1] * rank)
     layer.mode = ctx.trt.SampleMode.FILL
     layer.set_input(4, ctx.constant(np.array(value), x.dtype))
     return layer.get_output(0)
