@@ -174,6 +174,12 @@ def _cases() -> list[Case]:
             (r(1, 2, 4, 5, 6),),
             [aten._adaptive_avg_pool3d.default],
         ),
+        Case(
+            "cumsum",
+            Fn(lambda x, i: x.cumsum(1) + (i > 4).cumsum(-1) + i.cumsum(0)),
+            (r(2, 5), ids(2, 5)),
+            [aten.cumsum.default],
+        ),
         Case("linear", nn.Linear(6, 3), (r(4, 6),), [aten.addmm.default]),
         Case("linear_3d", nn.Linear(6, 3, bias=False), (r(2, 4, 6),)),
         Case("bmm", Fn(lambda a, b: torch.bmm(a, b) + a @ b), (r(2, 3, 4), r(2, 4, 5)), [aten.bmm.default]),
@@ -428,6 +434,21 @@ def test_dynamic_batch_symbolic_sizes_reach_views_and_arange() -> None:
     assert kt.build_engine(net, batch=(1, 4, 16)).serialized
 
 
+def test_dynamic_batch_full_and_cumsum() -> None:
+    class Model(nn.Module):  # as transformers builds position ids and masks from the batch size
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ones = torch.full((x.shape[0], x.shape[1]), 1.0)
+            return (x + ones).cumsum(1) * torch.ones(x.shape[0], 1)
+
+    gm = _dynamic_graph(Model(), torch.randn(4, 6))
+    targets = {n.target for n in gm.graph.nodes}
+    assert {aten.full.default, aten.cumsum.default} <= targets, targets
+    assert {n: r for n, r in kt.supported_nodes(gm).items() if r} == {}
+    net = kt.build_network(gm)
+    assert tuple(net.network.get_output(0).shape) == (-1, 6)
+    assert kt.build_engine(net, batch=(1, 4, 16)).serialized
+
+
 def test_timing_cache_is_written_or_noted(tmp_path) -> None:
     gm = capture(nn.Linear(4, 4), (torch.randn(2, 4),), device=CPU).module
     cache = tmp_path / "timing.cache"
@@ -443,31 +464,31 @@ def test_timing_cache_is_written_or_noted(tmp_path) -> None:
 # --- registry, declining and partitioning -----------------------------------------------
 
 
-class WithCumsum(nn.Module):
-    """relu → cumsum (no converter) → relu, plus a branch around it."""
+class WithCumprod(nn.Module):
+    """relu → cumprod (no converter) → relu, plus a branch around it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(x) * 2
-        b = torch.cumsum(a, dim=-1)
+        b = torch.cumprod(a, dim=-1)
         return torch.relu(b) + a.sigmoid()
 
 
 def test_partition_leaves_unconverted_ops_to_kiln() -> None:
-    gm = capture(WithCumsum(), (torch.randn(2, 8),), device=CPU).module
+    gm = capture(WithCumprod(), (torch.randn(2, 8),), device=CPU).module
     reasons = kt.supported_nodes(gm)
     unsupported = {n.target: r for n, r in reasons.items() if r}
-    assert unsupported == {aten.cumsum.default: "no TensorRT converter registered for aten.cumsum.default"}
+    assert unsupported == {aten.cumprod.default: "no TensorRT converter registered for aten.cumprod.default"}
     regions = kt.partition(gm, supported=reasons)
     names = [[n.name for n in region] for region in regions]
     assert len(regions) == 2, names
-    cumsum = next(n for n in gm.graph.nodes if n.target is aten.cumsum.default)
-    assert all(cumsum not in region for region in regions)
+    cumprod = next(n for n in gm.graph.nodes if n.target is aten.cumprod.default)
+    assert all(cumprod not in region for region in regions)
     _assert_acyclic(gm, regions)
     for region in regions:
         net = kt.build_network(gm, nodes=region)
         assert kt.build_engine(net).serialized
     first, second = (kt.build_network(gm, nodes=reg) for reg in regions)
-    assert first.inputs == ["x"] and second.inputs[0] == "cumsum"
+    assert first.inputs == ["x"] and second.inputs[0] == "cumprod"
 
 
 def _assert_acyclic(gm: torch.fx.GraphModule, regions: list[list[torch.fx.Node]]) -> None:
@@ -531,12 +552,12 @@ def test_user_converter_overrides_and_declines() -> None:
 
 
 def test_conversion_error_names_op_node_and_source_line() -> None:
-    gm = capture(WithCumsum(), (torch.randn(2, 8),), device=CPU).module
+    gm = capture(WithCumprod(), (torch.randn(2, 8),), device=CPU).module
     with pytest.raises(kt.ConversionError) as info:
         kt.build_network(gm)
     message = str(info.value)
-    assert "aten.cumsum.default" in message and "node cumsum" in message
-    assert "test_tensorrt_converters.py" in message and "torch.cumsum" in message
+    assert "aten.cumprod.default" in message and "node cumprod" in message
+    assert "test_tensorrt_converters.py" in message and "torch.cumprod" in message
     assert "partition" in message
 
 

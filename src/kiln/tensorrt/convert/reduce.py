@@ -1,9 +1,10 @@
-"""Built-in converters for ATen reductions (mean, sum, prod, amax/amin, any/all) and softmax."""
+"""Built-in converters for ATen reductions (mean, sum, prod, amax/amin, any/all), cumsum and softmax."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kiln.tensorrt.convert.args import _arg, _dims, _mask
@@ -69,3 +70,18 @@ def _softmax(ctx: ConversionContext) -> Any:
     if ctx.node.target is aten._log_softmax.default:
         y = ctx.unary(y, ctx.trt.UnaryOperation.LOG)
     return y
+
+
+@converter(aten.cumsum.default)
+def _cumsum(ctx: ConversionContext) -> Any:
+    """An ICumulativeLayer (SUM, inclusive, forward), in the output's dtype (torch sums bool and
+    integers as int64); the axis is a build-time 0-D constant, as TensorRT requires."""
+    trt, out = ctx.trt, ctx.out_dtype
+    if out not in (trt.float32, trt.float16, trt.bfloat16, trt.int32, trt.int64):
+        raise Decline(f"cumsum in {out} (TensorRT's cumulative layer takes float and int32/int64)")
+    x = ctx.tensor(ctx.args[0], out)
+    rank = len(x.shape)
+    if rank == 0:
+        return x
+    axis = ctx.constant(np.array(ctx.axis(ctx.args[1], rank), dtype=np.int64), trt.int64)
+    return ctx.network.add_cumulative(x, axis, trt.CumulativeOperation.SUM, False, False).get_output(0)

@@ -196,6 +196,16 @@ def _full_like(ctx: ConversionContext) -> Any:
     return expand(ctx, scalar, ctx.shape_of(x))
 
 
+@converter(aten.full.default)
+def _full(ctx: ConversionContext) -> Any:
+    """Only reached with a symbolic size (a static full is folded into a constant)."""
+    sizes, value = list(ctx.args[0]), ctx.args[1]
+    if ctx.is_tensor(value):
+        raise Decline("full with a fill value computed at run time")
+    scalar = ctx.constant(torch.full((1,) * len(sizes), value, dtype=ctx.val.dtype))
+    return expand(ctx, scalar, sizes)
+
+
 @converter(aten.arange.start_step, aten.arange.start, aten.arange.default)
 def _arange(ctx: ConversionContext) -> Any:
     """Only reached with a symbolic bound (static ranges are folded into constants)."""
