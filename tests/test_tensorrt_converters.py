@@ -254,7 +254,11 @@ def _pointwise_cases() -> list[Case]:
         ["cast", 1, {"dtype": "float32"}], ["where", 5, 6, {"const": -1.0}], ["le", 0, 7], ["and", 8, 5],
         ["where", 9, 0, 7], ["div", 1, {"const": 2}], ["add", 10, 11], ["exp", 12], ["log", 13], ["erf", 14],
     ]})  # fmt: skip
-    pointwise = torch.ops.kiln.pointwise
+    rows = json.dumps({"kiln_rowwise": 1, "inputs": 2, "body": [
+        ["mul", 0, 0], ["row_mean", 2], ["add", 3, {"const": 1e-6}], ["rsqrt", 4], ["mul", 0, 5], ["mul", 6, 1],
+        ["row_max", 7], ["sub", 7, 8], ["exp", 9], ["row_sum", 10], ["div", 10, 11], ["row_min", 12], ["add", 12, 13],
+    ]})  # fmt: skip
+    pointwise, rowwise = torch.ops.kiln.pointwise, torch.ops.kiln.rowwise
     return [
         Case(
             "kiln_pointwise_floats",
@@ -263,6 +267,12 @@ def _pointwise_cases() -> list[Case]:
             [pointwise.default],
         ),
         Case("kiln_pointwise_logic", Fn(lambda x, i: pointwise([x, i], logic)), (r(3, 4), ids(3, 4, high=4))),
+        Case(
+            "kiln_rowwise_norm_softmax",
+            Fn(lambda x, w: rowwise([x, w], rows)),
+            (r(2, 3, 8), r(8)),
+            [rowwise.default],
+        ),
     ]
 
 
@@ -345,6 +355,7 @@ def test_zoo_core_aten_ops_have_converters() -> None:
         "kiln::linear_act",
         "kiln::add_layer_norm",
         "kiln::pointwise",
+        "kiln::rowwise",  # fuse_rowwise: norms and softmax with their elementwise neighbours
     ]
     # full, scalar_tensor and static arange take no tensors: they are folded into constants.
     assert [op for op in zoo_ops if kt.lookup(op) is None] == []
