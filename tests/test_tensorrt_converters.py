@@ -153,6 +153,17 @@ def _cases() -> list[Case]:
             (r(2, 3, 4), r(2, 4, 4)),
             [aten.cat.default],
         ),
+        Case(
+            "as_strided",
+            Fn(
+                lambda x: (
+                    x.mean((2, 3), keepdim=True).as_strided((2, 6, 1, 1), (6, 1, 6, 6)).flatten(1)
+                    + x.as_strided((2, 6), (1, 2), 3)
+                )
+            ),
+            (r(2, 6, 3, 3),),
+            [aten.as_strided.default],
+        ),
         Case("pad", Fn(lambda x: F.pad(x, (1, 2, 0, 3), value=0.5)), (r(1, 2, 3, 4),), [aten.constant_pad_nd.default]),
         Case("max_pool", nn.MaxPool2d(3, 2, padding=1), (r(1, 3, 9, 9),), [aten.max_pool2d_with_indices.default]),
         Case("max_pool_ceil", nn.MaxPool2d(2, 2, ceil_mode=True), (r(1, 3, 9, 9),)),
@@ -445,15 +456,16 @@ def test_dynamic_batch_symbolic_sizes_reach_views_and_arange() -> None:
     assert kt.build_engine(net, batch=(1, 4, 16)).serialized
 
 
-def test_dynamic_batch_full_and_cumsum() -> None:
+def test_dynamic_batch_full_cumsum_as_strided() -> None:
     class Model(nn.Module):  # as transformers builds position ids and masks from the batch size
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             ones = torch.full((x.shape[0], x.shape[1]), 1.0)
-            return (x + ones).cumsum(1) * torch.ones(x.shape[0], 1)
+            pooled = x[:, :, None, None].as_strided((x.shape[0], 6, 1, 1), (6, 1, 6, 6)).flatten(1)
+            return (pooled + ones).cumsum(1) * torch.ones(x.shape[0], 1)
 
     gm = _dynamic_graph(Model(), torch.randn(4, 6))
     targets = {n.target for n in gm.graph.nodes}
-    assert {aten.full.default, aten.cumsum.default} <= targets, targets
+    assert {aten.full.default, aten.cumsum.default, aten.as_strided.default} <= targets, targets
     assert {n: r for n, r in kt.supported_nodes(gm).items() if r} == {}
     net = kt.build_network(gm)
     assert tuple(net.network.get_output(0).shape) == (-1, 6)

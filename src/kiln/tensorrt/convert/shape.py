@@ -131,6 +131,71 @@ def _slice(ctx: ConversionContext) -> Any:
     return slice_layer(ctx, x, starts, shape, strides).get_output(0)
 
 
+@converter(aten.as_strided.default)
+def _as_strided(ctx: ConversionContext) -> Any:
+    """The input's storage read through (size, stride, storage_offset), for an input that the
+    graph lays out contiguously from offset 0. A view that reads every element in order is a
+    reshape (dynamic sizes too: e.g. a 1x1 adaptive pool's mean viewed with channels-last
+    strides); any other static one gathers the flattened input at the element offsets PyTorch
+    reads (as Torch-TensorRT lowers it)."""
+    source = ctx.arg_val(0)
+    size, stride = ([_val(v) for v in ctx.node.args[i]] for i in (1, 2))
+    args = ctx.node.args
+    offset = _val(args[3] if len(args) > 3 else ctx.node.kwargs.get("storage_offset")) or 0
+    if not isinstance(source, torch.Tensor) or not _contiguous_from_zero(source):
+        raise Decline("as_strided of an input that is not laid out contiguously from offset 0")
+    x = ctx.tensor(ctx.args[0])
+    if offset == 0 and _reads_in_order(source, size, stride):
+        return ctx.reshape(x, list(ctx.args[1]))
+    if any(not isinstance(v, int) for v in (*size, *stride, offset, *source.shape)):
+        raise Decline("as_strided with symbolic sizes that do not just reshape its input")
+    try:
+        index = torch.as_strided(torch.arange(source.numel()), size, stride, offset)
+    except RuntimeError as exc:
+        raise Decline(f"as_strided reads outside its input ({exc})") from None
+    flat = ctx.reshape(x, [-1])
+    return ctx.network.add_gather(flat, ctx.constant(index.contiguous()), 0).get_output(0)
+
+
+def _val(arg: Any) -> Any:
+    """An fx argument's value: a size node's SymInt, else the argument itself."""
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal ints, or SymInts with equal expressions (no guard added)."""
+    ea = a.node.expr if isinstance(a, torch.SymInt) else a
+    eb = b.node.expr if isinstance(b, torch.SymInt) else b
+    return bool(ea == eb)
+
+
+def _contiguous_strides(shape: Sequence[Any]) -> list[Any]:
+    strides, step = [], 1
+    for n in reversed(list(shape)):
+        strides.append(step)
+        step = step * n
+    return strides[::-1]
+
+
+def _contiguous_from_zero(val: torch.Tensor) -> bool:
+    if not _same(val.storage_offset(), 0):
+        return False
+    want = _contiguous_strides(val.shape)
+    return all(_same(n, 1) or _same(s, w) for n, s, w in zip(val.shape, val.stride(), want, strict=True))
+
+
+def _reads_in_order(source: torch.Tensor, size: list[Any], stride: list[Any]) -> bool:
+    """Does (size, stride) from offset 0 read all of contiguous ``source``, element by element?"""
+    numel_size, numel_source = 1, 1
+    for n in size:
+        numel_size = numel_size * n
+    for n in source.shape:
+        numel_source = numel_source * n
+    want = _contiguous_strides(size)
+    in_order = all(_same(n, 1) or _same(s, w) for n, s, w in zip(size, stride, want, strict=True))
+    return in_order and _same(numel_size, numel_source)
+
+
 @converter(aten.cat.default)
 def _cat(ctx: ConversionContext) -> Any:
     dtype = ctx.out_dtype
