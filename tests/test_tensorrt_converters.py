@@ -191,6 +191,35 @@ def _cases() -> list[Case]:
             (r(2, 5), ids(2, 5)),
             [aten.cumsum.default],
         ),
+        Case(
+            "upsample",
+            Fn(
+                lambda x: (
+                    F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False),
+                    F.interpolate(x, scale_factor=2.5, mode="bilinear"),
+                    F.interpolate(x, size=(1, 7), mode="bilinear", align_corners=True),
+                    F.interpolate(x, scale_factor=2, mode="nearest"),
+                    F.interpolate(x, size=(6, 7), mode="nearest"),
+                )
+            ),
+            (r(1, 2, 4, 5),),
+            [aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.vec],
+        ),
+        Case("group_norm", nn.GroupNorm(2, 6).eval(), (r(2, 6, 3, 4),), [aten.native_group_norm.default]),
+        Case("group_norm_1d", Fn(lambda x: F.group_norm(x, 3)), (r(2, 6, 5),)),
+        Case(
+            "argmax",
+            Fn(
+                lambda x, i: (
+                    x.argmax(-1),
+                    x.argmin(1, keepdim=True),
+                    x.argmax(),
+                    (i == 2).int().argmax(-1),
+                )
+            ),
+            (r(2, 5, 4), ids(3, 6, high=3)),
+            [aten.argmax.default, aten.argmin.default],
+        ),
         Case("linear", nn.Linear(6, 3), (r(4, 6),), [aten.addmm.default]),
         Case("linear_3d", nn.Linear(6, 3, bias=False), (r(2, 4, 6),)),
         Case("bmm", Fn(lambda a, b: torch.bmm(a, b) + a @ b), (r(2, 3, 4), r(2, 4, 5)), [aten.bmm.default]),

@@ -126,6 +126,66 @@ def _adaptive_axis(ctx: ConversionContext, x: Any, axis: int, n: int, o: int) ->
     return layer.get_output(0)
 
 
+# resizing ------------------------------------------------------------------------------
+
+_RESIZE = {
+    aten.upsample_nearest2d.vec: ("NEAREST", 2),
+    aten.upsample_nearest2d.default: ("NEAREST", 2),
+    aten.upsample_bilinear2d.vec: ("LINEAR", 2),
+    aten.upsample_bilinear2d.default: ("LINEAR", 2),
+    aten.upsample_nearest1d.vec: ("NEAREST", 1),
+    aten.upsample_nearest3d.vec: ("NEAREST", 3),
+    aten.upsample_trilinear3d.vec: ("LINEAR", 3),
+}
+
+
+@converter(*_RESIZE)
+def _upsample(ctx: ConversionContext) -> Any:
+    """An IResizeLayer, as Torch-TensorRT and TensorRT's ONNX parser lower interpolate: PyTorch maps
+    output pixel d to input coordinate (d + 0.5) * s - 0.5 (linear; clamped at the edges) or
+    floor(d * s) (nearest), with s = 1 / scale_factor when one is given, else in / out; so a given
+    scale factor sets the layer's scales and an output size its shape."""
+    mode, nd = _RESIZE[ctx.node.target]
+    x = ctx.tensor(ctx.args[0], ctx.out_dtype)
+    linear = mode == "LINEAR"
+    align = bool(_arg(ctx, 2, "align_corners", False)) if linear else False
+    rest = list(ctx.args[3 if linear else 2 :])
+    if ctx.node.target in (aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default):
+        scales = None if all(v is None for v in rest) else [v or 0.0 for v in rest]
+    else:
+        scales = rest[0] if rest else ctx.kwargs.get("scale_factors")
+    rank = len(x.shape)
+    if rank != nd + 2:
+        raise Decline(f"{nd}-d resizing of a rank-{rank} tensor")
+    trt = ctx.trt
+    layer = ctx.network.add_resize(x)
+    layer.resize_mode = getattr(trt.InterpolationMode, mode)
+    layer.selector_for_single_pixel = trt.ResizeSelector.FORMULA
+    if linear:
+        transform = "ALIGN_CORNERS" if align else "HALF_PIXEL"
+    else:
+        transform = "ASYMMETRIC"
+        layer.nearest_rounding = trt.ResizeRoundMode.FLOOR
+    layer.coordinate_transformation = getattr(trt.ResizeCoordinateTransformation, transform)
+    if scales is not None and not align and all(float(v) > 0 for v in scales):
+        layer.scales = [1.0, 1.0, *(float(v) for v in _ntuple_f(scales, nd))]
+        return layer.get_output(0)
+    out = list(ctx.val.shape[-nd:])
+    if any(not isinstance(v, int) for v in out):
+        raise Decline("resizing to a symbolic spatial size")
+    shape = ctx.shape_of(x)[:2] + out
+    if any(ctx.is_tensor(v) for v in shape):
+        layer.set_input(1, ctx.shape_tensor(shape))
+    else:
+        layer.shape = tuple(int(v) for v in shape)
+    return layer.get_output(0)
+
+
+def _ntuple_f(value: Any, n: int) -> list[float]:
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return values * n if len(values) == 1 else values
+
+
 # linear algebra ------------------------------------------------------------------------
 
 
@@ -320,3 +380,31 @@ def _layer_norm(ctx: ConversionContext) -> Any:
     layer = ctx.network.add_normalization(x, scale, bias, _mask(range(rank - n, rank)))
     layer.epsilon = float(eps)
     return layer.get_output(0), None, None
+
+
+@converter(aten.native_group_norm.default)
+def _group_norm(ctx: ConversionContext) -> Any:
+    """Torch-TensorRT's lowering: (N, C, *) viewed as (N, G, C/G * rest), normalized over the last
+    axis (a layer norm without affine), viewed back, then the per-channel weight and bias."""
+    x, w, b, _n, channels, _hw, groups, eps = ctx.args[:8]
+    x = ctx.tensor(x, ctx.out_dtype)
+    rank = len(x.shape)
+    if rank < 2 or any(d < 0 for d in x.shape[1:]):
+        raise Decline("group norm needs static channel and spatial sizes")
+    shape = ctx.shape_of(x)
+    grouped = ctx.reshape(x, [shape[0], int(groups), -1])
+    ones = ctx.tensor(torch.ones(1, 1, 1), x.dtype)
+    zeros = ctx.tensor(torch.zeros(1, 1, 1), x.dtype)
+    layer = ctx.network.add_normalization(grouped, ones, zeros, 1 << 2)
+    layer.epsilon = float(eps)
+    y = ctx.reshape(layer.get_output(0), shape)
+    per_channel = (1, int(channels)) + (1,) * (rank - 2)
+    if w is not None:
+        y = ctx.elementwise(y, ctx.tensor(_per_channel(ctx, w, per_channel), x.dtype), _E(ctx).PROD)
+    if b is not None:
+        y = ctx.elementwise(y, ctx.tensor(_per_channel(ctx, b, per_channel), x.dtype), _E(ctx).SUM)
+    return y, None, None
+
+
+def _per_channel(ctx: ConversionContext, v: Any, shape: tuple[int, ...]) -> Any:
+    return v.reshape(shape) if isinstance(v, torch.Tensor) else ctx.reshape(v, list(shape))
