@@ -153,6 +153,17 @@ def _cases() -> list[Case]:
             (r(2, 3, 4), r(2, 4, 4)),
             [aten.cat.default],
         ),
+        Case(
+            "as_strided",
+            Fn(
+                lambda x: (
+                    x.mean((2, 3), keepdim=True).as_strided((2, 6, 1, 1), (6, 1, 6, 6)).flatten(1)
+                    + x.as_strided((2, 6), (1, 2), 3)
+                )
+            ),
+            (r(2, 6, 3, 3),),
+            [aten.as_strided.default],
+        ),
         Case("pad", Fn(lambda x: F.pad(x, (1, 2, 0, 3), value=0.5)), (r(1, 2, 3, 4),), [aten.constant_pad_nd.default]),
         Case("max_pool", nn.MaxPool2d(3, 2, padding=1), (r(1, 3, 9, 9),), [aten.max_pool2d_with_indices.default]),
         Case("max_pool_ceil", nn.MaxPool2d(2, 2, ceil_mode=True), (r(1, 3, 9, 9),)),
@@ -163,6 +174,52 @@ def _cases() -> list[Case]:
             [aten.avg_pool2d.default],
         ),
         Case("adaptive_avg_pool", nn.AdaptiveAvgPool2d((2, 3)), (r(1, 3, 8, 9),), [aten._adaptive_avg_pool2d.default]),
+        Case(
+            "adaptive_avg_pool_uneven",
+            Fn(lambda x: F.adaptive_avg_pool2d(x, (3, 6)) + F.adaptive_avg_pool2d(x[:, :, :1, :1], (3, 6))),
+            (r(1, 3, 7, 5),),
+        ),
+        Case(
+            "adaptive_avg_pool3d",
+            nn.AdaptiveAvgPool3d((1, 2, 3)),
+            (r(1, 2, 4, 5, 6),),
+            [aten._adaptive_avg_pool3d.default],
+        ),
+        Case(
+            "cumsum",
+            Fn(lambda x, i: x.cumsum(1) + (i > 4).cumsum(-1) + i.cumsum(0)),
+            (r(2, 5), ids(2, 5)),
+            [aten.cumsum.default],
+        ),
+        Case(
+            "upsample",
+            Fn(
+                lambda x: (
+                    F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False),
+                    F.interpolate(x, scale_factor=2.5, mode="bilinear"),
+                    F.interpolate(x, size=(1, 7), mode="bilinear", align_corners=True),
+                    F.interpolate(x, scale_factor=2, mode="nearest"),
+                    F.interpolate(x, size=(6, 7), mode="nearest"),
+                )
+            ),
+            (r(1, 2, 4, 5),),
+            [aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.vec],
+        ),
+        Case("group_norm", nn.GroupNorm(2, 6).eval(), (r(2, 6, 3, 4),), [aten.native_group_norm.default]),
+        Case("group_norm_1d", Fn(lambda x: F.group_norm(x, 3)), (r(2, 6, 5),)),
+        Case(
+            "argmax",
+            Fn(
+                lambda x, i: (
+                    x.argmax(-1),
+                    x.argmin(1, keepdim=True),
+                    x.argmax(),
+                    (i == 2).int().argmax(-1),
+                )
+            ),
+            (r(2, 5, 4), ids(3, 6, high=3)),
+            [aten.argmax.default, aten.argmin.default],
+        ),
         Case("linear", nn.Linear(6, 3), (r(4, 6),), [aten.addmm.default]),
         Case("linear_3d", nn.Linear(6, 3, bias=False), (r(2, 4, 6),)),
         Case("bmm", Fn(lambda a, b: torch.bmm(a, b) + a @ b), (r(2, 3, 4), r(2, 4, 5)), [aten.bmm.default]),
@@ -237,7 +294,11 @@ def _pointwise_cases() -> list[Case]:
         ["cast", 1, {"dtype": "float32"}], ["where", 5, 6, {"const": -1.0}], ["le", 0, 7], ["and", 8, 5],
         ["where", 9, 0, 7], ["div", 1, {"const": 2}], ["add", 10, 11], ["exp", 12], ["log", 13], ["erf", 14],
     ]})  # fmt: skip
-    pointwise = torch.ops.kiln.pointwise
+    rows = json.dumps({"kiln_rowwise": 1, "inputs": 2, "body": [
+        ["mul", 0, 0], ["row_mean", 2], ["add", 3, {"const": 1e-6}], ["rsqrt", 4], ["mul", 0, 5], ["mul", 6, 1],
+        ["row_max", 7], ["sub", 7, 8], ["exp", 9], ["row_sum", 10], ["div", 10, 11], ["row_min", 12], ["add", 12, 13],
+    ]})  # fmt: skip
+    pointwise, rowwise = torch.ops.kiln.pointwise, torch.ops.kiln.rowwise
     return [
         Case(
             "kiln_pointwise_floats",
@@ -246,6 +307,12 @@ def _pointwise_cases() -> list[Case]:
             [pointwise.default],
         ),
         Case("kiln_pointwise_logic", Fn(lambda x, i: pointwise([x, i], logic)), (r(3, 4), ids(3, 4, high=4))),
+        Case(
+            "kiln_rowwise_norm_softmax",
+            Fn(lambda x, w: rowwise([x, w], rows)),
+            (r(2, 3, 8), r(8)),
+            [rowwise.default],
+        ),
     ]
 
 
@@ -328,6 +395,7 @@ def test_zoo_core_aten_ops_have_converters() -> None:
         "kiln::linear_act",
         "kiln::add_layer_norm",
         "kiln::pointwise",
+        "kiln::rowwise",  # fuse_rowwise: norms and softmax with their elementwise neighbours
     ]
     # full, scalar_tensor and static arange take no tensors: they are folded into constants.
     assert [op for op in zoo_ops if kt.lookup(op) is None] == []
@@ -417,6 +485,22 @@ def test_dynamic_batch_symbolic_sizes_reach_views_and_arange() -> None:
     assert kt.build_engine(net, batch=(1, 4, 16)).serialized
 
 
+def test_dynamic_batch_full_cumsum_as_strided() -> None:
+    class Model(nn.Module):  # as transformers builds position ids and masks from the batch size
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ones = torch.full((x.shape[0], x.shape[1]), 1.0)
+            pooled = x[:, :, None, None].as_strided((x.shape[0], 6, 1, 1), (6, 1, 6, 6)).flatten(1)
+            return (pooled + ones).cumsum(1) * torch.ones(x.shape[0], 1)
+
+    gm = _dynamic_graph(Model(), torch.randn(4, 6))
+    targets = {n.target for n in gm.graph.nodes}
+    assert {aten.full.default, aten.cumsum.default, aten.as_strided.default} <= targets, targets
+    assert {n: r for n, r in kt.supported_nodes(gm).items() if r} == {}
+    net = kt.build_network(gm)
+    assert tuple(net.network.get_output(0).shape) == (-1, 6)
+    assert kt.build_engine(net, batch=(1, 4, 16)).serialized
+
+
 def test_timing_cache_is_written_or_noted(tmp_path) -> None:
     gm = capture(nn.Linear(4, 4), (torch.randn(2, 4),), device=CPU).module
     cache = tmp_path / "timing.cache"
@@ -432,31 +516,31 @@ def test_timing_cache_is_written_or_noted(tmp_path) -> None:
 # --- registry, declining and partitioning -----------------------------------------------
 
 
-class WithCumsum(nn.Module):
-    """relu → cumsum (no converter) → relu, plus a branch around it."""
+class WithCumprod(nn.Module):
+    """relu → cumprod (no converter) → relu, plus a branch around it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(x) * 2
-        b = torch.cumsum(a, dim=-1)
+        b = torch.cumprod(a, dim=-1)
         return torch.relu(b) + a.sigmoid()
 
 
 def test_partition_leaves_unconverted_ops_to_kiln() -> None:
-    gm = capture(WithCumsum(), (torch.randn(2, 8),), device=CPU).module
+    gm = capture(WithCumprod(), (torch.randn(2, 8),), device=CPU).module
     reasons = kt.supported_nodes(gm)
     unsupported = {n.target: r for n, r in reasons.items() if r}
-    assert unsupported == {aten.cumsum.default: "no TensorRT converter registered for aten.cumsum.default"}
+    assert unsupported == {aten.cumprod.default: "no TensorRT converter registered for aten.cumprod.default"}
     regions = kt.partition(gm, supported=reasons)
     names = [[n.name for n in region] for region in regions]
     assert len(regions) == 2, names
-    cumsum = next(n for n in gm.graph.nodes if n.target is aten.cumsum.default)
-    assert all(cumsum not in region for region in regions)
+    cumprod = next(n for n in gm.graph.nodes if n.target is aten.cumprod.default)
+    assert all(cumprod not in region for region in regions)
     _assert_acyclic(gm, regions)
     for region in regions:
         net = kt.build_network(gm, nodes=region)
         assert kt.build_engine(net).serialized
     first, second = (kt.build_network(gm, nodes=reg) for reg in regions)
-    assert first.inputs == ["x"] and second.inputs[0] == "cumsum"
+    assert first.inputs == ["x"] and second.inputs[0] == "cumprod"
 
 
 def _assert_acyclic(gm: torch.fx.GraphModule, regions: list[list[torch.fx.Node]]) -> None:
@@ -520,12 +604,12 @@ def test_user_converter_overrides_and_declines() -> None:
 
 
 def test_conversion_error_names_op_node_and_source_line() -> None:
-    gm = capture(WithCumsum(), (torch.randn(2, 8),), device=CPU).module
+    gm = capture(WithCumprod(), (torch.randn(2, 8),), device=CPU).module
     with pytest.raises(kt.ConversionError) as info:
         kt.build_network(gm)
     message = str(info.value)
-    assert "aten.cumsum.default" in message and "node cumsum" in message
-    assert "test_tensorrt_converters.py" in message and "torch.cumsum" in message
+    assert "aten.cumprod.default" in message and "node cumprod" in message
+    assert "test_tensorrt_converters.py" in message and "torch.cumprod" in message
     assert "partition" in message
 
 

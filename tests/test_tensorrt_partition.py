@@ -92,12 +92,12 @@ def _assert_same(got: object, want: object, tol: float = 1e-4) -> None:
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
 
 
-class WithCumsum(nn.Module):
-    """relu → cumsum (no converter) → relu, plus a branch around it."""
+class WithCumprod(nn.Module):
+    """relu → cumprod (no converter) → relu, plus a branch around it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(x) * 2
-        b = torch.cumsum(a, dim=-1)
+        b = torch.cumprod(a, dim=-1)
         return torch.relu(b) + a.sigmoid()
 
 
@@ -173,18 +173,18 @@ def test_zoo_model_becomes_one_tensorrt_region(name: str, emulate: None, tmp_pat
 
 
 def test_unconverted_op_stays_on_kiln_between_regions(emulate: None) -> None:
-    model, x = WithCumsum(), torch.randn(2, 8)
+    model, x = WithCumprod(), torch.randn(2, 8)
     engine = _build(model, (x,))
     assert _kernels(engine) == [
         (REGION_OP, "kiln.reference"),
-        ("aten.cumsum.default", "aten"),
+        ("aten.cumprod.default", "aten"),
         (REGION_OP, "kiln.reference"),
     ]
     report = engine.build_info["tensorrt"]
     assert len(report["regions"]) == 2
-    (cumsum,) = report["outside"]
-    assert cumsum["op"] == "aten.cumsum.default" and "no TensorRT converter" in cumsum["reason"]
-    assert "test_tensorrt_partition.py" in cumsum["source"] and "torch.cumsum" in cumsum["source"]
+    (cumprod,) = report["outside"]
+    assert cumprod["op"] == "aten.cumprod.default" and "no TensorRT converter" in cumprod["reason"]
+    assert "test_tensorrt_partition.py" in cumprod["source"] and "torch.cumprod" in cumprod["source"]
     assert report["ops_converted"] == report["ops_total"] - 1
     _assert_same(engine(x), model(x))
 
@@ -204,7 +204,7 @@ def test_custom_op_splits_a_cnn_into_two_engines(emulate: None) -> None:
 def test_require_full_lists_every_unconverted_op_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
     class Two(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.cumsum(x.relu(), dim=-1)
+            y = torch.cumprod(x.relu(), dim=-1)
             return torch.ops.kilntest.running_max(y) * 2
 
     def no_engines(*args: object, **kwargs: object) -> None:
@@ -215,24 +215,24 @@ def test_require_full_lists_every_unconverted_op_before_building(monkeypatch: py
         _build(Two(), (torch.randn(2, 8),), require_full=True)
     message = str(info.value)
     assert "2 op(s)" in message
-    assert "aten.cumsum.default (node cumsum)" in message and "y = torch.cumsum(x.relu(), dim=-1)" in message
+    assert "aten.cumprod.default (node cumprod)" in message and "y = torch.cumprod(x.relu(), dim=-1)" in message
     assert "kilntest.running_max.default" in message and "test_tensorrt_partition.py" in message
-    assert "@kiln.tensorrt.converter(torch.ops.aten.cumsum.default)" in message and "--require-full" in message
-    assert [o["op"] for o in info.value.ops] == ["aten.cumsum.default", "kilntest.running_max.default"]
+    assert "@kiln.tensorrt.converter(torch.ops.aten.cumprod.default)" in message and "--require-full" in message
+    assert [o["op"] for o in info.value.ops] == ["aten.cumprod.default", "kilntest.running_max.default"]
 
 
 def test_region_reading_a_later_region_is_ordered_after_it(emulate: None) -> None:
-    """relu(cumsum(x)) + sigmoid(x): the region {relu, add} reads the region {sigmoid}, which the
+    """relu(cumprod(x)) + sigmoid(x): the region {relu, add} reads the region {sigmoid}, which the
     captured graph places after relu; the spliced graph must run sigmoid's engine first."""
 
     class Model(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.cumsum(x, -1).relu() + x.sigmoid()
+            return torch.cumprod(x, -1).relu() + x.sigmoid()
 
     model, x = Model(), torch.randn(3, 5)
     engine = _build(model, (x,), passes=[])  # no fusion: keep the three ops apart
     steps = engine.plan["steps"]
-    assert [s["op"] for s in steps] == ["aten.cumsum.default", REGION_OP, REGION_OP]
+    assert [s["op"] for s in steps] == ["aten.cumprod.default", REGION_OP, REGION_OP]
     report = {r["node"]: r for r in engine.build_info["tensorrt"]["regions"]}
     assert report[steps[1]["name"]]["op_counts"] == {"aten.sigmoid.default": 1}
     assert report[steps[2]["name"]]["op_counts"] == {"aten.relu.default": 1, "aten.add.Tensor": 1}
@@ -242,7 +242,7 @@ def test_region_reading_a_later_region_is_ordered_after_it(emulate: None) -> Non
 def test_regions_of_views_only_stay_on_kiln(emulate: None) -> None:
     class Model(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.cumsum(x, -1).view(-1)[:7]
+            return torch.cumprod(x, -1).view(-1)[:7]
 
     model, x = Model(), torch.randn(3, 5)
     engine = _build(model, (x,), passes=[])
@@ -285,12 +285,12 @@ def make():
         torch.randn(1, 3, 8, 8),
     )
 
-class Cumsum(nn.Module):
+class Cumprod(nn.Module):
     def forward(self, x):
-        return torch.cumsum(x.relu(), -1)
+        return torch.cumprod(x.relu(), -1)
 
-def make_cumsum():
-    return Cumsum(), (torch.randn(2, 8),)
+def make_cumprod():
+    return Cumprod(), (torch.randn(2, 8),)
 """
 
 
@@ -311,7 +311,7 @@ def test_cli_build_backend_tensorrt_and_inspect_json(tmp_path) -> None:
     assert info["build"]["backend"] == "tensorrt"
     assert len(info["build"]["tensorrt"]["regions"]) == 1
 
-    bad = [*args[:1], f"{factory}:make_cumsum", *args[2:], "--require-full", "-o", str(tmp_path / "c.kiln")]
+    bad = [*args[:1], f"{factory}:make_cumprod", *args[2:], "--require-full", "-o", str(tmp_path / "c.kiln")]
     result = runner.invoke(app, bad)
     assert result.exit_code == 1
-    assert "aten.cumsum.default" in result.output and "--require-full" in result.output
+    assert "aten.cumprod.default" in result.output and "--require-full" in result.output

@@ -149,10 +149,10 @@ def _runtime_or_skip() -> None:
         pytest.skip(reason)
 
 
-class WithCumsum(nn.Module):
+class WithCumprod(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(x) * 2
-        b = torch.cumsum(a, dim=-1)
+        b = torch.cumprod(a, dim=-1)
         return torch.relu(b) + a.sigmoid()
 
 
@@ -194,7 +194,7 @@ def test_zoo_engine_with_a_tensorrt_region_matches_eager_on_gpu(name: str, tmp_p
 @pytest.mark.gpu
 def test_partial_engine_runs_kiln_and_tensorrt_steps_on_gpu() -> None:
     _runtime_or_skip()
-    model, x = WithCumsum(), torch.randn(4, 64, device="cuda")
+    model, x = WithCumprod(), torch.randn(4, 64, device="cuda")
     engine = _build_cuda(model, (x,))
     assert [s["kernel"] for s in engine.plan["steps"]][::2] == ["tensorrt", "tensorrt"]
     before = len(trt_engine._RUNNERS)

@@ -6,8 +6,8 @@ installed. ``available()`` and ``runtime_usable(device)`` tell what works here.
 
     import kiln.tensorrt as kt
 
-    @kt.converter(torch.ops.aten.cumsum.default)
-    def cumsum(ctx): ...
+    @kt.converter(torch.ops.aten.cumprod.default)
+    def cumprod(ctx): ...
 
 One package per stage, like the compiler's own (the names below are importable from
 ``kiln.tensorrt`` itself, each loaded on first use so that the run side stays light):

@@ -15,6 +15,7 @@ import torch
 from kiln.tensorrt.convert.args import _E, _arg, _mask, _ntuple
 from kiln.tensorrt.convert.errors import Decline
 from kiln.tensorrt.convert.registry import converter
+from kiln.tensorrt.convert.shape import slice_layer
 
 if TYPE_CHECKING:
     from kiln.tensorrt.convert.context import ConversionContext
@@ -81,19 +82,108 @@ def _avg_pool(ctx: ConversionContext) -> Any:
     return layer.get_output(0)
 
 
-@converter(aten._adaptive_avg_pool2d.default)
-def _adaptive_avg_pool2d(ctx: ConversionContext) -> Any:
+_ADAPTIVE_AVG = {aten._adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool3d.default: 3}
+
+
+@converter(*_ADAPTIVE_AVG)
+def _adaptive_avg_pool(ctx: ConversionContext) -> Any:
+    """An integer ratio is one pooling layer; any other, as Torch-TensorRT lowers it, averages
+    each output cell's input window [floor(i*n/o), ceil((i+1)*n/o)): windows are rectangular, so
+    one spatial axis at a time (slices, AVG reduce, concatenation along that axis)."""
+    nd = _ADAPTIVE_AVG[ctx.node.target]
     x = ctx.tensor(ctx.args[0])
-    if len(x.shape) != 4:
-        raise Decline(f"adaptive pooling of a rank-{len(x.shape)} tensor (needs N, C, H, W)")
-    out = _ntuple(ctx.args[1], 2)
-    size = tuple(x.shape[-2:])
-    if any(s < 0 for s in size) or any(s % o for s, o in zip(size, out, strict=True)):
-        raise Decline(f"adaptive pooling from {size} to {out} (not an integer ratio)")
-    window = tuple(s // o for s, o in zip(size, out, strict=True))
-    layer = ctx.network.add_pooling_nd(x, ctx.trt.PoolingType.AVERAGE, window)
-    layer.stride_nd = window
+    rank = len(x.shape)
+    out = _ntuple(ctx.args[1], nd)
+    size = tuple(int(s) for s in x.shape[-nd:])
+    if rank < nd + 1 or any(s < 0 for s in size):
+        raise Decline(f"adaptive pooling of shape {tuple(x.shape)} (needs {nd} static spatial dims)")
+    if rank == nd + 2 and all(s % o == 0 for s, o in zip(size, out, strict=True)):
+        window = tuple(s // o for s, o in zip(size, out, strict=True))
+        layer = ctx.network.add_pooling_nd(x, ctx.trt.PoolingType.AVERAGE, window)
+        layer.stride_nd = window
+        return layer.get_output(0)
+    for i, (n, o) in enumerate(zip(size, out, strict=True)):
+        if n != o:
+            x = _adaptive_axis(ctx, x, rank - nd + i, n, o)
+    return x
+
+
+def _adaptive_axis(ctx: ConversionContext, x: Any, axis: int, n: int, o: int) -> Any:
+    """Adaptive average pooling of static axis ``axis`` from ``n`` to ``o`` cells."""
+    cells = []
+    for i in range(o):
+        begin, end = (i * n) // o, -((-(i + 1) * n) // o)
+        starts, shape = [0] * len(x.shape), ctx.shape_of(x)
+        starts[axis], shape[axis] = begin, end - begin
+        cell = slice_layer(ctx, x, starts, shape, [1] * len(shape)).get_output(0)
+        if end - begin > 1:
+            cell = ctx.network.add_reduce(cell, ctx.trt.ReduceOperation.AVG, 1 << axis, True).get_output(0)
+        cells.append(cell)
+    if len(cells) == 1:
+        return cells[0]
+    layer = ctx.network.add_concatenation(cells)
+    layer.axis = axis
     return layer.get_output(0)
+
+
+# resizing ------------------------------------------------------------------------------
+
+_RESIZE = {
+    aten.upsample_nearest2d.vec: ("NEAREST", 2),
+    aten.upsample_nearest2d.default: ("NEAREST", 2),
+    aten.upsample_bilinear2d.vec: ("LINEAR", 2),
+    aten.upsample_bilinear2d.default: ("LINEAR", 2),
+    aten.upsample_nearest1d.vec: ("NEAREST", 1),
+    aten.upsample_nearest3d.vec: ("NEAREST", 3),
+    aten.upsample_trilinear3d.vec: ("LINEAR", 3),
+}
+
+
+@converter(*_RESIZE)
+def _upsample(ctx: ConversionContext) -> Any:
+    """An IResizeLayer, as Torch-TensorRT and TensorRT's ONNX parser lower interpolate: PyTorch maps
+    output pixel d to input coordinate (d + 0.5) * s - 0.5 (linear; clamped at the edges) or
+    floor(d * s) (nearest), with s = 1 / scale_factor when one is given, else in / out; so a given
+    scale factor sets the layer's scales and an output size its shape."""
+    mode, nd = _RESIZE[ctx.node.target]
+    x = ctx.tensor(ctx.args[0], ctx.out_dtype)
+    linear = mode == "LINEAR"
+    align = bool(_arg(ctx, 2, "align_corners", False)) if linear else False
+    rest = list(ctx.args[3 if linear else 2 :])
+    if ctx.node.target in (aten.upsample_nearest2d.default, aten.upsample_bilinear2d.default):
+        scales = None if all(v is None for v in rest) else [v or 0.0 for v in rest]
+    else:
+        scales = rest[0] if rest else ctx.kwargs.get("scale_factors")
+    rank = len(x.shape)
+    if rank != nd + 2:
+        raise Decline(f"{nd}-d resizing of a rank-{rank} tensor")
+    trt = ctx.trt
+    layer = ctx.network.add_resize(x)
+    layer.resize_mode = getattr(trt.InterpolationMode, mode)
+    layer.selector_for_single_pixel = trt.ResizeSelector.FORMULA
+    if linear:
+        transform = "ALIGN_CORNERS" if align else "HALF_PIXEL"
+    else:
+        transform = "ASYMMETRIC"
+        layer.nearest_rounding = trt.ResizeRoundMode.FLOOR
+    layer.coordinate_transformation = getattr(trt.ResizeCoordinateTransformation, transform)
+    if scales is not None and not align and all(float(v) > 0 for v in scales):
+        layer.scales = [1.0, 1.0, *(float(v) for v in _ntuple_f(scales, nd))]
+        return layer.get_output(0)
+    out = list(ctx.val.shape[-nd:])
+    if any(not isinstance(v, int) for v in out):
+        raise Decline("resizing to a symbolic spatial size")
+    shape = ctx.shape_of(x)[:2] + out
+    if any(ctx.is_tensor(v) for v in shape):
+        layer.set_input(1, ctx.shape_tensor(shape))
+    else:
+        layer.shape = tuple(int(v) for v in shape)
+    return layer.get_output(0)
+
+
+def _ntuple_f(value: Any, n: int) -> list[float]:
+    values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return values * n if len(values) == 1 else values
 
 
 # linear algebra ------------------------------------------------------------------------
@@ -290,3 +380,31 @@ def _layer_norm(ctx: ConversionContext) -> Any:
     layer = ctx.network.add_normalization(x, scale, bias, _mask(range(rank - n, rank)))
     layer.epsilon = float(eps)
     return layer.get_output(0), None, None
+
+
+@converter(aten.native_group_norm.default)
+def _group_norm(ctx: ConversionContext) -> Any:
+    """Torch-TensorRT's lowering: (N, C, *) viewed as (N, G, C/G * rest), normalized over the last
+    axis (a layer norm without affine), viewed back, then the per-channel weight and bias."""
+    x, w, b, _n, channels, _hw, groups, eps = ctx.args[:8]
+    x = ctx.tensor(x, ctx.out_dtype)
+    rank = len(x.shape)
+    if rank < 2 or any(d < 0 for d in x.shape[1:]):
+        raise Decline("group norm needs static channel and spatial sizes")
+    shape = ctx.shape_of(x)
+    grouped = ctx.reshape(x, [shape[0], int(groups), -1])
+    ones = ctx.tensor(torch.ones(1, 1, 1), x.dtype)
+    zeros = ctx.tensor(torch.zeros(1, 1, 1), x.dtype)
+    layer = ctx.network.add_normalization(grouped, ones, zeros, 1 << 2)
+    layer.epsilon = float(eps)
+    y = ctx.reshape(layer.get_output(0), shape)
+    per_channel = (1, int(channels)) + (1,) * (rank - 2)
+    if w is not None:
+        y = ctx.elementwise(y, ctx.tensor(_per_channel(ctx, w, per_channel), x.dtype), _E(ctx).PROD)
+    if b is not None:
+        y = ctx.elementwise(y, ctx.tensor(_per_channel(ctx, b, per_channel), x.dtype), _E(ctx).SUM)
+    return y, None, None
+
+
+def _per_channel(ctx: ConversionContext, v: Any, shape: tuple[int, ...]) -> Any:
+    return v.reshape(shape) if isinstance(v, torch.Tensor) else ctx.reshape(v, list(shape))

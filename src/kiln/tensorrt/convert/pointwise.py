@@ -1,8 +1,11 @@
-"""Converter for ``kiln::pointwise``: a fused elementwise program, one TensorRT layer per instruction.
+"""Converters for ``kiln::pointwise`` (a fused elementwise program) and ``kiln::rowwise`` (the same
+with reductions along the last axis: norms, softmax), one TensorRT layer per instruction.
 
 The program (``kiln.ops.pointwise``) is validated by its own parser; each value's dtype is what
 torch's promotion gives (``kiln.ops.pointwise.value_dtypes``), so operands are cast exactly where
-the reference implementation casts them. TensorRT fuses the resulting elementwise layers again.
+the reference implementation casts them. TensorRT fuses the resulting elementwise layers again. A row
+reduction (``row_sum``/``row_mean``/``row_max``/``row_min``) is an IReduceLayer over its operand's
+last axis, keepdim (the fusion pass guarantees that axis is the whole row).
 """
 
 from __future__ import annotations
@@ -28,15 +31,29 @@ _COMPARE = {"eq", "ne", "gt", "ge", "lt", "le"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_ROW_REDUCE = {"row_sum": "SUM", "row_mean": "AVG", "row_max": "MAX", "row_min": "MIN"}
+
+
 @converter("kiln::pointwise")
 def _pointwise(ctx: ConversionContext) -> Any:
+    return _program(ctx, "parse_program")
+
+
+@converter("kiln::rowwise")
+def _rowwise(ctx: ConversionContext) -> Any:
+    return _program(ctx, "parse_row_program")
+
+
+def _program(ctx: ConversionContext, parser: str) -> Any:
+    """The program's values in order; ``parser`` is the kiln.ops.pointwise function that reads it."""
     try:
-        from kiln.ops.pointwise import Const, PointwiseProgramError, parse_program, value_dtypes
+        from kiln.ops import pointwise
+        from kiln.ops.pointwise import Const, PointwiseProgramError, value_dtypes
     except ImportError as exc:  # kiln.ops.pointwise is optional to this converter
         raise Decline(f"kiln.ops.pointwise is unavailable ({exc})") from None
     inputs, text = ctx.args[0], ctx.args[1]
     try:
-        program = parse_program(text)
+        program = getattr(pointwise, parser)(text)
         dtypes = value_dtypes(program, tuple(_signature(x) for x in ctx.node.args[0]))
     except PointwiseProgramError as exc:
         raise Decline(str(exc)) from None
@@ -85,6 +102,12 @@ def _lower(
         return ctx.network.add_select(cond, a, b).get_output(0)
     if op == "cast":
         return ctx.tensor(args[0], out)
+    if op in _ROW_REDUCE:
+        if out not in (trt.float32, trt.float16, trt.bfloat16):
+            raise Decline(f"{op} in {dtype} (row reductions in TensorRT here are floating point)")
+        x = ctx.tensor(args[0], out)
+        reduce = getattr(trt.ReduceOperation, _ROW_REDUCE[op])
+        return ctx.network.add_reduce(x, reduce, 1 << (len(x.shape) - 1), True).get_output(0)
     raise Decline(f"pointwise op {op!r} has no TensorRT lowering")
 
 

@@ -3,7 +3,7 @@
 Views and reshapes (view, permute, expand, squeeze/unsqueeze), select/slice, cat/split,
 constant padding, tensor creation (``*_like``, ``arange``) and indexing (embedding,
 index_select, gather, index). ``expand`` (broadcast an ITensor to given sizes) is public
-for other converters.
+for other converters, as is ``slice_layer`` (an ISliceLayer with static or dynamic sizes).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _permute(ctx: ConversionContext) -> Any:
     return layer.get_output(0)
 
 
-def _slice_layer(ctx: ConversionContext, x: Any, start: list[int], shape: list[Any], stride: list[int]) -> Any:
+def slice_layer(ctx: ConversionContext, x: Any, start: list[int], shape: list[Any], stride: list[int]) -> Any:
     static = not any(ctx.is_tensor(s) for s in shape)
     size = tuple(int(s) for s in shape) if static else (0,) * len(shape)
     layer = ctx.network.add_slice(x, tuple(start), size, tuple(stride))
@@ -64,7 +64,7 @@ def expand(ctx: ConversionContext, x: Any, sizes: Sequence[Any]) -> Any:
         stride.append(0 if broadcast else 1)
     if not any(ctx.is_tensor(s) for s in shape) and tuple(shape) == tuple(x.shape):
         return x
-    return _slice_layer(ctx, x, [0] * rank, shape, stride).get_output(0)
+    return slice_layer(ctx, x, [0] * rank, shape, stride).get_output(0)
 
 
 @converter(aten.expand.default)
@@ -128,7 +128,72 @@ def _slice(ctx: ConversionContext) -> Any:
         raise Decline("slice of a dynamic dimension with a negative start or a finite end")
     starts, strides = [0] * rank, [1] * rank
     starts[dim], strides[dim] = begin, step
-    return _slice_layer(ctx, x, starts, shape, strides).get_output(0)
+    return slice_layer(ctx, x, starts, shape, strides).get_output(0)
+
+
+@converter(aten.as_strided.default)
+def _as_strided(ctx: ConversionContext) -> Any:
+    """The input's storage read through (size, stride, storage_offset), for an input that the
+    graph lays out contiguously from offset 0. A view that reads every element in order is a
+    reshape (dynamic sizes too: e.g. a 1x1 adaptive pool's mean viewed with channels-last
+    strides); any other static one gathers the flattened input at the element offsets PyTorch
+    reads (as Torch-TensorRT lowers it)."""
+    source = ctx.arg_val(0)
+    size, stride = ([_val(v) for v in ctx.node.args[i]] for i in (1, 2))
+    args = ctx.node.args
+    offset = _val(args[3] if len(args) > 3 else ctx.node.kwargs.get("storage_offset")) or 0
+    if not isinstance(source, torch.Tensor) or not _contiguous_from_zero(source):
+        raise Decline("as_strided of an input that is not laid out contiguously from offset 0")
+    x = ctx.tensor(ctx.args[0])
+    if offset == 0 and _reads_in_order(source, size, stride):
+        return ctx.reshape(x, list(ctx.args[1]))
+    if any(not isinstance(v, int) for v in (*size, *stride, offset, *source.shape)):
+        raise Decline("as_strided with symbolic sizes that do not just reshape its input")
+    try:
+        index = torch.as_strided(torch.arange(source.numel()), size, stride, offset)
+    except RuntimeError as exc:
+        raise Decline(f"as_strided reads outside its input ({exc})") from None
+    flat = ctx.reshape(x, [-1])
+    return ctx.network.add_gather(flat, ctx.constant(index.contiguous()), 0).get_output(0)
+
+
+def _val(arg: Any) -> Any:
+    """An fx argument's value: a size node's SymInt, else the argument itself."""
+    return arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal ints, or SymInts with equal expressions (no guard added)."""
+    ea = a.node.expr if isinstance(a, torch.SymInt) else a
+    eb = b.node.expr if isinstance(b, torch.SymInt) else b
+    return bool(ea == eb)
+
+
+def _contiguous_strides(shape: Sequence[Any]) -> list[Any]:
+    strides, step = [], 1
+    for n in reversed(list(shape)):
+        strides.append(step)
+        step = step * n
+    return strides[::-1]
+
+
+def _contiguous_from_zero(val: torch.Tensor) -> bool:
+    if not _same(val.storage_offset(), 0):
+        return False
+    want = _contiguous_strides(val.shape)
+    return all(_same(n, 1) or _same(s, w) for n, s, w in zip(val.shape, val.stride(), want, strict=True))
+
+
+def _reads_in_order(source: torch.Tensor, size: list[Any], stride: list[Any]) -> bool:
+    """Does (size, stride) from offset 0 read all of contiguous ``source``, element by element?"""
+    numel_size, numel_source = 1, 1
+    for n in size:
+        numel_size = numel_size * n
+    for n in source.shape:
+        numel_source = numel_source * n
+    want = _contiguous_strides(size)
+    in_order = all(_same(n, 1) or _same(s, w) for n, s, w in zip(size, stride, want, strict=True))
+    return in_order and _same(numel_size, numel_source)
 
 
 @converter(aten.cat.default)
@@ -156,7 +221,7 @@ def _split(ctx: ConversionContext) -> Any:
     for size in sizes:
         shape, starts = ctx.shape_of(x), [0] * rank
         shape[dim], starts[dim] = size, begin
-        outs.append(_slice_layer(ctx, x, starts, shape, [1] * rank).get_output(0))
+        outs.append(slice_layer(ctx, x, starts, shape, [1] * rank).get_output(0))
         begin += size
     return tuple(outs)
 
@@ -172,7 +237,7 @@ def _pad(ctx: ConversionContext) -> Any:
             raise Decline("padding a dynamic dimension")
         starts[d] = -pad[2 * i]
         shape[d] = x.shape[d] + pad[2 * i] + pad[2 * i + 1]
-    layer = _slice_layer(ctx, x, starts, shape, [1] * rank)
+    layer = slice_layer(ctx, x, starts, shape, [1] * rank)
     layer.mode = ctx.trt.SampleMode.FILL
     layer.set_input(4, ctx.constant(np.array(value), x.dtype))
     return layer.get_output(0)
@@ -194,6 +259,16 @@ def _full_like(ctx: ConversionContext) -> Any:
     rank = len(x.shape)
     scalar = ctx.constant(torch.full((1,) * rank, value, dtype=ctx.val.dtype))
     return expand(ctx, scalar, ctx.shape_of(x))
+
+
+@converter(aten.full.default)
+def _full(ctx: ConversionContext) -> Any:
+    """Only reached with a symbolic size (a static full is folded into a constant)."""
+    sizes, value = list(ctx.args[0]), ctx.args[1]
+    if ctx.is_tensor(value):
+        raise Decline("full with a fill value computed at run time")
+    scalar = ctx.constant(torch.full((1,) * len(sizes), value, dtype=ctx.val.dtype))
+    return expand(ctx, scalar, sizes)
 
 
 @converter(aten.arange.start_step, aten.arange.start, aten.arange.default)

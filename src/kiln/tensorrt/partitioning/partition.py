@@ -60,7 +60,7 @@ class IncompleteConversionError(ConversionError):
         self.ops = ops  # the report's "outside" rows: node, op, source, reason
         lines = [f"TensorRT cannot take {len(ops)} op(s) of this model, and a full conversion was required:"]
         lines += [f"  - {o['op']} (node {o['node']}) at {o['source']}: {o['reason']}" for o in ops]
-        first = ops[0]["op"] if ops else "aten.cumsum.default"
+        first = ops[0]["op"] if ops else "aten.cumprod.default"
         lines.append(
             "Register a converter for each (@kiln.tensorrt.converter(torch.ops."
             f"{first}), see kiln.tensorrt.convert.registry), rewrite those lines with ops TensorRT supports, "
