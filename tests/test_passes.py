@@ -340,6 +340,26 @@ def test_batched_weight_matmul_becomes_one_gemm():
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
 
 
+def test_batched_weight_matmul_keeps_the_shape_of_a_linear_over_a_4d_permute():
+    """A linear over the heads of [B, H, N, N] scores (CaiT's talking heads): Core ATen's bmm is
+    [B·N, N, H] and its bias add is in the 4-D view [B, N, N, H]; the GEMM's result must come back
+    in the add's shape, not the bmm's (it was [B·N, N, H], and the permute after it failed)."""
+
+    class TalkingHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_l = nn.Linear(4, 4)
+
+        def forward(self, attn):
+            return self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+
+    x = torch.randn(2, 4, 6, 6)
+    before = _capture(TalkingHeads(), x)
+    after, _ = run_passes(before, ["batched_weight_matmul"])
+    assert "aten.bmm.default" in _ops(before) and "aten.addmm.default" in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-6, rtol=1e-5)
+
+
 def test_channels_last_skips_models_that_are_mostly_matmuls():
     from kiln.passes.channels_last import is_convolutional
 
