@@ -148,6 +148,20 @@ class GrabBag(nn.Module):
                 pooled.amax((2, 3)), torch.where(c > 0.5, c, -c).var(-1), x.repeat(1, 2, 1, 1)[:, ::2])
 
 
+class BatchStatistics(nn.Module):
+    """Normalization over the input's own statistics, not running ones: instance norm and
+    F.batch_norm without running stats export as aten._native_batch_norm_legit.no_stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x))
+        return torch.nn.functional.batch_norm(y, None, None, training=True)
+
+
 def _zoo(name, shape=None):
     from kiln import zoo
 
@@ -160,6 +174,7 @@ REPRESENTATIVE = {
     "tiny_transformer": lambda: (TinyTransformer().eval(), (torch.randint(0, 50, (2, 6)),)),
     "pointwise_fusion": lambda: (PointwiseChain().eval(), (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))),
     "grab_bag": lambda: (GrabBag().eval(), (torch.randint(0, 20, (2, 5)), torch.randn(1, 8, 6, 6))),
+    "batch_statistics": lambda: (BatchStatistics().eval(), (torch.randn(2, 3, 8, 8),)),
     "resnet18": lambda: _zoo("resnet18", (3, 64, 64)),
     "bert-tiny": lambda: _zoo("bert-tiny"),
 }
@@ -180,6 +195,16 @@ def test_every_op_a_build_emits_is_allowed_and_loads(name, tmp_path):
     for got, want in zip(torch.utils._pytree.tree_leaves(loaded(*inputs)),
                          torch.utils._pytree.tree_leaves(engine(*inputs))):
         assert torch.equal(got, want)
+
+
+def test_normalization_over_batch_statistics_saves_loads_and_matches_eager(tmp_path):
+    model, inputs = REPRESENTATIVE["batch_statistics"]()
+    engine = kiln.build(model, inputs, device="cpu")
+    assert "aten._native_batch_norm_legit.no_stats" in {s["op"] for s in engine.plan["steps"]}
+    engine.save(tmp_path / "m.kiln")
+    with torch.no_grad():
+        expected = model(*inputs)
+    torch.testing.assert_close(kiln.load(tmp_path / "m.kiln")(*inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- crafted plans ---------------------------------------------------------------------------------------
