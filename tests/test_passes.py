@@ -158,6 +158,25 @@ def test_constant_fold_folds_a_window_mask_but_not_a_huge_broadcast():
         torch.testing.assert_close(got, want)
 
 
+def test_constant_fold_folds_an_op_with_several_results_over_weights():
+    """Weight standardization (timm's ScaledStdConv2d: F.batch_norm over the weight with batch
+    statistics) exports as _native_batch_norm_legit.no_stats, three results read by getitem."""
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                               training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return torch.nn.functional.conv2d(x, w, self.bias)
+
+    x = torch.randn(2, 3, 8, 8)
+    before = _capture(StdConv(3, 4, 3), x)
+    after, _ = run_passes(before, ["constant_fold"])
+    norm = "aten._native_batch_norm_legit.no_stats"
+    assert norm in _ops(before) and norm not in _ops(after)
+    assert _ops(after) == ["aten.convolution.default"]
+    torch.testing.assert_close(after.run(x), before.run(x), rtol=1e-5, atol=1e-5)
+
+
 def test_constant_fold_leaves_input_dependent_ops():
     x = torch.randn(2, 4)
     before = _capture(Tiny(), x)
