@@ -162,6 +162,20 @@ class BatchStatistics(nn.Module):
         return torch.nn.functional.batch_norm(y, None, None, training=True)
 
 
+class SliceUpdate(nn.Module):
+    """An in-place add into a slice (MViT's relative positions): functionalized, slice_scatter
+    and copy return tensors with their input's strides, gaps included ([.., 5, 6] at stride 6·6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, q, k):
+        attn = q @ k.transpose(-2, -1)
+        attn[:, :, 1:, 1:] += self.rel
+        return attn.softmax(-1)
+
+
 def _zoo(name, shape=None):
     from kiln import zoo
 
@@ -175,6 +189,7 @@ REPRESENTATIVE = {
     "pointwise_fusion": lambda: (PointwiseChain().eval(), (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))),
     "grab_bag": lambda: (GrabBag().eval(), (torch.randint(0, 20, (2, 5)), torch.randn(1, 8, 6, 6))),
     "batch_statistics": lambda: (BatchStatistics().eval(), (torch.randn(2, 3, 8, 8),)),
+    "slice_update": lambda: (SliceUpdate().eval(), (torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4))),
     "resnet18": lambda: _zoo("resnet18", (3, 64, 64)),
     "bert-tiny": lambda: _zoo("bert-tiny"),
 }
@@ -347,6 +362,19 @@ def test_planned_slot_outside_the_arena_is_refused(tiny, tmp_path):
              "not aligned")
     _refused(rewrite(path, tmp_path / "short.kiln", lambda h: h["plan"]["slots"][slot].update(nbytes=4)),
              "more than its nbytes")
+
+
+def test_heap_slots_may_leave_gaps_but_never_overlap(tmp_path):
+    model, inputs = REPRESENTATIVE["slice_update"]()
+    engine = kiln.build(model, inputs, device="cpu")
+    engine.save(tmp_path / "gaps.kiln")
+    with torch.no_grad():
+        expected = model(*inputs)
+    torch.testing.assert_close(kiln.load(tmp_path / "gaps.kiln")(*inputs), expected, rtol=1e-5, atol=1e-6)
+    header = kiln.runtime.engine_file.read(tmp_path / "gaps.kiln")[0]
+    slot = next(i for i, s in enumerate(header["plan"]["slots"]) if s["kind"] == "heap" and s["shape"][-1] == 6)
+    _refused(rewrite(tmp_path / "gaps.kiln", tmp_path / "overlap.kiln",
+                     lambda h: h["plan"]["slots"][slot].update(stride=[72, 36, 1, 1])), "heap slot", "overlaps")
 
 
 def test_constant_that_changes_a_shape_is_caught_on_the_meta_device(tiny, tmp_path):

@@ -671,9 +671,14 @@ class _Validator:
             if kind == "input" and (shape, dtype) != self.graph_inputs[i]:
                 self.fail(f"slot {i} ({list(shape)}, {dtype}) is not graph input {i} {self.graph_inputs[i]}")
             span = _span(shape, stride) * dtype.itemsize
-            if kind in ("input", "heap", "buffer") and span != nbytes:
+            if kind in ("input", "buffer") and span != nbytes:
                 self.fail(f"a {kind} slot is dense, but shape {list(shape)} with stride {list(stride)} overlaps "
                           "itself or leaves gaps")
+            # an op that allocates its own result may leave gaps (slice_scatter and copy into a
+            # slice keep their input's strides: the in-place `x[:, 1:] += y` of MViT's attention)
+            if kind == "heap" and (not _non_overlapping(shape, stride) or span > MAX_TENSOR_BYTES):
+                self.fail(f"a heap slot, shape {list(shape)} with stride {list(stride)}, overlaps itself or spans "
+                          f"more than {MAX_TENSOR_BYTES} bytes")
             info = {"kind": kind, "shape": shape, "stride": stride, "dtype": dtype, "span": span, "bytes": nbytes}
             if kind in ("buffer", "slice"):
                 info["offset"] = self.integer(slot.get("offset"), "offset", 0, MAX_ARENA_BYTES)
@@ -1235,6 +1240,16 @@ def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     if any(d == 0 for d in shape):
         return 0
     return 1 + sum((d - 1) * s for d, s in zip(shape, stride))
+
+
+def _non_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """No two indices of a strided tensor reach the same element (gaps allowed)."""
+    reach = 0  # the largest offset the dims of smaller stride reach
+    for size, step in sorted(((d, st) for d, st in zip(shape, stride) if d > 1), key=lambda p: p[1]):
+        if step <= reach:
+            return False
+        reach += (size - 1) * step
+    return True
 
 
 def _brief(value: Any) -> str:
