@@ -161,7 +161,6 @@ CASES: tuple[Case, ...] = (
     _tm("xcit_nano_12_p16_224", img_size=64, depth=2),
     _tm("beit_base_patch16_224", img_size=64, depth=2),
     _tm("eva02_tiny_patch14_224", (3, 56, 56), img_size=56, depth=2),
-    _tm("halonet26t", (3, 128, 128), img_size=128, note="its halo blocks need 128 or more"),
     _tm("inception_v4", (3, 96, 96)),
     _tm("crossvit_tiny_240", (3, 240, 240)),
     _tm("hiera_tiny_224", (3, 224, 224)),
