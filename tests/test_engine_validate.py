@@ -149,6 +149,34 @@ class GrabBag(nn.Module):
                 pooled.amax((2, 3)), torch.where(c > 0.5, c, -c).var(-1), x.repeat(1, 2, 1, 1)[:, ::2])
 
 
+class BatchStatistics(nn.Module):
+    """Normalization over the input's own statistics, not running ones: instance norm and
+    F.batch_norm without running stats export as aten._native_batch_norm_legit.no_stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x))
+        return torch.nn.functional.batch_norm(y, None, None, training=True)
+
+
+class SliceUpdate(nn.Module):
+    """An in-place add into a slice (MViT's relative positions): functionalized, slice_scatter
+    and copy return tensors with their input's strides, gaps included ([.., 5, 6] at stride 6·6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, q, k):
+        attn = q @ k.transpose(-2, -1)
+        attn[:, :, 1:, 1:] += self.rel
+        return attn.softmax(-1)
+
+
 def _zoo(name, shape=None):
     from kiln import zoo
 
@@ -161,6 +189,8 @@ REPRESENTATIVE = {
     "tiny_transformer": lambda: (TinyTransformer().eval(), (torch.randint(0, 50, (2, 6)),)),
     "pointwise_fusion": lambda: (PointwiseChain().eval(), (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))),
     "grab_bag": lambda: (GrabBag().eval(), (torch.randint(0, 20, (2, 5)), torch.randn(1, 8, 6, 6))),
+    "batch_statistics": lambda: (BatchStatistics().eval(), (torch.randn(2, 3, 8, 8),)),
+    "slice_update": lambda: (SliceUpdate().eval(), (torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4))),
     "resnet18": lambda: _zoo("resnet18", (3, 64, 64)),
     "bert-tiny": lambda: _zoo("bert-tiny"),
 }
@@ -181,6 +211,16 @@ def test_every_op_a_build_emits_is_allowed_and_loads(name, tmp_path):
     for got, want in zip(torch.utils._pytree.tree_leaves(loaded(*inputs)),
                          torch.utils._pytree.tree_leaves(engine(*inputs))):
         assert torch.equal(got, want)
+
+
+def test_normalization_over_batch_statistics_saves_loads_and_matches_eager(tmp_path):
+    model, inputs = REPRESENTATIVE["batch_statistics"]()
+    engine = kiln.build(model, inputs, device="cpu")
+    assert "aten._native_batch_norm_legit.no_stats" in {s["op"] for s in engine.plan["steps"]}
+    engine.save(tmp_path / "m.kiln")
+    with torch.no_grad():
+        expected = model(*inputs)
+    torch.testing.assert_close(kiln.load(tmp_path / "m.kiln")(*inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- crafted plans ---------------------------------------------------------------------------------------
@@ -334,7 +374,12 @@ def test_a_heap_slot_with_gaps_saves_loads_and_runs(tmp_path):
     torch.testing.assert_close(kiln.load(path)(x), model(x), rtol=0, atol=0)
     # gaps the op does not leave are refused (a file could otherwise declare any span)
     wider = lambda h: h["plan"]["slots"][gapped[0]]["stride"].__setitem__(0, 10**6)  # noqa: E731
-    _refused(rewrite(path, tmp_path / "wider.kiln", wider), f"heap slot {gapped[0]} declares stride")
+    _refused(rewrite(path, tmp_path / "wider.kiln", wider), f"slot {gapped[0]}: a heap slot spans")
+
+    def one_more(header):  # still within the plan's largest tensor, but not the op's own layout
+        header["plan"]["slots"][gapped[0]]["stride"][0] += 1
+
+    _refused(rewrite(path, tmp_path / "one_more.kiln", one_more), f"heap slot {gapped[0]} declares stride")
 
 
 @pytest.mark.parametrize("shape, stride, overlaps", [
@@ -359,6 +404,19 @@ def test_planned_slot_outside_the_arena_is_refused(tiny, tmp_path):
              "not aligned")
     _refused(rewrite(path, tmp_path / "short.kiln", lambda h: h["plan"]["slots"][slot].update(nbytes=4)),
              "more than its nbytes")
+
+
+def test_heap_slots_may_leave_gaps_but_never_overlap(tmp_path):
+    model, inputs = REPRESENTATIVE["slice_update"]()
+    engine = kiln.build(model, inputs, device="cpu")
+    engine.save(tmp_path / "gaps.kiln")
+    with torch.no_grad():
+        expected = model(*inputs)
+    torch.testing.assert_close(kiln.load(tmp_path / "gaps.kiln")(*inputs), expected, rtol=1e-5, atol=1e-6)
+    header = kiln.runtime.engine_file.read(tmp_path / "gaps.kiln")[0]
+    slot = next(i for i, s in enumerate(header["plan"]["slots"]) if s["kind"] == "heap" and s["shape"][-1] == 6)
+    _refused(rewrite(tmp_path / "gaps.kiln", tmp_path / "overlap.kiln",
+                     lambda h: h["plan"]["slots"][slot].update(stride=[72, 36, 1, 1])), "heap slot", "overlaps")
 
 
 def test_constant_that_changes_a_shape_is_caught_on_the_meta_device(tiny, tmp_path):

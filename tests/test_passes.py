@@ -158,6 +158,25 @@ def test_constant_fold_folds_a_window_mask_but_not_a_huge_broadcast():
         torch.testing.assert_close(got, want)
 
 
+def test_constant_fold_folds_an_op_with_several_results_over_weights():
+    """Weight standardization (timm's ScaledStdConv2d: F.batch_norm over the weight with batch
+    statistics) exports as _native_batch_norm_legit.no_stats, three results read by getitem."""
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                               training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return torch.nn.functional.conv2d(x, w, self.bias)
+
+    x = torch.randn(2, 3, 8, 8)
+    before = _capture(StdConv(3, 4, 3), x)
+    after, _ = run_passes(before, ["constant_fold"])
+    norm = "aten._native_batch_norm_legit.no_stats"
+    assert norm in _ops(before) and norm not in _ops(after)
+    assert _ops(after) == ["aten.convolution.default"]
+    torch.testing.assert_close(after.run(x), before.run(x), rtol=1e-5, atol=1e-5)
+
+
 def test_constant_fold_leaves_input_dependent_ops():
     x = torch.randn(2, 4)
     before = _capture(Tiny(), x)
@@ -338,6 +357,26 @@ def test_batched_weight_matmul_becomes_one_gemm():
     assert "aten.bmm.default" in _ops(before) and "aten.bmm.default" not in _ops(after)
     assert "aten.addmm.default" in _ops(after), "the in-projection bias joins the GEMM"
     torch.testing.assert_close(after.run(x), before.run(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_weight_matmul_keeps_the_shape_of_a_linear_over_a_4d_permute():
+    """A linear over the heads of [B, H, N, N] scores (CaiT's talking heads): Core ATen's bmm is
+    [B·N, N, H] and its bias add is in the 4-D view [B, N, N, H]; the GEMM's result must come back
+    in the add's shape, not the bmm's (it was [B·N, N, H], and the permute after it failed)."""
+
+    class TalkingHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_l = nn.Linear(4, 4)
+
+        def forward(self, attn):
+            return self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+
+    x = torch.randn(2, 4, 6, 6)
+    before = _capture(TalkingHeads(), x)
+    after, _ = run_passes(before, ["batched_weight_matmul"])
+    assert "aten.bmm.default" in _ops(before) and "aten.addmm.default" in _ops(after)
+    torch.testing.assert_close(after.run(x), before.run(x), atol=1e-6, rtol=1e-5)
 
 
 def test_channels_last_skips_models_that_are_mostly_matmuls():

@@ -50,11 +50,13 @@ def batched_weight_matmul(graph: CapturedGraph) -> CapturedGraph:
         w = _shared_matrix(b)
         if w is None:
             continue
-        batch, m, k = a.meta["val"].shape
+        k = a.meta["val"].shape[-1]
         n = w.meta["val"].shape[1]
         found = _bias_add(bmm, n)
         last = found[0] if found else bmm
-        sizes = [size_arg(g, batch, last), size_arg(g, m, last), n]  # nodes for symbolic sizes
+        # the result in the shape of the node it replaces: a bias added in a 4-D view of the
+        # bmm ([B·N, M, n] viewed as [B, N, M, n]) keeps that view's shape
+        sizes = [size_arg(g, d, last) for d in last.meta["val"].shape]  # nodes for symbolic sizes
         with g.inserting_before(last):
             flat = g.call_function(aten.reshape.default, (a, [-1, k]))
             if found:

@@ -83,7 +83,8 @@ WeightSpec = tuple[torch.dtype, tuple[int, ...]]  # a weight's dtype and shape, 
 # and kept only if it computes a fresh result (or a view) from its arguments and nothing else:
 #   refused: file or device I/O (from_file, _copy_from, save/load-like ops, record_stream ...);
 #            in-place or out= variants as a step's op (anything ending in `_`, every `.out`
-#            overload, _native_batch_norm_legit, whose schema writes the running stats);
+#            overload, _native_batch_norm_legit, whose schema writes the running stats; its
+#            .no_stats overload has none to write: instance norm and batch statistics);
 #            random numbers (rand, randn, randperm, native_dropout, bernoulli ...);
 #            uninitialized memory (empty.memory_format, empty_strided: a result could carry
 #            whatever the allocator last held); backward ops (never in an inference graph);
@@ -157,6 +158,7 @@ _ALLOWED_TABLE: dict[str, str] = {
         aten.linalg_vector_norm.default aten._softmax.default aten._log_softmax.default
         aten.native_layer_norm.default aten.native_group_norm.default
         aten._native_batch_norm_legit_no_training.default
+        aten._native_batch_norm_legit.no_stats
     """,
     "matrix products, convolution, pooling, resampling": """
         aten.mm.default aten.addmm.default aten.bmm.default aten.baddbmm.default
@@ -694,7 +696,15 @@ class _Validator:
                 info["base"] = self.integer(slot.get("base"), "base", 0, len(slots) - 1)
                 info["base_offset"] = self.integer(slot.get("base_offset"), "base_offset", 0, MAX_ARENA_BYTES)
             self.slots.append(info)
+        # A heap slot with gaps never reaches further than the tensor it was sliced from, itself
+        # a slot or a weight of the plan.
+        largest = max([s["bytes"] for s in self.slots]
+                      + [_numel(shape) * dtype.itemsize for dtype, shape in self.weights.values()])
         for i, info in enumerate(self.slots):
+            if info["kind"] == "heap" and info["span"] > largest:
+                self.where = f"slot {i}"
+                self.fail(f"a heap slot spans {info['span']} bytes, more than the largest tensor of the plan "
+                          f"({largest} bytes)")
             if info["kind"] == "slice":
                 self.where = f"slot {i}"
                 base = self.slots[info["base"]]
