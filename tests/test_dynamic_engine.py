@@ -473,22 +473,29 @@ def test_cuda_warmup_captures_ahead_and_replays_correctly(cuda_conv):
 
 @pytest.mark.gpu
 def test_cuda_concurrent_contexts_at_different_sizes(cuda_conv):
+    assert_threads_match_the_model(*cuda_conv, sizes=(1, 4, 9, 16), calls=5)
+
+
+def assert_threads_match_the_model(model, engine, sizes, calls: int, own_streams: bool = False) -> None:
+    """One thread per batch size calls the CUDA conv engine `calls` times (each on a stream of its
+    own with `own_streams`); every answer equals the model's within 1e-3."""
+    import contextlib
     import threading
 
-    model, engine = cuda_conv
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:
         try:
-            for _ in range(5):
-                x = torch.randn(n, 3, 16, 16, device="cuda")
-                with torch.no_grad():
-                    want = model(x)
-                torch.testing.assert_close(engine(x), want, rtol=1e-3, atol=1e-3)
+            with torch.cuda.stream(torch.cuda.Stream()) if own_streams else contextlib.nullcontext():
+                for _ in range(calls):
+                    x = torch.randn(n, 3, 16, 16, device="cuda")
+                    with torch.no_grad():
+                        want = model(x)
+                    torch.testing.assert_close(engine(x), want, rtol=1e-3, atol=1e-3)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 4, 9, 16)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in sizes]
     for t in threads:
         t.start()
     for t in threads:

@@ -21,7 +21,7 @@ import kiln
 from kiln.runtime import context as context_module
 from kiln.runtime.context import ExecutionContext
 from kiln.shapes import ShapeCache
-from test_dynamic_engine import BATCH, ConvNet, Encoder, tokens
+from test_dynamic_engine import BATCH, ConvNet, Encoder, assert_threads_match_the_model, tokens
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 FAST = kiln.BuildConfig(check_dims=False)
@@ -356,25 +356,7 @@ def test_gpu_threads_on_their_own_streams_at_new_sizes(cuda_conv):
     model, engine = cuda_conv
     engine.release_contexts()
     engine.prepare_pad_targets()
-    errors: list[BaseException] = []
-
-    def worker(n: int) -> None:
-        try:
-            with torch.cuda.stream(torch.cuda.Stream()):
-                for _ in range(6):
-                    x = torch.randn(n, 3, 16, 16, device="cuda")
-                    with torch.no_grad():
-                        want = model(x)
-                    torch.testing.assert_close(engine(x), want, rtol=1e-3, atol=1e-3)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 2, 3, 5, 9, 11, 13, 15)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    assert_threads_match_the_model(model, engine, sizes=(1, 2, 3, 5, 9, 11, 13, 15), calls=6, own_streams=True)
     assert sum(c.padded_calls for c in engine.contexts) > 0
 
 

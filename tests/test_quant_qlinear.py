@@ -585,18 +585,23 @@ def test_grouped_kernel_matches_the_reference_on_the_gpu(kernel, m, k, n):
     assert err < 2e-3, err
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_cuda_engine_runs_its_linears_in_8_bits(precision):
+def _untimed_cuda_engine(make_model, precision: str, calibration_batches: int):
+    """The model `make_model()` builds (seeded) and its 8-bit CUDA engine, untimed: each qlinear
+    runs its DEFAULT 8-bit kernel (timed, the reference may win at these tiny sizes)."""
     if precision == "fp8" and not _fp8_capable():
         pytest.skip("float8 GEMMs need compute capability 8.9 or later")
     torch.manual_seed(0)
-    model = MLP(d=64, hidden=128).eval()
-    calib = [b[0] for b in _batches(6, shape=(4, 16, 64))]
-    tests = [b[0] for b in _batches(3, shape=(4, 16, 64), seed=9)]
-    # untimed: each qlinear runs its DEFAULT 8-bit kernel (timed, the reference may win at these tiny sizes)
+    model = make_model().eval()
+    calib = [b[0] for b in _batches(calibration_batches, shape=(4, 16, 64))]
     config = kiln.BuildConfig(precision=precision, device="cuda", calibration=calib, tune=False)
-    engine = kiln.build(model.cuda(), (calib[0].cuda(),), config=config)
+    return model, kiln.build(model.cuda(), (calib[0].cuda(),), config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_cuda_engine_runs_its_linears_in_8_bits(precision):
+    model, engine = _untimed_cuda_engine(lambda: MLP(d=64, hidden=128), precision, 6)
+    tests = [b[0] for b in _batches(3, shape=(4, 16, 64), seed=9)]
     q = engine.build_info["quantization"]
     kernels = [s["kernel"] for s in engine.plan["steps"] if s["op"] == QLINEAR]
     assert kernels == [{"int8": "int8.int_mm", "fp8": "fp8.scaled_mm_tensorwise"}[precision]] * 4
@@ -611,13 +616,7 @@ def test_cuda_engine_runs_its_linears_in_8_bits(precision):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_cuda_engine_runs_the_grouped_projection_in_8_bits(precision):
-    if precision == "fp8" and not _fp8_capable():
-        pytest.skip("float8 GEMMs need compute capability 8.9 or later")
-    torch.manual_seed(0)
-    model = SeparateQKV(d=64).eval()
-    calib = [b[0] for b in _batches(4, shape=(4, 16, 64))]
-    config = kiln.BuildConfig(precision=precision, device="cuda", calibration=calib, tune=False)
-    engine = kiln.build(model.cuda(), (calib[0].cuda(),), config=config)
+    model, engine = _untimed_cuda_engine(lambda: SeparateQKV(d=64), precision, 4)
     kernels = {s["op"]: s["kernel"] for s in engine.plan["steps"] if "qlinear" in s["op"]}
     default = {"int8": "int8.int_mm", "fp8": "fp8.scaled_mm_tensorwise"}[precision]
     assert kernels == {"kiln.qlinear_grouped.default": default, QLINEAR: default}

@@ -39,6 +39,7 @@ import torch
 from kiln.kernels.cudnn import INPLACE
 from kiln.kernels.registry import OpCall, OutVariant, Priority, StepFn, register_kernel
 from kiln.kernels.triton_act import activation
+from kiln.kernels.triton_gemm import tile_ranges
 from kiln.kernels.triton_lang import jit, needs_triton, tl, triton
 
 QLINEAR_OP = "kiln.qlinear.default"
@@ -264,16 +265,7 @@ def qgemm_kernel(a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_a
                  GROUP_N, stride_og, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
                  IS_INT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * tiles_n
-    first_m = (pid // per_group) * GROUP
-    group_rows = min(tiles_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = tile_ranges(M, N, BLOCK_M, BLOCK_N, GROUP)
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < M
     col_ok = rn < N

@@ -42,11 +42,11 @@ class Tiles(NamedTuple):
 CONFIGS = {"wide": Tiles(128, 128, 64, 8, 3), "narrow": Tiles(64, 64, 64, 4, 4)}
 GROUP_M = 8  # row tiles visited together, so their weight columns stay in L2
 
+
 @jit
-def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am, stride_wk, stride_wn,
-                    stride_rm, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP: tl.constexpr):
+def tile_ranges(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """The output rows and columns of this program's tile: programs walk GROUP row tiles
+    together down each column of tiles, so the weight columns they read stay in L2."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -55,8 +55,15 @@ def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am
     group_rows = min(tiles_m - first_m, GROUP)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@jit
+def gemm_act_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_am, stride_wk, stride_wn,
+                    stride_rm, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP: tl.constexpr):
+    rm, rn = tile_ranges(M, N, BLOCK_M, BLOCK_N, GROUP)
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < M
     col_ok = rn < N
